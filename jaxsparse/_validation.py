@@ -1,0 +1,76 @@
+"""Eager argument checks shared by every public function: each error names the argument, its value and what
+is allowed."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+MAX_NM_M = 16
+
+
+def check_float_array(name: str, x: Any) -> None:
+    dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`{name}` must be a real floating-point array; got dtype {dtype}.")
+
+
+def check_sparsity(name: str, value: Any) -> float:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a float in [0, 1); got {value!r}.") from None
+    if not 0.0 <= s < 1.0 or np.isnan(s):
+        raise ValueError(f"`{name}` must be in [0, 1); got {value!r}.")
+    return s
+
+
+def check_fraction(name: str, value: Any) -> float:
+    s = float(value)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1]; got {value!r}.")
+    return s
+
+
+def check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int; got {value!r} of type {type(value).__name__}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}; got {value}.")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {tuple(allowed)}; got {value!r}.")
+    return value
+
+
+def check_nm(n: Any, m: Any) -> tuple[int, int]:
+    n = check_int("n", n, 1)
+    m = check_int("m", m, 1)
+    if m > MAX_NM_M:
+        raise ValueError(f"`m` must be <= {MAX_NM_M}; got m={m}.")
+    if n > m:
+        raise ValueError(f"`n` must be <= `m`; got n={n}, m={m}.")
+    return n, m
+
+
+def check_axis(name: str, axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"`{name}` must be in [{-ndim}, {ndim}) for an array of ndim {ndim}; got {axis}.")
+    return axis % ndim
+
+
+def check_divisible(name: str, shape: tuple[int, ...], axis: int, m: int) -> None:
+    if shape[axis] % m:
+        raise ValueError(
+            f"`{name}` axis {axis} has length {shape[axis]} (shape {tuple(shape)}), which is not divisible by m={m}."
+        )
+
+
+def check_schedule_window(begin_name: str, begin: int, end_name: str, end: int) -> None:
+    if end < begin:
+        raise ValueError(f"`{end_name}` ({end}) must be >= `{begin_name}` ({begin}): the schedule ends before it begins.")
