@@ -1,0 +1,112 @@
+"""One-shot masks for a whole params pytree: magnitude, random and SNIP, per leaf or global.
+
+``sparsity`` is everywhere one of: a float (uniform over the default prunable leaves), a budget from
+:func:`jaxsparse.budget` (e.g. ERK), or a pytree shaped like ``params`` with a sparsity per leaf (``None`` =
+dense). Counts are exact: a leaf of ``N`` weights at sparsity ``s`` keeps ``N - floor(s * N)``; a global mask keeps
+the sum of those counts, chosen by one threshold across leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from jaxsparse import _validation as v
+from jaxsparse._tree import check_same_structure, is_none
+from jaxsparse.allocation import Budget, as_budget, keep_count
+from jaxsparse.masks import global_topk_masks, topk_masks
+
+__all__ = ["leaf_sparsities", "masks_from_scores", "magnitude_masks", "random_masks", "snip_masks", "SCOPES"]
+
+SCOPES = ("layer", "global")
+
+
+def leaf_sparsities(sparsity: float | Budget | PyTree, params: PyTree) -> PyTree:
+    """Resolves ``sparsity`` (float, budget or per-leaf pytree) to a per-leaf pytree with ``None`` for dense."""
+    if callable(sparsity) or isinstance(sparsity, (int, float)) or isinstance(sparsity, jax.core.Tracer):
+        return as_budget(sparsity)(params)
+    check_same_structure("sparsity", sparsity, "params", params)
+    for s in jax.tree.leaves(sparsity):
+        if not isinstance(s, jax.core.Tracer):
+            v.check_sparsity("sparsity leaf", s)
+    return sparsity
+
+
+def masks_from_scores(scores: PyTree, sparsities: PyTree, scope: str = "layer") -> PyTree:
+    """Keeps the highest scores: ``N - floor(s * N)`` per leaf, or that total over all leaves with ``"global"``.
+
+    ``scores`` leaves where ``sparsities`` is ``None`` are ignored (mask ``None``).
+
+    >>> import jax.numpy as jnp
+    >>> m = masks_from_scores({"w": jnp.arange(10.0)}, {"w": 0.7})
+    >>> m["w"].astype(int).tolist()
+    [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    """
+    v.check_choice("scope", scope, SCOPES)
+    check_same_structure("scores", scores, "sparsities", sparsities)
+    live = jax.tree.map(lambda s, x: None if s is None else x, sparsities, scores, is_leaf=is_none)
+    ks = jax.tree.map(lambda s, x: None if s is None else keep_count(s, x.size), sparsities, scores, is_leaf=is_none)
+    if scope == "layer":
+        return topk_masks(live, ks)
+    total = sum(jax.tree.leaves(ks))
+    return global_topk_masks(live, total)
+
+
+def _restrict(scores: PyTree, masks: PyTree | None) -> PyTree:
+    if masks is None:
+        return scores
+    return jax.tree.map(lambda m, s: s if m is None else jnp.where(m, s, -jnp.inf), masks, scores, is_leaf=is_none)
+
+
+def magnitude_masks(
+    params: PyTree, sparsity: float | Budget | PyTree, scope: str = "layer", masks: PyTree | None = None
+) -> PyTree:
+    """Keeps the largest ``|w|``; with ``masks``, only weights inside them (nested masks, as IMP and GMP need).
+
+    >>> import jax.numpy as jnp
+    >>> m = magnitude_masks({"w": jnp.array([[0.1, -3.0], [2.0, 0.5]])}, 0.5)
+    >>> m["w"].tolist()
+    [[False, True], [True, False]]
+    """
+    scores = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), params)
+    return masks_from_scores(_restrict(scores, masks), leaf_sparsities(sparsity, params), scope)
+
+
+def random_masks(key: PRNGKeyArray, params: PyTree, sparsity: float | Budget | PyTree) -> PyTree:
+    """Uniformly random masks with exact per-leaf counts; independent of the values of ``params``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> m = random_masks(jax.random.PRNGKey(0), {"w": jnp.zeros((10, 10))}, 0.9)
+    >>> int(m["w"].sum())
+    10
+    """
+    sparsities = leaf_sparsities(sparsity, params)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    scores = jax.tree.unflatten(treedef, [jax.random.uniform(k, p.shape) for k, p in zip(keys, leaves)])
+    return masks_from_scores(scores, sparsities, "layer")
+
+
+def snip_masks(
+    loss_fn: Callable[..., Array],
+    params: PyTree,
+    batch: Any,
+    sparsity: float | Budget | PyTree,
+    scope: str = "global",
+) -> PyTree:
+    """SNIP (Lee et al. 2019): keeps the largest connection sensitivities ``|w * dL/dw|`` on one batch.
+
+    ``loss_fn(params, batch)`` returns a scalar. ``scope="global"`` is the paper's rule; ``"layer"`` applies the
+    budget's per-leaf counts (RigL's implementation).
+
+    >>> import jax.numpy as jnp
+    >>> loss = lambda p, x: jnp.sum(p["w"] * x)
+    >>> snip_masks(loss, {"w": jnp.array([[1.0, 1.0]])}, jnp.array([[3.0, 1.0]]), 0.5)["w"].tolist()
+    [[True, False]]
+    """
+    grads = jax.grad(loss_fn)(params, batch)
+    scores = jax.tree.map(lambda p, g: jnp.abs(p * g).astype(jnp.float32), params, grads)
+    return masks_from_scores(scores, leaf_sparsities(sparsity, params), scope)

@@ -1,0 +1,82 @@
+"""Shared argument handling for the post-training pruners: the sparsity pattern and kernel/statistic checks."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from jaxsparse import _validation as v
+from jaxsparse.masks import nm_mask, topk_mask
+
+
+class Pattern(NamedTuple):
+    """A parsed sparsity request: unstructured fraction ``sparsity`` or ``n`` kept of every ``m`` (N:M)."""
+
+    sparsity: float
+    n: int
+    m: int
+
+    @property
+    def is_nm(self) -> bool:
+        return self.m > 0
+
+
+def parse_sparsity(sparsity: Any) -> Pattern:
+    """``0.5`` -> unstructured 50%; ``(2, 4)`` -> 2:4 (keep 2 of every 4 along the kernel's input axis)."""
+    if isinstance(sparsity, (tuple, list)):
+        if len(sparsity) != 2:
+            raise ValueError(
+                f"`sparsity` must be a float in [0, 1) or an (n, m) pair for N:M; got {sparsity!r}."
+            )
+        n, m = v.check_nm(*sparsity)
+        return Pattern(1.0 - n / m, n, m)
+    return Pattern(v.check_sparsity("sparsity", sparsity), 0, 0)
+
+
+def check_kernel(name: str, weight: Any) -> Array:
+    weight = jnp.asarray(weight)
+    v.check_float_array(name, weight)
+    if weight.ndim != 2:
+        raise ValueError(
+            f"`{name}` must be a 2-D Dense kernel of shape (in_features, out_features); got shape {weight.shape}."
+        )
+    return weight
+
+
+def check_nm_fits(name: str, shape: tuple[int, ...], pattern: Pattern) -> None:
+    if pattern.is_nm and shape[0] % pattern.m:
+        raise ValueError(
+            f"`sparsity`={pattern.n}:{pattern.m} needs in_features divisible by m={pattern.m}, but `{name}` has "
+            f"shape {tuple(shape)} (in_features={shape[0]}); allowed m divide {shape[0]}."
+        )
+
+
+def check_vector(name: str, x: Any, length: int, what: str = "in_features") -> Array:
+    x = jnp.asarray(x)
+    v.check_float_array(name, x)
+    if x.shape != (length,):
+        raise ValueError(
+            f"`{name}` must have shape ({length},) to match the kernel's {what}={length}; got shape {x.shape}. "
+            "Calibration statistics must come from the inputs of this layer."
+        )
+    return x
+
+
+def num_pruned(sparsity: float, size: int) -> int:
+    """``floor(sparsity * size)``, robust to float round-off (0.5 * 10 is 5, not 4)."""
+    return int(math.floor(sparsity * size + 1e-9))
+
+
+def keep_mask(score: Array, pattern: Pattern, per_output: bool) -> Array:
+    """Keep-mask of an ``(in, out)`` score: top scores per output column, over the layer, or N:M along ``in``."""
+    if pattern.is_nm:
+        return nm_mask(score, pattern.n, pattern.m, axis=0)
+    fan_in, fan_out = score.shape
+    if per_output:
+        k = fan_in - num_pruned(pattern.sparsity, fan_in)
+        return jax.vmap(lambda col: topk_mask(col, k), in_axes=1, out_axes=1)(score)
+    return topk_mask(score, score.size - num_pruned(pattern.sparsity, score.size))

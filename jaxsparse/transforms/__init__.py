@@ -1,0 +1,1 @@
+"""optax transformations: the shared sparse-training wrapper and the algorithms built on it."""

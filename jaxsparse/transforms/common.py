@@ -1,0 +1,163 @@
+"""The one optax wrapper every sparse-training algorithm shares.
+
+:func:`sparse_training` wraps any optax optimizer and a :class:`MaskAlgorithm` (how masks start, when they change
+and the rule that changes them) and returns an optax ``GradientTransformationExtraArgs`` whose updates keep every
+pruned parameter exactly zero after ``optax.apply_updates``:
+
+* gradients are masked before the inner optimizer sees them;
+* updates are ``inner_update`` on kept weights and ``-param`` on pruned ones, so weight decay, momentum and
+  Adam's moments cannot move a pruned weight (``p + (-p) == 0`` exactly in floating point);
+* on mask-update steps (a traced gate, ``lax.cond``) the algorithm's rule runs on the current params and the
+  *dense* gradient — pruned weights are zero, so ``jax.grad`` at them is already the dense gradient;
+* newly grown connections have their optimizer moments zeroed in any optax state (``optax.tree_map_params``);
+* with ``skip_step_on_update`` (RigL), the inner step's result is discarded on update steps by elementwise
+  selects, so non-update steps never pay for a branch around the inner optimizer.
+
+The whole step, update steps included, is one compiled function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jaxtyping import Array, PyTree
+
+from jaxsparse._tree import check_same_structure, is_none, map_masked
+from jaxsparse.sharding import place_like
+
+__all__ = ["MaskAlgorithm", "MaskContext", "SparseState", "sparse_training"]
+
+
+class MaskContext(NamedTuple):
+    """What a mask rule sees on an update step."""
+
+    masks: PyTree  # current masks (bool arrays; None for dense leaves)
+    params: PyTree  # current params (pruned entries exactly zero)
+    grads: PyTree  # dense gradient of this step
+    step: Array  # int32 step index of this update
+    key: Array  # PRNG key for this step (fold_in of the state's key and the step)
+    extra: Any  # the algorithm's own state
+
+
+class MaskAlgorithm(NamedTuple):
+    """How an algorithm's masks start and change; everything else is shared by :func:`sparse_training`.
+
+    Attributes:
+      init: ``(params, key) -> (masks, extra)``: initial masks (``None`` for dense leaves) and algorithm state.
+      update: ``MaskContext -> (masks, extra)``: the mask rule, run under ``lax.cond`` on update steps only.
+      is_update: ``step -> bool``: the traced gate deciding update steps.
+      observe: optional ``(MaskContext) -> extra``, run on every step (e.g. an EMA of dense gradients).
+      grows: whether the rule can turn pruned weights back on (then their optimizer moments are zeroed).
+      skip_step_on_update: discard the optimizer step on update steps (RigL's behaviour).
+    """
+
+    init: Callable[[PyTree, Array], tuple[PyTree, Any]]
+    update: Callable[[MaskContext], tuple[PyTree, Any]]
+    is_update: Callable[[Array], Array]
+    observe: Optional[Callable[[MaskContext], Any]] = None
+    grows: bool = False
+    skip_step_on_update: bool = False
+
+
+class SparseState(NamedTuple):
+    """State of :func:`sparse_training`: the inner optimizer's state, masks, step counter, PRNG key, extras."""
+
+    inner_state: optax.OptState
+    masks: PyTree
+    step: Array
+    key: Array
+    extra: Any = ()
+
+
+def _as_transformation(inner: Any) -> optax.GradientTransformationExtraArgs:
+    if isinstance(inner, optax.MultiSteps):
+        inner = inner.gradient_transformation()
+    if not (hasattr(inner, "init") and hasattr(inner, "update")):
+        raise TypeError(f"`inner` must be an optax GradientTransformation or optax.MultiSteps; got {type(inner).__name__}.")
+    return optax.with_extra_args_support(inner)
+
+
+def _check_params(params: PyTree) -> None:
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("`params` is an empty pytree; expected at least one array leaf.")
+
+
+def _zero_moments(inner: optax.GradientTransformation, state: optax.OptState, grown: PyTree, params: PyTree) -> optax.OptState:
+    """Zeroes every param-shaped leaf of ``state`` where ``grown`` is True (any optax optimizer)."""
+    full = jax.tree.map(lambda g, p: jnp.zeros((), bool) if g is None else g, grown, params, is_leaf=is_none)
+
+    def zero(s, g):
+        if jnp.ndim(g) and jnp.shape(s) != jnp.shape(g):
+            return s  # factored statistics (e.g. Adafactor's row/column moments) cannot be zeroed per entry
+        return jnp.where(g, jnp.zeros((), s.dtype), s)
+
+    return optax.tree_map_params(inner, zero, state, full, transform_non_params=lambda x: x)
+
+
+def sparse_training(inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array = 0) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that training follows ``algorithm``'s masks; ``params`` must be passed to ``update``.
+
+    ``seed`` (an int, possibly traced under ``vmap``) seeds the PRNG key kept in the state; each update step uses
+    ``fold_in(key, step)``, so masks are deterministic given the seed.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from jaxsparse import sparse_training, fixed_masks_algorithm
+    >>> params = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}
+    >>> mask = {"w": jnp.array([[True, False], [True, True]])}
+    >>> tx = sparse_training(optax.adam(0.1), fixed_masks_algorithm(mask))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+    >>> optax.apply_updates(params, updates)["w"][0, 1].item()
+    0.0
+    """
+    inner = _as_transformation(inner)
+    if not isinstance(algorithm, MaskAlgorithm):
+        raise TypeError(f"`algorithm` must be a MaskAlgorithm; got {type(algorithm).__name__}.")
+    if not isinstance(seed, jax.core.Tracer) and not isinstance(seed, jax.Array):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int; got {seed!r}.")
+
+    def init_fn(params):
+        _check_params(params)
+        key = jax.random.PRNGKey(seed)
+        masks, extra = algorithm.init(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF))
+        check_same_structure("params", params, "initial masks", masks)
+        masks = place_like(masks, params)
+        return SparseState(
+            inner_state=inner.init(params),
+            masks=masks,
+            step=jnp.zeros((), jnp.int32),
+            key=key,
+            extra=extra,
+        )
+
+    def update_fn(grads, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("sparse_training needs `params` in update(grads, state, params).")
+        check_same_structure("grads", grads, "params", params)
+        ctx = MaskContext(state.masks, params, grads, state.step, jax.random.fold_in(state.key, state.step), state.extra)
+        extra = algorithm.observe(ctx) if algorithm.observe is not None else state.extra
+        ctx = ctx._replace(extra=extra)
+        do_update = algorithm.is_update(state.step)
+        masks, extra = lax.cond(do_update, algorithm.update, lambda c: (c.masks, c.extra), ctx)
+
+        inner_state = state.inner_state
+        if algorithm.grows:
+            grown = jax.tree.map(lambda new, old: None if new is None else new & ~old, masks, state.masks, is_leaf=is_none)
+            inner_state = _zero_moments(inner, inner_state, grown, params)
+        masked_grads = map_masked(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, masks)
+        updates, new_inner = inner.update(masked_grads, inner_state, params, **extra_args)
+        if algorithm.skip_step_on_update:
+            updates = jax.tree.map(lambda u: jnp.where(do_update, jnp.zeros((), u.dtype), u), updates)
+            new_inner = jax.tree.map(lambda new, old: jnp.where(do_update, old, new), new_inner, inner_state)
+        updates = jax.tree.map(
+            lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype), masks, updates, params, is_leaf=is_none
+        )
+        return updates, SparseState(new_inner, masks, state.step + 1, state.key, extra)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,191 @@
+"""Dense-to-sparse and fixed-mask training: fixed masks, one-shot pruning during training, gradual magnitude
+pruning (Zhu & Gupta 2017).
+
+Each public function wraps an optax optimizer; the matching ``*_algorithm`` factory returns the bare
+:class:`~jaxsparse.transforms.common.MaskAlgorithm` for composing new methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import PyTree
+
+from jaxsparse import _validation as v
+from jaxsparse._tree import check_same_structure, is_none
+from jaxsparse.allocation import Budget
+from jaxsparse.oneshot import SCOPES, leaf_sparsities, magnitude_masks, masks_from_scores
+from jaxsparse.schedules import polynomial_sparsity, update_gate
+from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, sparse_training
+
+__all__ = [
+    "fixed_masks",
+    "fixed_masks_algorithm",
+    "one_shot_pruning",
+    "one_shot_algorithm",
+    "gradual_magnitude_pruning",
+    "gmp_algorithm",
+    "ONE_SHOT_METHODS",
+]
+
+ONE_SHOT_METHODS = ("magnitude", "random", "snip")
+
+
+def _never(step):
+    return jnp.zeros((), bool)
+
+
+def _ones_like_budget(params: PyTree, sparsities: PyTree) -> PyTree:
+    return jax.tree.map(lambda s, p: None if s is None else jnp.ones(p.shape, bool), sparsities, params, is_leaf=is_none)
+
+
+def fixed_masks_algorithm(masks: PyTree) -> MaskAlgorithm:
+    """Masks given once and never changed (static sparse training; masks from SNIP, IMP, a checkpoint...)."""
+    for m in jax.tree.leaves(masks):
+        if jnp.result_type(m) != jnp.bool_:
+            raise TypeError(f"`masks` leaves must be bool arrays; got dtype {jnp.result_type(m)}.")
+
+    def init(params, key):
+        check_same_structure("masks", masks, "params", params)
+        bad = [
+            (m.shape, p.shape)
+            for m, p in zip(*(jax.tree.flatten(t, is_leaf=is_none)[0] for t in (masks, params)))
+            if m is not None and m.shape != p.shape
+        ]
+        if bad:
+            raise ValueError(f"`masks` leaves must have their params' shapes; got mask/param shapes {bad}.")
+        return jax.tree.map(lambda m: None if m is None else jnp.asarray(m, bool), masks, is_leaf=is_none), ()
+
+    return MaskAlgorithm(init=init, update=lambda ctx: (ctx.masks, ctx.extra), is_update=_never)
+
+
+def fixed_masks(inner: Any, masks: PyTree) -> optax.GradientTransformationExtraArgs:
+    """Trains inside fixed ``masks``: pruned weights are zeroed on the first step and stay exactly zero.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.ones((2, 2))}
+    >>> tx = fixed_masks(optax.sgd(0.1), {"w": jnp.eye(2, dtype=bool)})
+    >>> updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[0.8999999761581421, 0.0], [0.0, 0.8999999761581421]]
+    """
+    return sparse_training(inner, fixed_masks_algorithm(masks))
+
+
+def one_shot_algorithm(
+    sparsity: float | Budget | PyTree, method: str = "magnitude", scope: str = "layer", step: int = 0
+) -> MaskAlgorithm:
+    """Prunes once, at ``step``, by ``method`` (``"magnitude"``, ``"random"`` or ``"snip"`` on that step's gradient)."""
+    v.check_choice("method", method, ONE_SHOT_METHODS)
+    v.check_choice("scope", scope, SCOPES)
+    v.check_int("step", step, 0)
+    _check_sparsity_arg(sparsity)
+
+    def init(params, key):
+        return _ones_like_budget(params, leaf_sparsities(sparsity, params)), ()
+
+    def update(ctx: MaskContext):
+        sparsities = leaf_sparsities(sparsity, ctx.params)
+        if method == "magnitude":
+            scores = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), ctx.params)
+        elif method == "snip":
+            scores = jax.tree.map(lambda p, g: jnp.abs(p * g).astype(jnp.float32), ctx.params, ctx.grads)
+        else:
+            leaves, treedef = jax.tree.flatten(ctx.params)
+            keys = jax.random.split(ctx.key, len(leaves))
+            scores = jax.tree.unflatten(treedef, [jax.random.uniform(k, p.shape) for k, p in zip(keys, leaves)])
+        return masks_from_scores(scores, sparsities, scope), ctx.extra
+
+    return MaskAlgorithm(init=init, update=update, is_update=update_gate(1, step, step))
+
+
+def one_shot_pruning(
+    inner: Any, sparsity: float | Budget | PyTree, method: str = "magnitude", scope: str = "layer", step: int = 0, seed: int = 0
+) -> optax.GradientTransformationExtraArgs:
+    """Dense training until ``step``, then a one-shot prune by ``method``, then training inside the mask.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])}
+    >>> tx = one_shot_pruning(optax.sgd(0.0), 0.5)
+    >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[0.0, -4.0], [3.0, 0.0]]
+    """
+    return sparse_training(inner, one_shot_algorithm(sparsity, method, scope, step), seed=seed)
+
+
+def _check_sparsity_arg(sparsity: Any) -> None:
+    if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+        v.check_sparsity("sparsity", sparsity)
+
+
+def _overall(sparsities: PyTree, params: PyTree) -> float:
+    pairs = [(s, p.size) for s, p in zip(jax.tree.leaves(sparsities), jax.tree.leaves(
+        jax.tree.map(lambda s, p: None if s is None else p, sparsities, params, is_leaf=is_none)))]
+    return sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
+
+
+def gmp_algorithm(
+    sparsity: float | Budget | PyTree,
+    begin_step: int,
+    end_step: int,
+    frequency: int = 100,
+    initial_sparsity: float = 0.0,
+    scope: str = "layer",
+    power: float = 3.0,
+) -> MaskAlgorithm:
+    """Gradual magnitude pruning: every ``frequency`` steps in ``[begin_step, end_step]``, magnitude masks at the
+    cubic schedule's sparsity. Per-leaf targets scale with the schedule (``s_l(t) = s_l * s_t / s_final``), so a
+    uniform budget follows ``s_t`` exactly and ERK keeps its proportions; pruning is nested (monotone)."""
+    _check_sparsity_arg(sparsity)
+    v.check_choice("scope", scope, SCOPES)
+    gate = update_gate(frequency, begin_step, end_step)
+    polynomial_sparsity(0.5, begin_step, end_step, frequency, 0.0, power)  # validates the window eagerly
+    initial_sparsity = v.check_sparsity("initial_sparsity", initial_sparsity)
+
+    def targets(params, step):
+        finals = leaf_sparsities(sparsity, params)
+        final = _overall(finals, params)
+        if initial_sparsity > final:
+            raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g}).")
+        ratio = polynomial_sparsity(final, begin_step, end_step, frequency, initial_sparsity, power)(step) / final
+        return jax.tree.map(lambda s: None if s is None else s * ratio, finals, is_leaf=is_none)
+
+    def init(params, key):
+        finals = leaf_sparsities(sparsity, params)
+        if initial_sparsity == 0.0:
+            return _ones_like_budget(params, finals), ()
+        return magnitude_masks(params, targets(params, 0), scope), ()
+
+    def update(ctx: MaskContext):
+        return magnitude_masks(ctx.params, targets(ctx.params, ctx.step), scope, ctx.masks), ctx.extra
+
+    return MaskAlgorithm(init=init, update=update, is_update=gate)
+
+
+def gradual_magnitude_pruning(
+    inner: Any,
+    sparsity: float | Budget | PyTree,
+    begin_step: int,
+    end_step: int,
+    frequency: int = 100,
+    initial_sparsity: float = 0.0,
+    scope: str = "layer",
+    power: float = 3.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Zhu & Gupta's gradual magnitude pruning around any optax optimizer.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
+    >>> tx = gradual_magnitude_pruning(optax.sgd(0.01), 0.75, begin_step=0, end_step=4, frequency=2)
+    >>> state = tx.init(params)
+    >>> for _ in range(5):
+    ...     updates, state = tx.update({"w": jnp.zeros((8, 8))}, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    >>> int((params["w"] == 0).sum())
+    48
+    """
+    return sparse_training(inner, gmp_algorithm(sparsity, begin_step, end_step, frequency, initial_sparsity, scope, power))
