@@ -242,4 +242,6 @@ def bsr_matmul(
   if m == 0:
     return jnp.zeros((*batch, w.shape[1]), x.dtype)
   y = _matmul_2d(p, x.reshape(m, w.shape[0]), w.data, w)
+  # A traced pack that overflowed its capacity: make the whole product NaN, never silently partial.
+  y = y + jnp.where(w.num_dropped > 0, jnp.nan, 0).astype(y.dtype)
   return y.reshape(*batch, w.shape[1])
