@@ -40,10 +40,10 @@ _BLOCK_POOLS = ("l1", "l2", "max")
 # ------------------------------------------------------------------------------------------------ ordered keys
 def _ordered_key(score: Array) -> Array:
     """Maps float scores to ``uint32`` keys with the same order; NaN ranks lowest, -0.0 equals +0.0."""
-    x = jnp.asarray(score).astype(jnp.float32)
-    x = jnp.where(jnp.isnan(x), -jnp.inf, x) + 0.0  # + 0.0 turns -0.0 into +0.0
+    x = jnp.asarray(score).astype(jnp.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
     bits = lax.bitcast_convert_type(x, jnp.uint32)
-    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    return jnp.where(jnp.isnan(x), jnp.uint32(0), key)  # -inf maps to 0x007FFFFF, so NaN is strictly lowest
 
 
 def _flat_index(shape: Sequence[int]) -> Array:

@@ -1,0 +1,53 @@
+"""Iterative magnitude pruning with weight rewinding (Frankle & Carbin 2019; Frankle et al. 2020).
+
+A round trains from ``rewind_params * mask``, prunes a fraction of the *remaining* weights by global magnitude
+(nested masks), and rewinds the survivors to ``rewind_params`` (the weights at step k; k = 0 is the original
+lottery ticket). Training itself is the user's jitted loop, e.g. with :func:`jaxsparse.fixed_masks`; see
+``examples/lottery_ticket.py`` for a driver.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from jaxsparse import _validation as v
+from jaxsparse._tree import is_none
+from jaxsparse.masks import apply_masks, global_topk_masks, topk_masks
+from jaxsparse.oneshot import SCOPES
+
+__all__ = ["imp_masks", "rewind"]
+
+
+def imp_masks(params: PyTree, masks: PyTree, fraction: float = 0.2, scope: str = "global") -> PyTree:
+    """Prunes ``ceil(fraction * nnz)`` of the weights still inside ``masks`` (smallest ``|w|``); nested masks.
+
+    After ``r`` rounds from dense, sparsity is ``1 - (1 - fraction) ** r`` up to the per-round ceil.
+
+    >>> import jax.numpy as jnp
+    >>> m = imp_masks({"w": jnp.arange(1.0, 11.0)[None]}, {"w": jnp.ones((1, 10), bool)}, 0.2)
+    >>> int(m["w"].sum())
+    8
+    """
+    fraction = v.check_sparsity("fraction", fraction)
+    v.check_choice("scope", scope, SCOPES)
+    scores = jax.tree.map(lambda m, p: None if m is None else jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf),
+                          masks, params, is_leaf=is_none)
+    counts = jax.tree.map(lambda m: None if m is None else int(jnp.sum(m)), masks, is_leaf=is_none)
+    if scope == "global":
+        nnz = sum(jax.tree.leaves(counts))
+        return global_topk_masks(scores, nnz - math.ceil(fraction * nnz))
+    return topk_masks(scores, jax.tree.map(lambda c: None if c is None else c - math.ceil(fraction * c), counts, is_leaf=is_none))
+
+
+def rewind(rewind_params: PyTree, masks: PyTree) -> PyTree:
+    """The weights to restart a round from: ``rewind_params`` with pruned entries zero (bit-exact).
+
+    >>> import jax.numpy as jnp
+    >>> rewind({"w": jnp.array([1.5, 2.5])}, {"w": jnp.array([False, True])})["w"].tolist()
+    [0.0, 2.5]
+    """
+    return apply_masks(rewind_params, masks)

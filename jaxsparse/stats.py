@@ -1,0 +1,79 @@
+"""Measuring sparsity: per-leaf and global nnz / sparsity, and a FLOPs estimate for Dense and Conv layers.
+
+These read concrete arrays and return Python numbers (for logging and reports), so call them outside ``jit``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple
+
+import jax
+import numpy as np
+from jaxtyping import PyTree
+
+from jaxsparse._tree import path_name
+
+__all__ = ["LeafStats", "sparsity_summary", "global_sparsity", "flops"]
+
+
+class LeafStats(NamedTuple):
+    size: int
+    nnz: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.size if self.size else 0.0
+
+
+def sparsity_summary(params: PyTree) -> dict[str, LeafStats]:
+    """``{'Dense_0/kernel': LeafStats(size, nnz), ...}`` counting exact nonzeros of every leaf.
+
+    >>> import jax.numpy as jnp
+    >>> sparsity_summary({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]])})["w"].sparsity
+    0.5
+    """
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        arr = np.asarray(leaf)
+        out[path_name(path)] = LeafStats(int(arr.size), int(np.count_nonzero(arr)))
+    return out
+
+
+def global_sparsity(params: PyTree, min_ndim: int = 2) -> float:
+    """Fraction of zeros over all leaves with ``ndim >= min_ndim`` (the default prunable set).
+
+    >>> import jax.numpy as jnp
+    >>> global_sparsity({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]]), "b": jnp.zeros(2)})
+    0.5
+    """
+    stats = [s for p, s in zip(jax.tree.leaves(params), sparsity_summary(params).values()) if np.ndim(p) >= min_ndim]
+    size = sum(s.size for s in stats)
+    return 1.0 - sum(s.nnz for s in stats) / size if size else 0.0
+
+
+def flops(params: PyTree, spatial: Mapping[str, tuple[int, ...]] | None = None) -> tuple[float, float]:
+    """``(dense, sparse)`` multiply-add FLOPs (x2) of one example's forward pass through Dense and Conv kernels.
+
+    A 2-D leaf ``(in, out)`` counts ``2 * in * out``; an N-D conv kernel (``HWIO``) counts
+    ``2 * prod(kernel) * prod(output spatial dims)``, with the output spatial dims given per path in ``spatial``
+    (a conv kernel without an entry is an error). Sparse FLOPs scale each layer by its density (nonzeros / size),
+    as RigL's accounting does. Other leaves (biases, norms) are ignored.
+
+    >>> import jax.numpy as jnp
+    >>> flops({"Dense_0": {"kernel": jnp.array([[1.0, 0.0], [0.0, 0.0]])}})
+    (8.0, 2.0)
+    """
+    spatial = dict(spatial or {})
+    dense = sparse = 0.0
+    for (name, st), leaf in zip(sparsity_summary(params).items(), jax.tree.leaves(params)):
+        if np.ndim(leaf) < 2:
+            continue
+        per_position = 2.0 * st.size
+        if np.ndim(leaf) > 2:
+            if name not in spatial:
+                raise ValueError(f"conv kernel '{name}' (shape {np.shape(leaf)}) needs its output spatial dims in `spatial`.")
+            per_position *= math.prod(spatial[name])
+        dense += per_position
+        sparse += per_position * st.nnz / st.size
+    return dense, sparse

@@ -1,0 +1,127 @@
+"""Mask constructors: exact counts, tie-breaking, traced k, N:M validity, blocks; against NumPy oracles."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import jaxsparse as js
+
+
+def np_topk(score, k):
+    """Oracle: stable sort on (-score, index)."""
+    flat = np.asarray(score, np.float32).ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))
+    mask = np.zeros(flat.size, bool)
+    mask[order[: max(0, min(k, flat.size))]] = True
+    return mask.reshape(np.shape(score))
+
+
+@given(st.integers(1, 300), st.integers(-2, 320), st.integers(0, 2**31 - 1), st.booleans())
+def test_topk_matches_oracle(size, k, seed, quantise):
+    x = np.random.default_rng(seed).normal(size=size).astype(np.float32)
+    if quantise:  # many ties
+        x = np.round(x * 2) / 2
+    got = np.asarray(jax.jit(js.topk_mask)(x, k))
+    np.testing.assert_array_equal(got, np_topk(x, k))
+    assert got.sum() == max(0, min(k, size))
+
+
+def test_topk_special_values():
+    x = jnp.array([jnp.nan, -jnp.inf, -0.0, 0.0, 1.0, jnp.inf, -1.0])
+    assert js.topk_mask(x, 1).tolist() == [False, False, False, False, False, True, False]
+    # -0.0 and +0.0 tie, so the lower index wins; NaN ranks last.
+    assert js.topk_mask(x, 3).tolist() == [False, False, True, False, True, True, False]
+    assert js.topk_mask(x, 6).tolist() == [False, True, True, True, True, True, True]
+
+
+def test_topk_traced_k_under_vmap():
+    x = jax.random.normal(jax.random.PRNGKey(0), (50,))
+    ks = jnp.array([0, 1, 7, 50])
+    masks = jax.vmap(js.topk_mask, in_axes=(None, 0))(x, ks)
+    assert masks.sum(axis=1).tolist() == [0, 1, 7, 50]
+
+
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=4), st.integers(0, 200), st.integers(0, 1000))
+def test_global_topk_matches_concatenated_oracle(sizes, k, seed):
+    rng = np.random.default_rng(seed)
+    leaves = [np.round(rng.normal(size=n) * 3).astype(np.float32) for n in sizes]  # ties across leaves
+    tree = {f"l{i}": x for i, x in enumerate(leaves)}
+    got = js.global_topk_masks(tree, k)
+    expected = np_topk(np.concatenate([tree[f"l{i}"] for i in range(len(sizes))]), k)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(got[f"l{i}"]) for i in range(len(sizes))]), expected)
+
+
+def test_topk_masks_per_leaf_and_none():
+    tree = {"a": jnp.arange(6.0), "b": None, "c": -jnp.arange(4.0)}
+    m = js.topk_masks(tree, {"a": 2, "b": None, "c": 3})
+    assert m["b"] is None
+    assert m["a"].tolist() == [False] * 4 + [True] * 2
+    assert m["c"].tolist() == [True, True, True, False]
+
+
+@given(st.sampled_from([(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 16), (5, 16)]), st.integers(1, 5), st.integers(1, 6), st.integers(0, 99))
+def test_nm_mask_exact_n_per_group(nm, groups, cols, seed):
+    n, m = nm
+    w = np.random.default_rng(seed).normal(size=(groups * m, cols)).astype(np.float32)
+    w[0, 0] = w[1, 0]  # a tie inside a group
+    mask = np.asarray(js.nm_mask(w, n, m))
+    assert (mask.reshape(groups, m, cols).sum(axis=1) == n).all()
+    # the kept entries are the n largest of each group (oracle per group)
+    for g in range(groups):
+        for c in range(cols):
+            np.testing.assert_array_equal(mask[g * m:(g + 1) * m, c], np_topk(w[g * m:(g + 1) * m, c], n))
+
+
+def test_nm_mask_conv_axis_and_last_axis():
+    w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 8, 5))  # HWIO, groups along I
+    mask = js.nm_mask(w, 2, 4)
+    assert (mask.reshape(3, 3, 2, 4, 5).sum(axis=3) == 2).all()
+    mask_last = js.nm_mask(w[..., :4], 1, 4, axis=-1)
+    assert (mask_last.sum(axis=-1) == 1).all()
+
+
+@pytest.mark.parametrize("pool", ["l1", "l2", "max"])
+def test_block_mask_counts_and_structure(pool):
+    w = jax.random.normal(jax.random.PRNGKey(2), (16, 12))
+    mask = np.asarray(js.block_mask(w, (4, 3), 5, pool))
+    blocks = mask.reshape(4, 4, 4, 3).transpose(0, 2, 1, 3).reshape(16, 12)
+    assert set(blocks.sum(axis=1).tolist()) <= {0, 12} and blocks.all(axis=1).sum() == 5
+    scores = np.asarray(js.block_scores(w, (4, 3), pool)).ravel()
+    np.testing.assert_array_equal(blocks.all(axis=1), np_topk(scores, 5))
+
+
+def test_random_mask_exact_and_deterministic():
+    key = jax.random.PRNGKey(3)
+    a, b = js.random_mask(key, (20, 30), 77), js.random_mask(key, (20, 30), 77)
+    assert int(a.sum()) == 77 and bool((a == b).all())
+    assert not bool((a == js.random_mask(jax.random.PRNGKey(4), (20, 30), 77)).all())
+
+
+def test_apply_masks_and_grad():
+    params = {"w": jnp.array([1.0, 2.0, 3.0]), "b": jnp.array([4.0])}
+    masks = {"w": jnp.array([True, False, True]), "b": None}
+    assert js.apply_masks(params, masks)["w"].tolist() == [1.0, 0.0, 3.0]
+    g = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(js.apply_masks(p, masks))))(params)
+    assert g["w"].tolist() == [1.0, 0.0, 1.0] and g["b"].tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: js.nm_mask(jnp.ones((8, 2)), 5, 4), ValueError, "n=5, m=4"),
+        (lambda: js.nm_mask(jnp.ones((8, 2)), 0, 4), ValueError, "`n` must be >= 1"),
+        (lambda: js.nm_mask(jnp.ones((32, 2)), 2, 32), ValueError, "`m` must be <= 16"),
+        (lambda: js.nm_mask(jnp.ones((6, 2)), 2, 4), ValueError, "length 6 .* not divisible by m=4"),
+        (lambda: js.block_mask(jnp.ones((4, 4)), (8, 2), 1), ValueError, "larger than"),
+        (lambda: js.block_mask(jnp.ones((6, 4)), (4, 2), 1), ValueError, "must divide"),
+        (lambda: js.topk_mask(jnp.arange(4), 2), TypeError, "floating-point"),
+        (lambda: js.topk_mask(jnp.ones(4, jnp.complex64), 2), TypeError, "floating-point"),
+        (lambda: js.apply_masks({"a": jnp.ones(2)}, {"b": None}), ValueError, "same tree structure"),
+        (lambda: js.block_mask(jnp.ones((4, 4)), (2, 2), 1, pool="mean"), ValueError, "`pool` must be one of"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
