@@ -128,7 +128,8 @@ def _forward(kind: str, block_m, x: Array, w: BlockSparseWeight) -> Array:
     return reference.matmul(x, w)
   if kind in ("tpu", "interpret_hlo", "interpret_tpu"):
     interp = {"tpu": False, "interpret_hlo": True, "interpret_tpu": compat.tpu_interpret_params()}[kind]
-    return tpu_kernels.matmul(x, w.data, w.nnz, w.row_idx, w.col_idx, n=n, block_m=block_m, interpret=interp)
+    return tpu_kernels.matmul(x, w.data, w.nnz, w.row_idx, w.col_idx, w.col_ptr, block_m=block_m,
+                              interpret=interp)
   interp = compat.mosaic_gpu_interpret_params() if kind == "interpret_mosaic_gpu" else None
   return mgpu_kernels.matmul(x, w.data, w.col_ptr, w.row_idx, tile_m=block_m or 128, interpret=interp)
 
@@ -141,7 +142,7 @@ def _grad_x(kind: str, block_m, dy: Array, w: BlockSparseWeight) -> Array:
     return reference.matmul_transposed(dy, w)
   if kind in ("tpu", "interpret_hlo", "interpret_tpu"):
     interp = {"tpu": False, "interpret_hlo": True, "interpret_tpu": compat.tpu_interpret_params()}[kind]
-    return tpu_kernels.matmul_t(dy, w.data, w.nnz, w.t_row_idx, w.t_col_idx, w.t_perm, k=k,
+    return tpu_kernels.matmul_t(dy, w.data, w.nnz, w.t_row_idx, w.t_col_idx, w.t_perm, w.row_ptr,
                                 block_m=block_m, interpret=interp)
   interp = compat.mosaic_gpu_interpret_params() if kind == "interpret_mosaic_gpu" else None
   data_t = mgpu_kernels.transposed_blocks(w.data, w.t_perm)

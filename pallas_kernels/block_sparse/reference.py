@@ -8,7 +8,8 @@ Two strategies, both exact up to floating-point summation order:
   blocks, then a segment sum into output blocks. FLOPs proportional to the stored blocks; intermediates of
   ``M * capacity * block`` elements, so it suits small ``M`` at high sparsity.
 
-Every function takes 2-D activations; accumulation is float32 and results are cast to the input dtype.
+Every function takes 2-D activations; accumulation is float32 and results are cast to the input dtype. The
+gather strategy upcasts its operands to float32 (XLA:CPU has no bf16 x bf16 -> f32 batched dot).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def matmul(x: Float[Array, "M K"], w: BlockSparseWeight, strategy: Strategy | No
     return jnp.dot(x, block_sparse_to_dense(w), preferred_element_type=jnp.float32).astype(x.dtype)
   kb, nb = w.grid_shape
   bk, bn = w.block
-  xb = x.reshape(m, kb, bk)[:, w.row_idx]                                      # [M, cap, bk]
-  data = jnp.where(live_mask(w)[:, None, None], w.data, 0)
-  yb = jnp.einsum("mcb,cbn->mcn", xb, data, preferred_element_type=jnp.float32)
+  xb = _acc(x).reshape(m, kb, bk)[:, w.row_idx]                                # [M, cap, bk]
+  data = jnp.where(live_mask(w)[:, None, None], _acc(w.data), 0)
+  yb = jnp.einsum("mcb,cbn->mcn", xb, data)
   y = jnp.zeros((m, nb, bn), jnp.float32).at[:, w.col_idx].add(yb)
   return y.reshape(m, nb * bn).astype(x.dtype)
 
@@ -67,9 +68,9 @@ def matmul_transposed(dy: Float[Array, "M N"], w: BlockSparseWeight, strategy: S
     return jnp.dot(dy, block_sparse_to_dense(w).T, preferred_element_type=jnp.float32).astype(dy.dtype)
   kb, nb = w.grid_shape
   bk, bn = w.block
-  dyb = dy.reshape(m, nb, bn)[:, w.col_idx]                                    # [M, cap, bn]
-  data = jnp.where(live_mask(w)[:, None, None], w.data, 0)
-  xb = jnp.einsum("mcn,cbn->mcb", dyb, data, preferred_element_type=jnp.float32)
+  dyb = _acc(dy).reshape(m, nb, bn)[:, w.col_idx]                              # [M, cap, bn]
+  data = jnp.where(live_mask(w)[:, None, None], _acc(w.data), 0)
+  xb = jnp.einsum("mcn,cbn->mcb", dyb, data)
   dx = jnp.zeros((m, kb, bk), jnp.float32).at[:, w.row_idx].add(xb)
   return dx.reshape(m, kb * bk).astype(dy.dtype)
 
@@ -85,9 +86,9 @@ def sddmm(x: Float[Array, "M K"], dy: Float[Array, "M N"], w: BlockSparseWeight,
     full = jnp.dot(_acc(x).T, _acc(dy)).reshape(kb, bk, nb, bn).transpose(0, 2, 1, 3)
     blocks = full[w.row_idx, w.col_idx]
   else:
-    xb = x.reshape(m, kb, bk)[:, w.row_idx]
-    dyb = dy.reshape(m, nb, bn)[:, w.col_idx]
-    blocks = jnp.einsum("mcb,mcn->cbn", xb, dyb, preferred_element_type=jnp.float32)
+    xb = _acc(x).reshape(m, kb, bk)[:, w.row_idx]
+    dyb = _acc(dy).reshape(m, nb, bn)[:, w.col_idx]
+    blocks = jnp.einsum("mcb,mcn->cbn", xb, dyb)
   return jnp.where(live_mask(w)[:, None, None], blocks, 0).astype(w.dtype)
 
 
