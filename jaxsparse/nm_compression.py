@@ -1,0 +1,147 @@
+"""One-shot N:M pruning of a trained model and conversion of its weights to the N:M kernel format and back.
+
+The compressed representation is the kernel's own :class:`pallas_kernels.nm.NMWeight` (kept values + bit-packed
+positions along the contraction axis), so a compressed ``(in, out)`` kernel goes straight into
+``pallas_kernels.nm.nm_matmul``. Leaves that are not a 2-D kernel with groups along axis 0 (conv ``HWIO`` kernels,
+other axes) are packed as the 2-D view the kernel expects and wrapped in :class:`NMLeaf`, which remembers the
+original shape and axis. ``decompress_nm(compress_nm(p))`` is exactly the masked dense ``p``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from jaxsparse import _validation as v
+from jaxsparse._tree import check_same_structure, is_none, path_name
+from jaxsparse.estimators import Where, _check_nm_leaf, _check_where, _leaf_nm_mask, _selection
+from pallas_kernels.nm.format import NMWeight, pack_nm, unpack_nm
+
+__all__ = ["NMLeaf", "one_shot_nm", "compress_nm", "decompress_nm"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NMLeaf:
+    """An :class:`NMWeight` of the 2-D view of a leaf that is not itself an ``(in, out)`` kernel.
+
+    ``view`` is ``"rows"`` (``axis == ndim - 2``: the leaf reshaped to ``(prod(shape[:-1]), shape[-1])``, the im2col
+    layout of an ``HWIO`` kernel) or ``"moved"`` (``axis`` moved to the front, the rest flattened).
+    """
+
+    weight: NMWeight
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    axis: int = dataclasses.field(metadata=dict(static=True))
+
+    def todense(self) -> Array:
+        dense = unpack_nm(self.weight)
+        if self.axis == len(self.shape) - 2:
+            return dense.reshape(self.shape)
+        moved = (self.shape[self.axis],) + tuple(d for i, d in enumerate(self.shape) if i != self.axis)
+        return jnp.moveaxis(dense.reshape(moved), 0, self.axis)
+
+
+def _to_2d(x: Array, ax: int) -> Array:
+    if ax == x.ndim - 2:
+        return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return jnp.moveaxis(x, ax, 0).reshape(x.shape[ax], -1)
+
+
+def _is_compressed(x: Any) -> bool:
+    return isinstance(x, (NMWeight, NMLeaf))
+
+
+def one_shot_nm(
+    params: PyTree, n: int = 2, m: int = 4, *, axis: int = -2, transposable: bool = False, where: Where = None
+) -> PyTree:
+    """Magnitude N:M pruning of a trained model: every group of ``m`` along ``axis`` keeps its ``n`` largest ``|w|``.
+
+    The same mask :func:`jaxsparse.estimators.ste_nm` applies (so it is also how to freeze an STE-trained model).
+
+    >>> import jax.numpy as jnp
+    >>> one_shot_nm({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "b": jnp.ones(1)})["w"].ravel().tolist()
+    [0.0, -4.0, 3.0, 0.0]
+    """
+    n, m = v.check_nm(n, m)
+    _check_where(where)
+    picks = _selection(params, where)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for (path, leaf), pick in zip(flat, picks):
+        if pick:
+            ax = _check_nm_leaf(path_name(path), leaf, n, m, axis, transposable)
+            leaf = jnp.where(_leaf_nm_mask(leaf, n, m, ax, transposable), leaf, jnp.zeros((), leaf.dtype))
+        out.append(leaf)
+    return jax.tree.unflatten(treedef, out)
+
+
+def compress_nm(
+    params: PyTree,
+    n: int = 2,
+    m: int = 4,
+    *,
+    axis: int = -2,
+    masks: PyTree | None = None,
+    where: Where = None,
+    pack_tile: int | None = None,
+) -> PyTree:
+    """Replaces each selected leaf by its N:M compressed form (:class:`NMWeight`, or :class:`NMLeaf` for non-``(in, out)``
+    layouts); other leaves are unchanged. Works under ``jit``.
+
+    Without ``masks`` the N:M magnitude mask is used (the effective weights of :func:`~jaxsparse.estimators.ste_nm`);
+    with ``masks`` (a pytree of bool N:M masks, ``None`` for dense leaves, e.g. transposable ones or masks from
+    training) those positions are kept and ``where`` is ignored.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"w": jnp.arange(16.0).reshape(8, 2), "b": jnp.ones(2)}
+    >>> c = compress_nm(p, 2, 4)
+    >>> type(c["w"]).__name__, c["w"].values.shape
+    ('NMWeight', (2, 2, 2))
+    >>> bool((decompress_nm(c)["w"] == one_shot_nm(p)["w"]).all())
+    True
+    """
+    n, m = v.check_nm(n, m)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if masks is None:
+        _check_where(where)
+        picks = _selection(params, where)
+        mask_leaves = [None] * len(flat)
+    else:
+        check_same_structure("masks", masks, "params", params)
+        mask_leaves = jax.tree.leaves(masks, is_leaf=is_none)
+        picks = [mk is not None for mk in mask_leaves]
+    out = []
+    for (path, leaf), pick, mk in zip(flat, picks, mask_leaves):
+        if not pick:
+            out.append(leaf)
+            continue
+        name = path_name(path)
+        ax = _check_nm_leaf(name, leaf, n, m, axis)
+        if mk is None:
+            mk = _leaf_nm_mask(leaf, n, m, ax, False)
+        else:
+            mk = jnp.asarray(mk)
+            if mk.shape != leaf.shape or mk.dtype != jnp.bool_:
+                raise ValueError(
+                    f"`masks` leaf for '{name}' must be a bool array of shape {tuple(leaf.shape)}; got "
+                    f"{mk.dtype} {tuple(mk.shape)}."
+                )
+        w = pack_nm(_to_2d(leaf, ax), _to_2d(mk, ax), n=n, m=m, pack_tile=pack_tile)
+        out.append(w if (leaf.ndim == 2 and ax == 0) else NMLeaf(w, tuple(leaf.shape), ax))
+    return jax.tree.unflatten(treedef, out)
+
+
+def decompress_nm(tree: PyTree) -> PyTree:
+    """Inverse of :func:`compress_nm`: every :class:`NMWeight` / :class:`NMLeaf` back to its masked dense array.
+
+    >>> import jax.numpy as jnp
+    >>> w = {"conv": jnp.arange(2 * 2 * 4 * 3.0).reshape(2, 2, 4, 3) - 20}
+    >>> bool((decompress_nm(compress_nm(w, 1, 4))["conv"] == one_shot_nm(w, 1, 4)["conv"]).all())
+    True
+    """
+    return jax.tree.map(lambda x: x.todense() if _is_compressed(x) else x, tree, is_leaf=_is_compressed)
