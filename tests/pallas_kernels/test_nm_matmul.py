@@ -1,0 +1,170 @@
+"""nm_matmul: Pallas kernels (interpret modes) and XLA path == dense masked reference, forward and gradients;
+dispatch rule; cross-lowering for TPU and CUDA from CPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import compat
+from pallas_kernels.nm import nm_cost_model, nm_matmul, pack_nm, unpack_nm, use_nm_kernel
+from pallas_kernels.nm.reference import nm_matmul_dense_masked
+from pallas_kernels.nm.tpu import nm_dx_tpu, nm_matmul_tpu
+
+NMS = [(2, 4), (1, 4), (2, 8), (4, 8)]
+DTYPES = [jnp.float32, jnp.bfloat16]
+K, N = 256, 128
+
+
+def _tol(dtype):
+  return 1e-4 if dtype == jnp.float32 else 2e-2
+
+
+def _close(a, b, dtype, scale=None):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  scale = scale if scale is not None else max(1.0, float(np.abs(b).max()))
+  np.testing.assert_allclose(a, b, rtol=_tol(dtype), atol=_tol(dtype) * scale)
+
+
+def _problem(n, m, dtype, batch, k=K, cols=N, seed=0):
+  rng = np.random.default_rng(seed)
+  w_nm = pack_nm(jnp.asarray(rng.standard_normal((k, cols)), dtype), n=n, m=m)
+  x = jnp.asarray(rng.standard_normal((*batch, k)), dtype)
+  return x, w_nm
+
+
+def _ref(x, w_nm):
+  """Dense masked reference in f32 (inputs already rounded to their dtype)."""
+  return jnp.matmul(x.astype(jnp.float32), unpack_nm(w_nm).astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+# ------------------------------------------------------------------------------------ forward, interpret
+@pytest.mark.parametrize("batch", [(1,), (2, 3)], ids=["rows1", "rows2x3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("nm", NMS, ids=lambda nm: f"{nm[0]}of{nm[1]}")
+def test_forward_pallas_interpret(nm, dtype, batch):
+  x, w_nm = _problem(*nm, dtype, batch)
+  y = nm_matmul(x, w_nm, impl="pallas_tpu", interpret=True)
+  assert y.shape == (*batch, N) and y.dtype == dtype
+  _close(y, _ref(x, w_nm), dtype)
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
+def test_multi_tile_grid_with_padding(nm):
+  """Several K / N / row tiles (accumulation across grid steps) on shapes that need zero padding."""
+  n, m = nm
+  rng = np.random.default_rng(1)
+  w_nm = pack_nm(jnp.asarray(rng.standard_normal((m * 40, 72)), jnp.float32), n=n, m=m, pack_tile=16)
+  x = jnp.asarray(rng.standard_normal((13, m * 40)), jnp.float32)
+  blocks = (8, 16, 32)                   # grid 2 x 3 x 3; G=40 -> 48, N=72 -> 96, rows 13 -> 16 padded
+  y = nm_matmul_tpu(x, w_nm, interpret=True, blocks=blocks)
+  _close(y, _ref(x, w_nm), jnp.float32)
+  dy = jnp.asarray(np.random.default_rng(2).standard_normal((13, 72)), jnp.float32)
+  dx = nm_dx_tpu(dy, w_nm, interpret=True, blocks=blocks)
+  _close(dx, dy @ unpack_nm(w_nm).T, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------- gradients, interpret
+def _loss_grads(fn, x, w_nm, dy):
+  def loss(x, values):
+    return jnp.sum(fn(x, w_nm.replace(values=values)).astype(jnp.float32) * dy)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w_nm.values)
+
+
+@pytest.mark.parametrize("case", [((2, 4), jnp.float32), ((1, 4), jnp.float32), ((2, 8), jnp.float32),
+                                  ((4, 8), jnp.float32), ((2, 4), jnp.bfloat16)],
+                         ids=["2of4-f32", "1of4-f32", "2of8-f32", "4of8-f32", "2of4-bf16"])
+def test_gradients_pallas_interpret(case):
+  (n, m), dtype = case
+  x, w_nm = _problem(n, m, dtype, (2, 5), seed=3)
+  dy = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, N)), jnp.float32)
+  gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas_tpu", interpret=True), x, w_nm, dy)
+  rx, rv = _loss_grads(lambda x, w: nm_matmul_dense_masked(x.astype(jnp.float32), w), x.astype(jnp.float32),
+                       w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
+  assert gx.dtype == x.dtype and gv.dtype == w_nm.values.dtype and gv.shape == w_nm.values.shape
+  _close(gx, rx, dtype)
+  _close(gv, rv, dtype)
+
+
+def test_xla_path_forward_and_gradients_exact():
+  """impl='auto' on CPU runs the XLA branch: same as the plain dense masked product."""
+  x, w_nm = _problem(2, 4, jnp.float32, (3, 4), seed=5)
+  dy = jnp.asarray(np.random.default_rng(6).standard_normal((3, 4, N)), jnp.float32)
+  for impl in ("auto", "xla"):
+    y = jax.jit(lambda x, w: nm_matmul(x, w, impl=impl))(x, w_nm)
+    _close(y, _ref(x, w_nm), jnp.float32)
+    g = _loss_grads(lambda x, w: nm_matmul(x, w, impl=impl), x, w_nm, dy)
+    r = _loss_grads(nm_matmul_dense_masked, x, w_nm, dy)
+    for a, b in zip(g, r):
+      _close(a, b, jnp.float32)
+
+
+def test_1d_input_and_preferred_element_type():
+  x, w_nm = _problem(2, 4, jnp.bfloat16, (), seed=7)
+  y = nm_matmul(x, w_nm, impl="pallas_tpu", interpret=True, preferred_element_type=jnp.float32)
+  assert y.shape == (N,) and y.dtype == jnp.float32
+  _close(y, _ref(x, w_nm), jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------------------ TPU interpret mode
+def test_tpu_interpret_mode_forward_and_dx():
+  """TPU interpret mode also catches out-of-bounds block reads and non-consecutive output revisits."""
+  rng = np.random.default_rng(8)
+  w_nm = pack_nm(jnp.asarray(rng.standard_normal((4 * 64, 256)), jnp.float32), n=2, m=4, pack_tile=32)
+  x = jnp.asarray(rng.standard_normal((16, 4 * 64)), jnp.float32)
+  blocks = (8, 32, 128)                             # grid 2 x 2 x 2 (fwd) and 2 x 2 x 2 (dx)
+  dy = jnp.asarray(np.random.default_rng(9).standard_normal((16, 256)), jnp.float32)
+  with compat.tpu_interpret_guard():
+    y = nm_matmul_tpu(x, w_nm, interpret="tpu", blocks=blocks)
+    dx = nm_dx_tpu(dy, w_nm, interpret="tpu", blocks=blocks)
+  _close(y, _ref(x, w_nm), jnp.float32)
+  _close(dx, dy @ unpack_nm(w_nm).T, jnp.float32)
+
+
+def test_tpu_interpret_mode_gradients_bf16():
+  x, w_nm = _problem(2, 4, jnp.bfloat16, (4,), seed=10)
+  dy = jnp.asarray(np.random.default_rng(11).standard_normal((4, N)), jnp.float32)
+  with compat.tpu_interpret_guard():
+    gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas_tpu", interpret="tpu"), x, w_nm, dy)
+  rx, rv = _loss_grads(nm_matmul_dense_masked, x.astype(jnp.float32),
+                       w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
+  _close(gx, rx, jnp.bfloat16)
+  _close(gv, rv, jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def test_dispatch_rule_memory_bound_only():
+  """Cost model: the kernel only saves bytes, so it is picked for few rows and never at 4096 rows."""
+  kw = dict(k=4096, n_out=4096, n=2, m=4, dtype=jnp.bfloat16)
+  assert use_nm_kernel("tpu", rows=1, **kw) and use_nm_kernel("tpu", rows=16, **kw)
+  assert not use_nm_kernel("tpu", rows=4096, **kw)
+  assert not use_nm_kernel("cuda", rows=4096, **kw)
+  for platform in ("tpu", "cuda"):
+    t1 = nm_cost_model(platform, rows=1, **kw)
+    t4k = nm_cost_model(platform, rows=4096, **kw)
+    assert t1["kernel"] < t1["dense_weight_dot"]     # fewer bytes than even a dense weight
+    assert t4k["kernel"] > t4k["dense_weight_dot"]   # FLOP bound: no win without sparse tensor cores
+
+
+# ------------------------------------------------------------------------------------------- lowering
+def _lowered_text(fn, *args, platform):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_cross_lowering_tpu_forward_and_grad():
+  x, w_nm = _problem(2, 4, jnp.bfloat16, (8,), k=1024, cols=256)
+  fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="tpu")
+  assert "tpu_custom_call" in fwd and "nm2_4_matmul" in fwd
+  grad = _lowered_text(jax.grad(lambda x, v: jnp.sum(nm_matmul(x, w_nm.replace(values=v)).astype(jnp.float32)),
+                                argnums=(0, 1)), x, w_nm.values, platform="tpu")
+  assert "nm2_4_matmul_dx" in grad
+  # 4096 rows: the dispatch rule picks the XLA path, no kernel in the program
+  big = _lowered_text(lambda x, w: nm_matmul(x, w), jnp.zeros((4096, 1024), jnp.bfloat16), w_nm, platform="tpu")
+  assert "tpu_custom_call" not in big
+
+
+def test_cross_lowering_cuda():
+  x, w_nm = _problem(2, 4, jnp.bfloat16, (8,), k=1024, cols=256)
+  txt = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="cuda")
+  assert "stablehlo.dot_general" in txt or "mosaic_gpu" in txt
