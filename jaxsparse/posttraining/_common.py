@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -74,9 +75,23 @@ def num_pruned(sparsity: float, size: int) -> int:
 def keep_mask(score: Array, pattern: Pattern, per_output: bool) -> Array:
     """Keep-mask of an ``(in, out)`` score: top scores per output column, over the layer, or N:M along ``in``."""
     if pattern.is_nm:
-        return nm_mask(score, pattern.n, pattern.m, axis=0)
-    fan_in, fan_out = score.shape
+        return _nm_keep(score, pattern.n, pattern.m)
+    fan_in = score.shape[0]
     if per_output:
-        k = fan_in - num_pruned(pattern.sparsity, fan_in)
-        return jax.vmap(lambda col: topk_mask(col, k), in_axes=1, out_axes=1)(score)
-    return topk_mask(score, score.size - num_pruned(pattern.sparsity, score.size))
+        return _per_output_keep(score, jnp.int32(fan_in - num_pruned(pattern.sparsity, fan_in)))
+    return _layer_keep(score, jnp.int32(score.size - num_pruned(pattern.sparsity, score.size)))
+
+
+@jax.jit
+def _per_output_keep(score: Array, k: Array) -> Array:
+    return jax.vmap(lambda col: topk_mask(col, k), in_axes=1, out_axes=1)(score)
+
+
+@jax.jit
+def _layer_keep(score: Array, k: Array) -> Array:
+    return topk_mask(score, k)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _nm_keep(score: Array, n: int, m: int) -> Array:
+    return nm_mask(score, n, m, axis=0)

@@ -26,7 +26,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 from jaxsparse import _validation as v
 from jaxsparse.masks import topk_mask
-from jaxsparse.posttraining._common import Pattern, check_kernel, check_nm_fits, num_pruned, parse_sparsity
+from jaxsparse.posttraining._common import check_kernel, check_nm_fits, num_pruned, parse_sparsity
 from jaxsparse.posttraining.calibration import warn_if_ill_conditioned
 
 __all__ = ["sparsegpt_prune", "sparsegpt_inverse_hessian_factor"]
@@ -53,8 +53,8 @@ def sparsegpt_inverse_hessian_factor(
     return jnp.triu(jnp.linalg.cholesky(h_inv).T), dead
 
 
-@functools.partial(jax.jit, static_argnames=("pattern", "blocksize", "damp"))
-def _sparsegpt(weight: Array, hessian: Array, pattern: Pattern, blocksize: int, damp: float):
+@functools.partial(jax.jit, static_argnames=("nm", "blocksize"))
+def _sparsegpt(weight: Array, hessian: Array, prune_counts: Array, damp: Array, nm: tuple[int, int], blocksize: int):
     out_dtype = weight.dtype
     w = weight.T.astype(jnp.float32)  # (rows = out, cols = in), as in the reference
     rows, cols = w.shape
@@ -68,11 +68,7 @@ def _sparsegpt(weight: Array, hessian: Array, pattern: Pattern, blocksize: int, 
     w = jnp.pad(w, ((0, 0), (0, pad)))
     u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(padded) >= cols).astype(jnp.float32))
     col_idx = jnp.arange(padded)
-    n, m = pattern.n, pattern.m
-    # per-block prune counts floor(s*rows*end) - floor(s*rows*start): the layer total is exactly floor(s*size)
-    ends = [min((b + 1) * bs, cols) for b in range(nblocks)]
-    cum = [0] + [num_pruned(pattern.sparsity, rows * e) for e in ends]
-    prune_counts = jnp.asarray([cum[b + 1] - cum[b] for b in range(nblocks)], jnp.int32)
+    n, m = nm
 
     def block(b, carry):
         w, q, keep, loss = carry
@@ -80,7 +76,7 @@ def _sparsegpt(weight: Array, hessian: Array, pattern: Pattern, blocksize: int, 
         w1 = lax.dynamic_slice(w, (0, i1), (rows, bs))
         u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))
         d = jnp.diag(u1)
-        if pattern.is_nm:
+        if m:
             keep1 = jnp.ones((rows, bs), bool)
         else:
             valid = (i1 + jnp.arange(bs)) < cols
@@ -89,7 +85,7 @@ def _sparsegpt(weight: Array, hessian: Array, pattern: Pattern, blocksize: int, 
 
         def column(i, c):
             w1, q1, keep1, err1, loss = c
-            if pattern.is_nm:
+            if m:
                 grp = lax.dynamic_slice(w1, (0, i), (rows, m))
                 gd = lax.dynamic_slice(d, (i,), (m,))
                 gscore = jnp.square(grp) / jnp.square(gd)[None, :]
@@ -146,8 +142,8 @@ def sparsegpt_prune(
     or ``(n, m)`` for N:M along the input axis (``blocksize`` must be a multiple of ``m``). ``damp`` is the
     relative dampening (``damp * mean(diag H)`` added to the diagonal). Pass ``num_tokens`` (how many calibration
     tokens built ``hessian``) to get a warning when the Hessian is singular. ``return_loss=True`` also returns
-    the sweep's accumulated ``sum (w - q)^2 / U_ii^2 / 2``, which equals ``1/2 sum_rows dW^T H_damped dW`` for
-    ``H`` normalised as ``2/n X^T X`` up to the ``H`` scaling.
+    the sweep's accumulated ``sum (w - q)^2 / U_ii^2 / 2``, which equals ``1/2 trace(dW^T H_damped dW)`` with
+    ``dW`` the change of the kernel and ``H_damped`` the dampened ``hessian`` as passed (OBS identity).
 
     Jittable with ``sparsity``, ``blocksize`` and ``damp`` static.
 
@@ -179,7 +175,12 @@ def sparsegpt_prune(
         )
     if num_tokens is not None:
         warn_if_ill_conditioned(hessian, num_tokens, damp, name="sparsegpt_prune")
-    q, keep, loss = _sparsegpt(weight, hessian, pattern, min(blocksize, _round_up(d, pattern.m or 1)), damp)
+    bs = min(blocksize, _round_up(d, pattern.m or 1))
+    # per-block prune counts floor(s*rows*end) - floor(s*rows*start): the layer total is exactly floor(s*size)
+    rows, nblocks = weight.shape[1], -(-d // bs)
+    cum = [0] + [num_pruned(pattern.sparsity, rows * min((b + 1) * bs, d)) for b in range(nblocks)]
+    counts = jnp.asarray([cum[b + 1] - cum[b] for b in range(nblocks)], jnp.int32)
+    q, keep, loss = _sparsegpt(weight, hessian, counts, jnp.float32(damp), (pattern.n, pattern.m), bs)
     return (q, keep, loss) if return_loss else (q, keep)
 
 
