@@ -15,6 +15,7 @@ from jaxsparse.posttraining.calibration import (
     init_activation_stats,
     update_activation_stats,
 )
+from jaxsparse.posttraining.driver import METHODS, PruneResult, prune_layer, prune_linen, prune_nnx
 from jaxsparse.posttraining.dsnot import dsnot_prune
 from jaxsparse.posttraining.magnitude import magnitude_prune_layer
 from jaxsparse.posttraining.sparsegpt import sparsegpt_inverse_hessian_factor, sparsegpt_prune
@@ -22,6 +23,11 @@ from jaxsparse.posttraining.wanda import wanda_prune, wanda_scores
 
 __all__ = [
     "ActivationStats",
+    "METHODS",
+    "PruneResult",
+    "prune_layer",
+    "prune_linen",
+    "prune_nnx",
     "activation_mean",
     "activation_sq_norms",
     "activation_var",
