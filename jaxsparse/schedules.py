@@ -68,10 +68,10 @@ def polynomial_sparsity(
     span = max(end_step - begin_step, 1)
 
     def schedule(step):
-        t = jnp.clip(jnp.asarray(step, jnp.int32), begin_step, end_step)
+        step = jnp.asarray(step, jnp.int32)
+        t = jnp.clip(step, begin_step, end_step)
         t = begin_step + (t - begin_step) // frequency * frequency
-        t = jnp.where(jnp.asarray(step) >= end_step, end_step, t)
-        frac = (t - begin_step).astype(jnp.float32) / span
+        frac = jnp.where(step >= end_step, 1.0, (t - begin_step).astype(jnp.float32) / span)
         return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - frac) ** power
 
     return schedule

@@ -51,3 +51,8 @@ def test_update_gate():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_polynomial_sparsity_single_step_window_reaches_final():
+    sched = js.polynomial_sparsity(0.8, begin_step=5, end_step=5)
+    assert [float(sched(t)) for t in (4, 5, 6)] == [0.0, pytest.approx(0.8), pytest.approx(0.8)]

@@ -138,7 +138,7 @@ def gmp_algorithm(
     power: float = 3.0,
 ) -> MaskAlgorithm:
     """Gradual magnitude pruning: every ``frequency`` steps in ``[begin_step, end_step]``, magnitude masks at the
-    cubic schedule's sparsity. Per-leaf targets scale with the schedule (``s_l(t) = s_l * s_t / s_final``), so a
+    cubic schedule's sparsity. Per-leaf targets scale with the schedule (``s_l(t) = s_t * s_l / s_final``), so a
     uniform budget follows ``s_t`` exactly and ERK keeps its proportions; pruning is nested (monotone)."""
     _check_sparsity_arg(sparsity)
     v.check_choice("scope", scope, SCOPES)
@@ -151,8 +151,9 @@ def gmp_algorithm(
         final = _overall(finals, params)
         if initial_sparsity > final:
             raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g}).")
-        ratio = polynomial_sparsity(final, begin_step, end_step, frequency, initial_sparsity, power)(step) / final
-        return jax.tree.map(lambda s: None if s is None else s * ratio, finals, is_leaf=is_none)
+        s_t = polynomial_sparsity(final, begin_step, end_step, frequency, initial_sparsity, power)(step)
+        # the ratio in Python doubles: exactly 1.0 for a uniform budget, so every leaf follows s_t exactly
+        return jax.tree.map(lambda s: None if s is None else s_t * (s / final), finals, is_leaf=is_none)
 
     def init(params, key):
         finals = leaf_sparsities(sparsity, params)
