@@ -1,0 +1,184 @@
+"""How much does sparse training cost per step compared with dense training, in the same run?
+
+MLP 784-1024-1024-10 (1.86M params), batch 256, adam, float32, the whole step jitted. Every configuration trains
+its own copy; configurations run interleaved in blocks of ``--block`` steps (dense included in every round), so a
+slow period of the machine hits all of them alike. Per configuration:
+
+* ``median_ratio``: median time of steps *without* a mask update / median dense step time;
+* ``mean_ratio``: mean time over all steps (one mask update every 100 steps) / mean dense step time;
+* ``update_step_ms``: median time of the steps that do update masks;
+* ``mask_bytes_per_param``: bytes of mask state per parameter of the model;
+* ``compile_s``: time to compile the step.
+
+Run: ``python benchmarks/train_overhead.py [--rounds 10] [--out benchmarks/results/train_overhead.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxsparse as js
+from jaxsparse.stats import global_sparsity
+
+SIZES = (784, 1024, 1024, 10)
+BATCH = 256
+UPDATE_EVERY = 100
+SPARSITY = 0.8
+
+
+def init_params(key: jax.Array) -> dict:
+    keys = jax.random.split(key, len(SIZES) - 1)
+    return {
+        f"Dense_{i}": {"kernel": jax.random.normal(k, (a, b)) * (2 / a) ** 0.5, "bias": jnp.zeros(b)}
+        for i, (k, a, b) in enumerate(zip(keys, SIZES[:-1], SIZES[1:]))
+    }
+
+
+def forward(params: dict, x: jax.Array) -> jax.Array:
+    for i in range(len(SIZES) - 1):
+        layer = params[f"Dense_{i}"]
+        x = x @ layer["kernel"] + layer["bias"]
+        if i < len(SIZES) - 2:
+            x = jax.nn.relu(x)
+    return x
+
+
+def loss_fn(params: dict, batch: tuple, forward_params: Callable | None) -> jax.Array:
+    if forward_params is not None:
+        params = forward_params(params)
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(forward(params, x), y).mean()
+
+
+def configs() -> dict[str, tuple[optax.GradientTransformation, Callable | None]]:
+    """name -> (optax transformation, forward-time params hook or None). Sparse rows at 80%, updates every 100."""
+    adam = optax.adam(1e-3)
+    return {
+        "dense": (adam, None),
+        # magnitude pruning held at 80%: the magnitude mask is re-evaluated every 100 steps (nested)
+        "magnitude_80": (
+            js.gradual_magnitude_pruning(
+                adam, SPARSITY, begin_step=0, end_step=10**9, frequency=UPDATE_EVERY, initial_sparsity=SPARSITY
+            ),
+            None,
+        ),
+    }
+
+
+def make_step(tx: optax.GradientTransformation, hook: Callable | None) -> Callable:
+    def step(params, state, batch):
+        grads = jax.grad(loss_fn)(params, batch, hook)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def mask_bytes(state: Any, params: Any) -> float:
+    masks = getattr(state, "masks", None)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    if masks is None:
+        return 0.0
+    return sum(m.size * m.dtype.itemsize for m in jax.tree.leaves(masks)) / n_params
+
+
+def run(rounds: int, block: int, only: list[str] | None) -> list[dict]:
+    key = jax.random.PRNGKey(0)
+    batches = [
+        (jax.random.normal(jax.random.fold_in(key, i), (BATCH, SIZES[0])),
+         jax.random.randint(jax.random.fold_in(key, 100 + i), (BATCH,), 0, SIZES[-1]))
+        for i in range(4)
+    ]
+    runs = {}
+    for name, (tx, hook) in configs().items():
+        if only and name not in only and name != "dense":
+            continue
+        params = init_params(jax.random.PRNGKey(1))
+        state = tx.init(params)
+        step = make_step(tx, hook)
+        t0 = time.perf_counter()
+        compiled = step.lower(params, state, batches[0]).compile()
+        compile_s = time.perf_counter() - t0
+        runs[name] = dict(step=compiled, params=params, state=state, t=0, times=[], update_times=[],
+                          compile_s=compile_s, mask_bytes=mask_bytes(state, params))
+        print(f"compiled {name:>16} in {compile_s:6.2f} s", flush=True)
+    for r in range(rounds):
+        for name, run_ in runs.items():
+            for _ in range(block):
+                is_update = run_["t"] % UPDATE_EVERY == 0
+                batch = batches[run_["t"] % len(batches)]
+                t0 = time.perf_counter()
+                run_["params"], run_["state"] = run_["step"](run_["params"], run_["state"], batch)
+                jax.block_until_ready(run_["params"])
+                dt = time.perf_counter() - t0
+                if run_["t"] > 0:  # step 0 warms caches
+                    (run_["update_times"] if is_update else run_["times"]).append(dt)
+                run_["t"] += 1
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    dense = runs["dense"]
+    dense_all = dense["times"] + dense["update_times"]
+    rows = []
+    for name, run_ in runs.items():
+        all_times = run_["times"] + run_["update_times"]
+        rows.append(dict(
+            config=name,
+            median_step_ms=1e3 * statistics.median(run_["times"]),
+            median_ratio=statistics.median(run_["times"]) / statistics.median(dense["times"]),
+            mean_ratio=statistics.fmean(all_times) / statistics.fmean(dense_all),
+            update_step_ms=1e3 * statistics.median(run_["update_times"]) if run_["update_times"] else None,
+            mask_bytes_per_param=run_["mask_bytes"],
+            compile_s=run_["compile_s"],
+            steps=len(all_times),
+            final_sparsity=global_sparsity(run_["params"]),
+        ))
+    return rows
+
+
+def environment() -> dict:
+    import flax
+
+    return dict(
+        device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform, cpu_count=os.cpu_count(),
+        machine=platform.machine(), python=sys.version.split()[0], jax=jax.__version__,
+        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, optax=optax.__version__,
+        flax=flax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each: --block steps per config)")
+    ap.add_argument("--block", type=int, default=UPDATE_EVERY)
+    ap.add_argument("--only", nargs="*", help="configs to run besides dense")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_overhead.json"))
+    args = ap.parse_args()
+    rows = run(args.rounds, args.block, args.only)
+    header = f"{'config':>16} {'step ms':>8} {'median':>7} {'mean':>7} {'update ms':>10} {'mask B/p':>9} {'compile s':>9} {'sparsity':>8}"
+    print(header)
+    for r in rows:
+        upd = f"{r['update_step_ms']:10.1f}" if r["update_step_ms"] is not None else f"{'-':>10}"
+        print(f"{r['config']:>16} {r['median_step_ms']:8.2f} {r['median_ratio']:7.3f} {r['mean_ratio']:7.3f} {upd} "
+              f"{r['mask_bytes_per_param']:9.3f} {r['compile_s']:9.2f} {r['final_sparsity']:8.3f}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(benchmark="train_overhead", model="MLP 784-1024-1024-10", batch=BATCH, optimizer="adam",
+                       dtype="float32", update_every=UPDATE_EVERY, rounds=args.rounds, block=args.block,
+                       environment=environment(), results=rows), f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
