@@ -15,6 +15,7 @@ block (e.g. q/k/v and the MLP input, which see the same input) to save passes on
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -195,6 +196,37 @@ def _nnx_tap(module, on_input):
     module.__class__ = type(f"Tapped{base.__name__}", (base,), {"__call__": call})
 
 
+def _call_model(model, batch):
+    return model(batch)
+
+
+def _nnx_linear_nodes(m) -> dict:
+    from flax import nnx
+
+    return {
+        "/".join(map(str, p)): node
+        for p, node in nnx.iter_graph(m)
+        if isinstance(node, nnx.Linear) and node.kernel[...].ndim == 2
+    }
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _nnx_collect(st, stats, batch, graphdef, stage, forward):
+    """One calibration pass; a module-level jit so repeated runs with the same model and stage reuse it."""
+    from flax import nnx
+
+    stats = dict(stats)
+    mm = nnx.merge(graphdef, st)
+    nodes = _nnx_linear_nodes(mm)
+    for name in stage:
+        def on_input(x, name=name):
+            stats[name] = update_activation_stats(stats[name], x)
+
+        _nnx_tap(nodes[name], on_input)
+    forward(mm, batch)
+    return stats
+
+
 def prune_nnx(
     model: Any,
     batches: Sequence[Any],
@@ -212,7 +244,8 @@ def prune_nnx(
 ) -> PruneResult:
     """Prunes the ``nnx.Linear`` kernels of an NNX ``model`` layer by layer; the input model is not modified.
 
-    ``batches``: calibration inputs, each passed as ``forward(model, batch)`` (default ``model(batch)``).
+    ``batches``: calibration inputs, each passed as ``forward(model, batch)`` (default ``model(batch)``; pass
+    the same ``forward`` object across calls to reuse compiled calibration passes).
     ``method``: one of :data:`METHODS`. ``sparsity``: a fraction or ``(n, m)``. ``layers``: filter on layer names
     (``"blocks/0/mlp/fc1"``-style paths); e.g. ``lambda n: n != "head"``. ``groups``: ``None`` (one layer per
     stage), ``"all"`` (one stage, every layer calibrated on the dense model) or lists of layer names.
@@ -228,17 +261,11 @@ def prune_nnx(
     from flax import nnx
 
     _check_common(method, batches, layers)
-    forward = forward or (lambda m, b: m(b))
+    forward = forward or _call_model
     graphdef, state = nnx.split(model)
     work = nnx.merge(graphdef, state, copy=True)
 
-    def linear_nodes(m):
-        return {
-            "/".join(map(str, p)): node
-            for p, node in nnx.iter_graph(m)
-            if isinstance(node, nnx.Linear) and node.kernel[...].ndim == 2
-        }
-
+    linear_nodes = _nnx_linear_nodes
     def call_order(st, batch):
         order = []
         mm = nnx.merge(graphdef, st)
@@ -258,20 +285,8 @@ def prune_nnx(
     shapes = {n: tuple(nodes[n].kernel[...].shape) for n in names}
 
     def collect_fn(stage):
-        @jax.jit
-        def collect(st, stats, batch):
-            stats = dict(stats)
-            mm = nnx.merge(graphdef, st)
-            found_nodes = linear_nodes(mm)
-            for name in stage:
-                def on_input(x, name=name):
-                    stats[name] = update_activation_stats(stats[name], x)
-                _nnx_tap(found_nodes[name], on_input)
-            forward(mm, batch)
-            return stats
-
         st = nnx.state(work)
-        return lambda stats, batch: collect(st, stats, batch)
+        return lambda stats, batch: _nnx_collect(st, stats, batch, graphdef, stage, forward)
 
     def set_kernel(name, value):
         nodes[name].kernel[...] = value
