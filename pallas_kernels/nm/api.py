@@ -6,30 +6,31 @@
 * ``d values``: dense ``x.T @ dy`` (XLA), gathered at the kept positions (without sparse tensor cores an
   N:M "SDDMM" saves no FLOPs; mask-learning schemes need the dense gradient anyway).
 
-The implementation is picked per call from static shapes by :func:`pallas_kernels.dispatch` style rules:
-``impl="auto"`` uses ``lax.platform_dependent`` (one jitted function runs XLA on CPU and lowers to the
-Pallas kernel on TPU/GPU) and, per platform, the bytes-vs-FLOPs cost model in :func:`nm_cost_model`.
+The backend is picked per platform from static shapes with the project's shared :mod:`pallas_kernels.dispatch`:
+one jitted function runs XLA on CPU and lowers to the Pallas kernel on TPU/GPU (``lax.platform_dependent``),
+and ``impl="auto"`` uses the bytes-vs-FLOPs roofline (:func:`use_nm_kernel`) to pick dense ``jnp.dot`` where
+the N:M kernel cannot win (it saves weight bytes, never FLOPs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from pallas_kernels import compat, dispatch
 from pallas_kernels.nm import mosaic_gpu as _mgpu
 from pallas_kernels.nm import reference as _ref
 from pallas_kernels.nm import tpu as _tpu
 from pallas_kernels.nm.format import NMWeight, check_nm, index_bits
 
-__all__ = ["nm_matmul", "Impl", "IMPLS", "validate_nm_weight"]
+__all__ = ["nm_matmul", "plan", "nm_cost_model", "use_nm_kernel", "nm_problem", "validate_nm_weight"]
 
-Impl = Literal["auto", "xla", "pallas_tpu", "pallas_mosaic_gpu"]
-IMPLS = ("auto", "xla", "pallas_tpu", "pallas_mosaic_gpu")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -63,8 +64,62 @@ def validate_nm_weight(w: Any, *, n: int | None = None, m: int | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# dispatch glue (platform choice + cost model). Kept in this one section so it can move to
-# pallas_kernels/dispatch.py.
+# dispatch: per-platform backend kinds, chosen with pallas_kernels.dispatch (shared with block-sparse)
+
+Interpret = Literal["hlo", "tpu", "mosaic_gpu"]
+INTERPRET_MODES: tuple[str, ...] = ("hlo", "tpu", "mosaic_gpu")
+_PALLAS_KIND = {"tpu": "tpu", "cuda": "mosaic_gpu"}
+
+# Kernel throughput per FLOP relative to the dense GEMM [estimate, not measured]: the in-kernel decompression
+# (shifts + n selects per weight element, redone per row tile) costs VPU / CUDA-core time, and a Hopper
+# wgmma tile has at least 64 rows, so fewer rows waste tensor-core work.
+_EFFICIENCY = {"tpu": 0.7, "mosaic_gpu": 0.6}
+
+
+def nm_weight_bytes(k: int, n_out: int, n: int, m: int, dtype) -> float:
+  """Bytes an N:M kernel reads for the weight: kept values + packed positions."""
+  kept = n * (k // m) * n_out
+  return kept * jnp.dtype(dtype).itemsize + kept * index_bits(m) / 8
+
+
+def nm_problem(rows: int, k: int, n_out: int, n: int, m: int, dtype, kind: str) -> dispatch.MatmulProblem:
+  """The cost-model view of ``(rows, K) @ W_nm``: all dense FLOPs, fewer weight bytes.
+
+  Without sparse tensor cores (none reachable from Pallas on Hopper/TPU) the kernel saves bytes, not FLOPs
+  (``flop_fraction=1``), so it can only beat dense ``jnp.dot`` where the product is memory bound.
+  """
+  eff = _EFFICIENCY[kind]
+  if kind == "mosaic_gpu" and rows < 64:
+    eff *= max(rows, 1) / 64
+  return dispatch.MatmulProblem(op="nm", m=rows, k=k, n=n_out, dtype=dtype,
+                                weight_bytes=nm_weight_bytes(k, n_out, n, m, dtype), flop_fraction=1.0,
+                                efficiency=eff, config=(n, m))
+
+
+def nm_cost_model(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> dict:
+  """Predicted seconds ``{"dense": ..., "kernel": ...}`` on ``platform`` ("tpu"/"cuda") from the roofline
+  of :func:`pallas_kernels.dispatch.estimate_seconds` (public peak figures, estimated efficiencies)."""
+  prob = nm_problem(rows, k, n_out, n, m, dtype, _PALLAS_KIND[platform])
+  dense, kernel = dispatch.estimate_seconds(prob, dispatch.HARDWARE[platform])
+  return {"dense": dense, "kernel": kernel}
+
+
+def unsupported_reason(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> str | None:
+  """Why the ``platform`` kernel cannot run this problem (``None`` if it can)."""
+  if platform == "tpu":
+    return None if jnp.issubdtype(dtype, jnp.floating) else f"dtype {jnp.dtype(dtype).name} is not floating"
+  if platform == "cuda":
+    return _mgpu.unsupported_reason(rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype)
+  return "no Pallas backend for this platform"
+
+
+def use_nm_kernel(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> bool:
+  """The ``impl="auto"`` rule: kernel iff it can run and :func:`pallas_kernels.dispatch.choose` predicts it
+  beats dense ``jnp.dot`` (by the shared 1.1x margin)."""
+  if unsupported_reason(platform, rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype) is not None:
+    return False
+  prob = nm_problem(rows, k, n_out, n, m, dtype, _PALLAS_KIND[platform])
+  return dispatch.choose(prob, platform) == "sparse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,105 +128,73 @@ class _Config:
   m: int
   shape: tuple[int, int]
   pack_tile: int
-  impl: str
-  interpret: Any
+  branches: tuple[tuple[str, str], ...]     # (platform, kind), "default" included
   out_dtype: Any
   blocks: tuple[int, int, int] | None
+
+
+def plan(rows: int, w: NMWeight, *, impl: str = "auto", interpret: str | None = None) -> tuple:
+  """``((platform, kind), ...)``: the backend each platform branch runs for ``(rows, K) @ w``."""
+  dispatch.check_impl(impl)
+  dims = dict(rows=rows, k=w.shape[0], n_out=w.shape[1], n=w.n, m=w.m, dtype=w.values.dtype)
+  if interpret is not None:
+    if interpret not in INTERPRET_MODES:
+      raise ValueError(f"interpret must be None or one of {INTERPRET_MODES}; got {interpret!r}.")
+    if impl != "pallas":
+      raise ValueError(f"interpret={interpret!r} runs the Pallas kernels, so it needs impl='pallas'; "
+                       f"got impl={impl!r}.")
+    if interpret == "mosaic_gpu":
+      reason = unsupported_reason("cuda", **dims)
+      if reason:
+        raise ValueError(f"interpret='mosaic_gpu' cannot run: {reason}.")
+    return (("default", f"interpret_{interpret}"),)
+  current = dispatch.default_platform()
+  if impl == "pallas" and current not in _PALLAS_KIND:
+    raise ValueError(
+        f"impl='pallas' needs a TPU or CUDA GPU, but the default backend is {current!r}; pass "
+        f"interpret='hlo'|'tpu'|'mosaic_gpu' to run the kernels in interpret mode, or use impl='xla'.")
+  branches = [("default", "dense")]
+  for platform in ("tpu", "cuda"):
+    if impl in ("dense", "xla"):
+      kind = "dense"
+    elif impl == "pallas":
+      reason = unsupported_reason(platform, **dims)
+      if reason is not None and platform == current:
+        raise ValueError(f"impl='pallas' cannot run on {platform}: {reason}. Use impl='auto' or 'xla'.")
+      kind = "dense" if reason is not None else _PALLAS_KIND[platform]
+    else:
+      kind = _PALLAS_KIND[platform] if use_nm_kernel(platform, **dims) else "dense"
+    branches.append((platform, kind))
+  return tuple(branches)
 
 
 def _weight(cfg: _Config, values, meta) -> NMWeight:
   return NMWeight(values=values, meta=meta, n=cfg.n, m=cfg.m, shape=cfg.shape, pack_tile=cfg.pack_tile)
 
 
-@dataclasses.dataclass(frozen=True)
-class DeviceModel:
-  """Roofline numbers of one accelerator [spec sheets, not measured here] plus kernel assumptions [estimate]."""
-  peak_flops: float        # dense matmul FLOP/s at bf16
-  hbm_bytes_per_s: float
-  kernel_mxu_efficiency: float  # fraction of dense matmul throughput the decompressing kernel reaches
-  decompress_ops_per_s: float   # element-wise (VPU / CUDA core) ops/s spent on decompression
-  tile_rows: int                # rows of x per kernel tile: the weight is re-decompressed per row tile
-
-
-DEVICE_MODELS = {
-    # H100 SXM: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3, ~67 TFLOP/s f32 CUDA cores; wgmma M tile 64.
-    "cuda": DeviceModel(989e12, 3.35e12, 0.6, 67e12, 64),
-    # TPU v5e: 197 TFLOP/s bf16, 819 GB/s HBM; VPU ops about 1/8 of MXU rate [estimate]; bm <= 256.
-    "tpu": DeviceModel(197e12, 819e9, 0.7, 25e12, 256),
-}
-
-MIN_PREDICTED_SPEEDUP = 1.25
-"""The kernel is chosen only if the model predicts at least this gain over the XLA path (the model is
-uncalibrated: no GPU/TPU measurement exists yet)."""
-
-
-def nm_cost_model(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> dict:
-  """Predicted seconds of the Pallas kernel and of the XLA path (decompress + dense dot) for one product.
-
-  kernel = max(FLOPs / (peak * eff), bytes(x, values, meta, y) / BW) + decompression ops * row tiles / ALU
-  xla    = bytes(read compressed + write dense + read dense) / BW + max(FLOPs / peak, bytes(x, W, y) / BW)
-
-  The kernel saves bytes, not FLOPs (no sparse tensor cores from Pallas on Hopper/TPU), so it can only win
-  where the product is memory bound (few rows).
-  """
-  dev = DEVICE_MODELS[platform]
-  item = jnp.dtype(dtype).itemsize
-  flops = 2.0 * rows * k * n_out
-  act = item * (rows * k + rows * n_out)
-  dense_w = item * k * n_out
-  nm_w = item * n * (k // m) * n_out + 4 * n * (k // m) * n_out * index_bits(m) / 32
-  row_tiles = -(-rows // dev.tile_rows)
-  decompress = row_tiles * k * n_out * (2 * n + 1) / dev.decompress_ops_per_s
-  kernel = max(flops / (dev.peak_flops * dev.kernel_mxu_efficiency), (act + nm_w) / dev.hbm_bytes_per_s)
-  kernel += decompress
-  xla = (nm_w + 2 * dense_w) / dev.hbm_bytes_per_s + max(flops / dev.peak_flops,
-                                                         (act + dense_w) / dev.hbm_bytes_per_s)
-  dense = max(flops / dev.peak_flops, (act + dense_w) / dev.hbm_bytes_per_s)
-  return {"kernel": kernel, "xla": xla, "dense_weight_dot": dense}
-
-
-def use_nm_kernel(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> bool:
-  """The dispatch rule: Pallas kernel iff supported on ``platform`` and predicted >= 1.25x faster."""
-  if platform == "cuda" and not _mgpu.supports(rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype):
-    return False
-  if platform == "tpu" and not jnp.issubdtype(dtype, jnp.floating):
-    return False
-  t = nm_cost_model(platform, rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype)
-  return t["kernel"] * MIN_PREDICTED_SPEEDUP <= t["xla"]
-
-
-def _pallas_fn(platform: str, op: str):
-  if platform == "tpu":
-    return _tpu.nm_matmul_tpu if op == "fwd" else _tpu.nm_dx_tpu
-  return _mgpu.nm_matmul_mosaic_gpu if op == "fwd" else _mgpu.nm_dx_mosaic_gpu
-
-
-def _xla_fn(op: str):
-  return _ref.nm_matmul_xla if op == "fwd" else _ref.nm_dx_xla
+def _product(op: str, kind: str, cfg: _Config, a, values, meta):
+  """op "fwd": a = x (B, K) -> (B, N); op "dx": a = dy (B, N) -> (B, K)."""
+  w = _weight(cfg, values, meta)
+  if kind == "dense":
+    fn = _ref.nm_matmul_xla if op == "fwd" else _ref.nm_dx_xla
+    return fn(a, w, cfg.out_dtype)
+  if kind in ("tpu", "interpret_hlo", "interpret_tpu"):
+    interp = {"tpu": False, "interpret_hlo": True, "interpret_tpu": "tpu"}[kind]
+    fn = _tpu.nm_matmul_tpu if op == "fwd" else _tpu.nm_dx_tpu
+    return fn(a, w, out_dtype=cfg.out_dtype, interpret=interp, blocks=cfg.blocks)
+  interp = compat.mosaic_gpu_interpret_params() if kind == "interpret_mosaic_gpu" else None
+  fn = _mgpu.nm_matmul_mosaic_gpu if op == "fwd" else _mgpu.nm_dx_mosaic_gpu
+  return fn(a, w, out_dtype=cfg.out_dtype, interpret=interp)
 
 
 def _run(cfg: _Config, op: str, a, values, meta):
-  """op "fwd": a = x (B, K) -> (B, N); op "dx": a = dy (B, N) -> (B, K)."""
-  out_dtype = cfg.out_dtype
-  w = _weight(cfg, values, meta)
-  if cfg.impl == "xla":
-    return _xla_fn(op)(a, w, out_dtype)
-  if cfg.impl in ("pallas_tpu", "pallas_mosaic_gpu"):
-    platform = "tpu" if cfg.impl == "pallas_tpu" else "cuda"
-    kwargs = {"blocks": cfg.blocks} if platform == "tpu" else {}
-    return _pallas_fn(platform, op)(a, w, out_dtype=out_dtype, interpret=cfg.interpret, **kwargs)
-
-  rows = a.shape[0]
-  branches = {}
-  for platform in ("tpu", "cuda"):
-    if use_nm_kernel(platform, rows=rows, k=cfg.shape[0], n_out=cfg.shape[1], n=cfg.n,
-                                    m=cfg.m, dtype=values.dtype):
-      fn = _pallas_fn(platform, op)
-      branches[platform] = lambda a, v, mt, fn=fn: fn(a, _weight(cfg, v, mt), out_dtype=out_dtype)
-  xla = lambda a, v, mt: _xla_fn(op)(a, _weight(cfg, v, mt), out_dtype)
-  if not branches:
-    return xla(a, values, meta)
-  return jax.lax.platform_dependent(a, values, meta, default=xla, **branches)
+  kinds = dict(cfg.branches)
+  default_kind = kinds.pop("default")
+  default = functools.partial(_product, op, default_kind, cfg)
+  if all(kind == default_kind for kind in kinds.values()):
+    return default(a, values, meta)
+  per_platform = {plat: functools.partial(_product, op, kind, cfg) for plat, kind in kinds.items()}
+  return dispatch.platform_switch(a, values, meta, default=default, **per_platform)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,11 +225,11 @@ def nm_matmul(
     x: Float[Array, "*batch K"],
     w_nm: NMWeight,
     *,
-    impl: Impl = "auto",
+    impl: dispatch.Impl = "auto",
     n: int | None = None,
     m: int | None = None,
     preferred_element_type: Any = None,
-    interpret: Any = None,
+    interpret: Interpret | None = None,
     blocks: tuple[int, int, int] | None = None,
 ) -> Float[Array, "*batch N"]:
   """``x @ unpack_nm(w_nm)`` without materialising the dense weight on TPU/GPU; differentiable.
@@ -214,14 +237,16 @@ def nm_matmul(
   Args:
     x: activations ``(..., K)``.
     w_nm: :class:`NMWeight` from :func:`pack_nm` (weight ``(K, N)``, groups along ``K``).
-    impl: ``"auto"`` (per platform: Pallas kernel where the cost model says it wins, else XLA),
-      ``"xla"`` (decompress + dot), ``"pallas_tpu"`` or ``"pallas_mosaic_gpu"`` (force a kernel; with
-      ``interpret`` it runs on CPU).
+    impl: ``"auto"`` (per platform, :func:`use_nm_kernel`: the Pallas kernel where the shared cost model
+      predicts it beats dense ``jnp.dot``, else decompress + ``jnp.dot``), ``"dense"``/``"xla"``
+      (decompress + ``jnp.dot`` everywhere), ``"pallas"`` (the current platform's kernel; raises on CPU
+      unless ``interpret`` is given).
     n, m: optional expected pattern; a weight packed with another N:M raises ``ValueError``.
     preferred_element_type: output dtype (default: promoted input dtype). Accumulation is f32.
-    interpret: for forced Pallas impls: ``True``/``"hlo"`` or ``"tpu"`` (TPU interpret mode) /
-      ``"gpu"`` (Mosaic-GPU interpret mode).
-    blocks: ``(bm, bg, bn)`` tile override for the TPU kernel (``bg`` in groups).
+    interpret: with ``impl="pallas"``, run a kernel in interpret mode on any host: ``"hlo"``, ``"tpu"``
+      (TPU interpret mode: also checks block bounds and output revisits) or ``"mosaic_gpu"``.
+    blocks: ``(bm, bg, bn)`` tile override for the TPU kernel (``bg`` in groups, a multiple of
+      ``w_nm.pack_tile``).
 
   Gradients flow to ``x`` and ``w_nm.values`` and equal those of the dense masked product.
 
@@ -235,21 +260,19 @@ def nm_matmul(
     >>> bool(jnp.allclose(y, x @ unpack_nm(w_nm), atol=1e-4))
     True
   """
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r} is not allowed; use one of {IMPLS}")
+  dispatch.check_impl(impl)
   w_nm = validate_nm_weight(w_nm, n=n, m=m)
   x = jnp.asarray(x)
   if x.ndim < 1 or x.shape[-1] != w_nm.shape[0]:
     raise ValueError(
         f"x.shape={x.shape}: the last axis must equal the contraction length K={w_nm.shape[0]} of w_nm "
         f"(shape {w_nm.shape})")
-  if interpret is not None and impl in ("auto", "xla"):
-    raise ValueError(f"interpret={interpret!r} needs a Pallas impl (pallas_tpu / pallas_mosaic_gpu), got {impl=}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"x must be floating point, got x.dtype={x.dtype}")
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x.dtype, w_nm.values.dtype))
-  cfg = _Config(n=w_nm.n, m=w_nm.m, shape=w_nm.shape, pack_tile=w_nm.pack_tile, impl=impl,
-                interpret=interpret, out_dtype=out_dtype, blocks=blocks)
   batch = x.shape[:-1]
+  rows = max(math.prod(batch), 1)
+  cfg = _Config(n=w_nm.n, m=w_nm.m, shape=w_nm.shape, pack_tile=w_nm.pack_tile,
+                branches=plan(rows, w_nm, impl=impl, interpret=interpret), out_dtype=out_dtype, blocks=blocks)
   y = _nm_matmul_2d(cfg, x.reshape(-1, x.shape[-1]), w_nm.values, w_nm.meta)
   return y.reshape(*batch, w_nm.shape[1])

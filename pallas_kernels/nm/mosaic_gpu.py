@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["nm_matmul_mosaic_gpu", "nm_dx_mosaic_gpu", "supports"]
+__all__ = ["nm_matmul_mosaic_gpu", "nm_dx_mosaic_gpu", "unsupported_reason"]
 
 
-def supports(*, rows, k, n_out, n, m, dtype) -> bool:
-  return False
+def unsupported_reason(*, rows, k, n_out, n, m, dtype) -> str | None:
+  return "the Mosaic GPU N:M kernel is not implemented yet"
 
 
 def nm_matmul_mosaic_gpu(x2, w, *, out_dtype=None, interpret=None):

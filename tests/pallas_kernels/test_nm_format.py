@@ -160,5 +160,5 @@ def test_metadata_from_other_nm_is_rejected():
     nm_matmul(jnp.ones((1, 64)), w)
   with pytest.raises(ValueError, match=r"x.shape=\(1, 32\)"):
     nm_matmul(jnp.ones((1, 32)), w24)
-  with pytest.raises(ValueError, match="impl='triton'"):
+  with pytest.raises(ValueError, match="'triton'"):
     nm_matmul(jnp.ones((1, 64)), w24, impl="triton")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import compat
-from pallas_kernels.nm import nm_cost_model, nm_matmul, pack_nm, unpack_nm, use_nm_kernel
+from pallas_kernels.nm import nm_cost_model, nm_matmul, pack_nm, plan, unpack_nm, use_nm_kernel
 from pallas_kernels.nm.reference import nm_matmul_dense_masked
 from pallas_kernels.nm.tpu import nm_dx_tpu, nm_matmul_tpu
 
@@ -45,7 +45,7 @@ def _ref(x, w_nm):
 @pytest.mark.parametrize("nm", NMS, ids=lambda nm: f"{nm[0]}of{nm[1]}")
 def test_forward_pallas_interpret(nm, dtype, batch):
   x, w_nm = _problem(*nm, dtype, batch)
-  y = nm_matmul(x, w_nm, impl="pallas_tpu", interpret=True)
+  y = nm_matmul(x, w_nm, impl="pallas", interpret="hlo")
   assert y.shape == (*batch, N) and y.dtype == dtype
   _close(y, _ref(x, w_nm), dtype)
 
@@ -79,7 +79,7 @@ def test_gradients_pallas_interpret(case):
   (n, m), dtype = case
   x, w_nm = _problem(n, m, dtype, (2, 5), seed=3)
   dy = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, N)), jnp.float32)
-  gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas_tpu", interpret=True), x, w_nm, dy)
+  gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="hlo"), x, w_nm, dy)
   rx, rv = _loss_grads(lambda x, w: nm_matmul_dense_masked(x.astype(jnp.float32), w), x.astype(jnp.float32),
                        w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
   assert gx.dtype == x.dtype and gv.dtype == w_nm.values.dtype and gv.shape == w_nm.values.shape
@@ -91,7 +91,7 @@ def test_xla_path_forward_and_gradients_exact():
   """impl='auto' on CPU runs the XLA branch: same as the plain dense masked product."""
   x, w_nm = _problem(2, 4, jnp.float32, (3, 4), seed=5)
   dy = jnp.asarray(np.random.default_rng(6).standard_normal((3, 4, N)), jnp.float32)
-  for impl in ("auto", "xla"):
+  for impl in ("auto", "xla", "dense"):
     y = jax.jit(lambda x, w: nm_matmul(x, w, impl=impl))(x, w_nm)
     _close(y, _ref(x, w_nm), jnp.float32)
     g = _loss_grads(lambda x, w: nm_matmul(x, w, impl=impl), x, w_nm, dy)
@@ -102,7 +102,7 @@ def test_xla_path_forward_and_gradients_exact():
 
 def test_1d_input_and_preferred_element_type():
   x, w_nm = _problem(2, 4, jnp.bfloat16, (), seed=7)
-  y = nm_matmul(x, w_nm, impl="pallas_tpu", interpret=True, preferred_element_type=jnp.float32)
+  y = nm_matmul(x, w_nm, impl="pallas", interpret="hlo", preferred_element_type=jnp.float32)
   assert y.shape == (N,) and y.dtype == jnp.float32
   _close(y, _ref(x, w_nm), jnp.bfloat16)
 
@@ -126,7 +126,7 @@ def test_tpu_interpret_mode_gradients_bf16():
   x, w_nm = _problem(2, 4, jnp.bfloat16, (4,), seed=10)
   dy = jnp.asarray(np.random.default_rng(11).standard_normal((4, N)), jnp.float32)
   with compat.tpu_interpret_guard():
-    gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas_tpu", interpret="tpu"), x, w_nm, dy)
+    gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="tpu"), x, w_nm, dy)
   rx, rv = _loss_grads(nm_matmul_dense_masked, x.astype(jnp.float32),
                        w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
   _close(gx, rx, jnp.bfloat16)
@@ -135,16 +135,26 @@ def test_tpu_interpret_mode_gradients_bf16():
 
 # ------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_rule_memory_bound_only():
-  """Cost model: the kernel only saves bytes, so it is picked for few rows and never at 4096 rows."""
+  """Cost model: the kernel only saves weight bytes, so it is picked for few rows and dense at >= 256 rows."""
   kw = dict(k=4096, n_out=4096, n=2, m=4, dtype=jnp.bfloat16)
   assert use_nm_kernel("tpu", rows=1, **kw) and use_nm_kernel("tpu", rows=16, **kw)
-  assert not use_nm_kernel("tpu", rows=4096, **kw)
-  assert not use_nm_kernel("cuda", rows=4096, **kw)
+  assert not use_nm_kernel("tpu", rows=256, **kw) and not use_nm_kernel("tpu", rows=4096, **kw)
   for platform in ("tpu", "cuda"):
-    t1 = nm_cost_model(platform, rows=1, **kw)
-    t4k = nm_cost_model(platform, rows=4096, **kw)
-    assert t1["kernel"] < t1["dense_weight_dot"]     # fewer bytes than even a dense weight
-    assert t4k["kernel"] > t4k["dense_weight_dot"]   # FLOP bound: no win without sparse tensor cores
+    t1, t16 = (nm_cost_model(platform, rows=r, **kw) for r in (1, 16))
+    t256, t4k = (nm_cost_model(platform, rows=r, **kw) for r in (256, 4096))
+    assert t1["kernel"] < t1["dense"] and t16["kernel"] < t16["dense"]     # fewer bytes to read
+    assert t256["kernel"] > t256["dense"] and t4k["kernel"] > t4k["dense"]  # no FLOP savings
+    # the bytes model: 2:4 bf16 reads 0.5625x the dense weight bytes, so M=1 gains at most 1/0.5625
+    assert t1["dense"] / t1["kernel"] <= 1 / 0.5625 + 1e-9
+  # the plan per platform branch
+  w_nm = pack_nm(jnp.zeros((4096, 4096), jnp.bfloat16))
+  assert dict(plan(1, w_nm))["tpu"] == "tpu" and dict(plan(4096, w_nm))["tpu"] == "dense"
+  assert dict(plan(1, w_nm))["default"] == "dense"
+  assert plan(1, w_nm, impl="pallas", interpret="tpu") == (("default", "interpret_tpu"),)
+  with pytest.raises(ValueError, match="impl='pallas' needs a TPU or CUDA GPU"):
+    plan(1, w_nm, impl="pallas")
+  with pytest.raises(ValueError, match="needs impl='pallas'"):
+    plan(1, w_nm, impl="auto", interpret="hlo")
 
 
 # ------------------------------------------------------------------------------------------- lowering
@@ -152,19 +162,26 @@ def _lowered_text(fn, *args, platform):
   return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+def _abstract_problem(rows, k=4096, cols=4096, n=2, m=4, dtype=jnp.bfloat16):
+  """Shapes only (lowering needs no data): x and an NMWeight of ShapeDtypeStructs."""
+  w = jax.eval_shape(lambda: pack_nm(jnp.zeros((k, cols), dtype), n=n, m=m))
+  return jax.ShapeDtypeStruct((rows, k), dtype), w
+
+
 def test_cross_lowering_tpu_forward_and_grad():
-  x, w_nm = _problem(2, 4, jnp.bfloat16, (8,), k=1024, cols=256)
+  x, w_nm = _abstract_problem(8)
   fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="tpu")
   assert "tpu_custom_call" in fwd and "nm2_4_matmul" in fwd
-  grad = _lowered_text(jax.grad(lambda x, v: jnp.sum(nm_matmul(x, w_nm.replace(values=v)).astype(jnp.float32)),
-                                argnums=(0, 1)), x, w_nm.values, platform="tpu")
+  def loss(x, values, meta):
+    return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+  grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="tpu")
   assert "nm2_4_matmul_dx" in grad
   # 4096 rows: the dispatch rule picks the XLA path, no kernel in the program
-  big = _lowered_text(lambda x, w: nm_matmul(x, w), jnp.zeros((4096, 1024), jnp.bfloat16), w_nm, platform="tpu")
+  big = _lowered_text(lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="tpu")
   assert "tpu_custom_call" not in big
 
 
 def test_cross_lowering_cuda():
-  x, w_nm = _problem(2, 4, jnp.bfloat16, (8,), k=1024, cols=256)
+  x, w_nm = _abstract_problem(8)
   txt = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="cuda")
   assert "stablehlo.dot_general" in txt or "mosaic_gpu" in txt
