@@ -16,16 +16,18 @@ from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._tree import is_none
+from jaxsparse.allocation import prunable
 from jaxsparse.masks import apply_masks, global_topk_masks, topk_masks
 from jaxsparse.oneshot import SCOPES
 
 __all__ = ["imp_masks", "rewind"]
 
 
-def imp_masks(params: PyTree, masks: PyTree, fraction: float = 0.2, scope: str = "global") -> PyTree:
+def imp_masks(params: PyTree, masks: PyTree | None = None, fraction: float = 0.2, scope: str = "global") -> PyTree:
     """Prunes ``ceil(fraction * nnz)`` of the weights still inside ``masks`` (smallest ``|w|``); nested masks.
 
-    After ``r`` rounds from dense, sparsity is ``1 - (1 - fraction) ** r`` up to the per-round ceil.
+    ``masks=None`` starts from dense over the default prunable leaves (:func:`jaxsparse.prunable`). After ``r``
+    rounds from dense, sparsity is ``1 - (1 - fraction) ** r`` up to the per-round ceil.
 
     >>> import jax.numpy as jnp
     >>> m = imp_masks({"w": jnp.arange(1.0, 11.0)[None]}, {"w": jnp.ones((1, 10), bool)}, 0.2)
@@ -34,6 +36,8 @@ def imp_masks(params: PyTree, masks: PyTree, fraction: float = 0.2, scope: str =
     """
     fraction = v.check_sparsity("fraction", fraction)
     v.check_choice("scope", scope, SCOPES)
+    if masks is None:
+        masks = jax.tree.map(lambda sel, p: jnp.ones(p.shape, bool) if sel else None, prunable(params), params)
     scores = jax.tree.map(lambda m, p: None if m is None else jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf),
                           masks, params, is_leaf=is_none)
     counts = jax.tree.map(lambda m: None if m is None else int(jnp.sum(m)), masks, is_leaf=is_none)
