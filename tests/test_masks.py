@@ -125,3 +125,17 @@ def test_apply_masks_and_grad():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_global_topk_on_sharded_leaves_needs_no_gather():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    tree = {"x": jax.random.normal(jax.random.PRNGKey(0), (64, 32)), "y": jax.random.normal(jax.random.PRNGKey(1), (32, 16))}
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, P("a", "b"))) for k, v in tree.items()}
+    fn = jax.jit(js.global_topk_masks)
+    hlo = fn.lower(sharded, 1000).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    got = fn(sharded, 1000)
+    jax.tree.map(np.testing.assert_array_equal, got, fn(tree, 1000))
+    assert got["x"].sharding.spec == P("a", "b")
