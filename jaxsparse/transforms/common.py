@@ -144,12 +144,17 @@ def sparse_training(inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array =
         extra = algorithm.observe(ctx) if algorithm.observe is not None else state.extra
         ctx = ctx._replace(extra=extra)
         do_update = algorithm.is_update(state.step)
-        masks, extra = lax.cond(do_update, algorithm.update, lambda c: (c.masks, c.extra), ctx)
 
-        inner_state = state.inner_state
-        if algorithm.grows:
-            grown = jax.tree.map(lambda new, old: None if new is None else new & ~old, masks, state.masks, is_leaf=is_none)
-            inner_state = _zero_moments(inner, inner_state, grown, params)
+        def mask_update(c, inner_state):
+            masks, extra = algorithm.update(c)
+            if algorithm.grows:  # zero the moments of new connections here, so other steps never touch the state
+                grown = jax.tree.map(lambda new, old: None if new is None else new & ~old, masks, c.masks, is_leaf=is_none)
+                inner_state = _zero_moments(inner, inner_state, grown, params)
+            return masks, extra, inner_state
+
+        masks, extra, inner_state = lax.cond(
+            do_update, mask_update, lambda c, s: (c.masks, c.extra, s), ctx, state.inner_state
+        )
         masked_grads = map_masked(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, masks)
         updates, new_inner = inner.update(masked_grads, inner_state, params, **extra_args)
         if algorithm.skip_step_on_update:

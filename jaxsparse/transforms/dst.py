@@ -375,9 +375,9 @@ def set_training(
     >>> import jax, jax.numpy as jnp, optax
     >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
     >>> tx = set_training(optax.sgd(0.1), 0.75, update_every=2, total_steps=8)
-    >>> state = tx.init(params)
+    >>> state, step = tx.init(params), jax.jit(tx.update)
     >>> for _ in range(4):
-    ...     updates, state = tx.update({"w": jnp.ones((8, 8))}, state, params)
+    ...     updates, state = step({"w": jnp.ones((8, 8))}, state, params)
     ...     params = optax.apply_updates(params, updates)
     >>> int(state.masks["w"].sum()), int((params["w"] != 0).sum()) <= 16
     (16, True)
@@ -505,9 +505,9 @@ def snfs(
     >>> import jax, jax.numpy as jnp, optax
     >>> params = {"a": jax.random.normal(jax.random.PRNGKey(0), (8, 8)), "b": jnp.ones((8, 4))}
     >>> tx = snfs(optax.sgd(0.1, momentum=0.9), 0.5, update_every=2, total_steps=10)
-    >>> state = tx.init(params)
+    >>> state, step = tx.init(params), jax.jit(tx.update)
     >>> for _ in range(4):
-    ...     updates, state = tx.update({"a": jnp.zeros((8, 8)), "b": jnp.ones((8, 4))}, state, params)
+    ...     updates, state = step({"a": jnp.zeros((8, 8)), "b": jnp.ones((8, 4))}, state, params)
     ...     params = optax.apply_updates(params, updates)
     >>> int(state.masks["a"].sum() + state.masks["b"].sum())
     48
@@ -606,9 +606,9 @@ def granet(
     >>> import jax, jax.numpy as jnp, optax
     >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (10, 10))}
     >>> tx = granet(optax.sgd(0.01), 0.9, total_steps=12, update_every=2)
-    >>> state = tx.init(params)
+    >>> state, step = tx.init(params), jax.jit(tx.update)
     >>> for t in range(12):
-    ...     updates, state = tx.update({"w": jnp.full((10, 10), 0.1)}, state, params)
+    ...     updates, state = step({"w": jnp.full((10, 10), 0.1)}, state, params)
     ...     params = optax.apply_updates(params, updates)
     >>> int(state.masks["w"].sum())
     10
