@@ -106,3 +106,36 @@ def tpu_interpret_guard():
   except Exception:
     reset_tpu_interpret_state()
     raise
+
+
+# ------------------------------------------------------------------------------- N:M (appended by nm)
+def mosaic_gpu_lane_params() -> Any:
+  """Mosaic-GPU compiler params pinned to Lane lowering semantics (0.10.x default; 0.11 defaults to
+  Warpgroup), for kernels that place register layouts explicitly with :func:`mosaic_gpu_load`."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def mosaic_gpu_load(ref, *, layout: str, interpret: bool) -> Any:
+  """Whole-ref load into registers with a named ``plgpu.Layout`` (bank conflicts allowed).
+
+  The Mosaic-GPU interpreter does not run ``plgpu.load``, and layouts do not matter there: it gets ``ref[...]``.
+  """
+  if interpret:
+    return ref[...]
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  full = tuple(slice(None) for _ in ref.shape)
+  return plgpu.load(ref, full, layout=getattr(plgpu.Layout, layout), optimized=False)
+
+
+def mosaic_gpu_kernel_with_params(body, *, out_type, scratch_types, grid, grid_names, compiler_params,
+                                  interpret=None):
+  """:func:`mosaic_gpu_kernel` plus ``compiler_params``."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  kwargs = dict(grid=grid, grid_names=grid_names, compiler_params=compiler_params)
+  if interpret is not None:
+    kwargs["interpret"] = interpret
+  return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)

@@ -104,19 +104,22 @@ def nm_cost_model(platform: str, *, rows: int, k: int, n_out: int, n: int, m: in
   return {"dense": dense, "kernel": kernel}
 
 
-def unsupported_reason(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> str | None:
+def unsupported_reason(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype,
+                       pack_tile: int | None = None) -> str | None:
   """Why the ``platform`` kernel cannot run this problem (``None`` if it can)."""
   if platform == "tpu":
     return None if jnp.issubdtype(dtype, jnp.floating) else f"dtype {jnp.dtype(dtype).name} is not floating"
   if platform == "cuda":
-    return _mgpu.unsupported_reason(rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype)
+    return _mgpu.unsupported_reason(rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype, pack_tile=pack_tile)
   return "no Pallas backend for this platform"
 
 
-def use_nm_kernel(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> bool:
+def use_nm_kernel(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype,
+                  pack_tile: int | None = None) -> bool:
   """The ``impl="auto"`` rule: kernel iff it can run and :func:`pallas_kernels.dispatch.choose` predicts it
   beats dense ``jnp.dot`` (by the shared 1.1x margin)."""
-  if unsupported_reason(platform, rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype) is not None:
+  if unsupported_reason(platform, rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype,
+                        pack_tile=pack_tile) is not None:
     return False
   prob = nm_problem(rows, k, n_out, n, m, dtype, _PALLAS_KIND[platform])
   return dispatch.choose(prob, platform) == "sparse"
@@ -133,10 +136,11 @@ class _Config:
   blocks: tuple[int, int, int] | None
 
 
-def plan(rows: int, w: NMWeight, *, impl: str = "auto", interpret: str | None = None) -> tuple:
+def plan(rows: int, w: NMWeight, *, impl: str = "auto", interpret: str | None = None, x_dtype=None) -> tuple:
   """``((platform, kind), ...)``: the backend each platform branch runs for ``(rows, K) @ w``."""
   dispatch.check_impl(impl)
-  dims = dict(rows=rows, k=w.shape[0], n_out=w.shape[1], n=w.n, m=w.m, dtype=w.values.dtype)
+  dtype = jnp.result_type(x_dtype or w.values.dtype, w.values.dtype)
+  dims = dict(rows=rows, k=w.shape[0], n_out=w.shape[1], n=w.n, m=w.m, dtype=dtype, pack_tile=w.pack_tile)
   if interpret is not None:
     if interpret not in INTERPRET_MODES:
       raise ValueError(f"interpret must be None or one of {INTERPRET_MODES}; got {interpret!r}.")
@@ -273,6 +277,7 @@ def nm_matmul(
   batch = x.shape[:-1]
   rows = max(math.prod(batch), 1)
   cfg = _Config(n=w_nm.n, m=w_nm.m, shape=w_nm.shape, pack_tile=w_nm.pack_tile,
-                branches=plan(rows, w_nm, impl=impl, interpret=interpret), out_dtype=out_dtype, blocks=blocks)
+                branches=plan(rows, w_nm, impl=impl, interpret=interpret, x_dtype=x.dtype), out_dtype=out_dtype,
+                blocks=blocks)
   y = _nm_matmul_2d(cfg, x.reshape(-1, x.shape[-1]), w_nm.values, w_nm.meta)
   return y.reshape(*batch, w_nm.shape[1])

@@ -124,10 +124,12 @@ def index_bits(m: int) -> int:
 
 
 def default_pack_tile(groups: int, m: int) -> int:
-  """Groups per packing tile: 8 words of each field (TPU sublane tile), or all groups if fewer."""
+  """Groups per packing tile: 64 (a multiple of every ``F``; the Mosaic-GPU K tile), or all groups if fewer.
+
+  Kernels walk ``K`` in multiples of it: the TPU kernel in tiles of 128+ groups, the Mosaic-GPU one in 64.
+  """
   f = 32 // index_bits(m)
-  full = 8 * f
-  return min(full, -(-groups // f) * f)
+  return min(64, -(-groups // f) * f)
 
 
 def _check_pack_tile(pack_tile, m):

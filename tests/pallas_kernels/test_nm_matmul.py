@@ -181,7 +181,46 @@ def test_cross_lowering_tpu_forward_and_grad():
   assert "tpu_custom_call" not in big
 
 
-def test_cross_lowering_cuda():
+def test_cross_lowering_cuda_forward_and_grad():
   x, w_nm = _abstract_problem(8)
-  txt = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="cuda")
-  assert "stablehlo.dot_general" in txt or "mosaic_gpu" in txt
+  fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="cuda")
+  assert "mosaic_gpu" in fwd
+
+  def loss(x, values, meta):
+    return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+  grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="cuda")
+  assert grad.count("mosaic_gpu") >= 2          # forward and dx kernels
+  big = _lowered_text(lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="cuda")
+  assert "mosaic_gpu" not in big                # FLOP bound: dense jnp.dot
+  f32 = _lowered_text(lambda x, w: nm_matmul(x, w), *_abstract_problem(8, dtype=jnp.float32), platform="cuda")
+  assert "mosaic_gpu" not in f32                # wgmma kernel is 16-bit only: XLA path
+
+
+# ------------------------------------------------------------------------------ Mosaic GPU interpret mode
+@pytest.mark.parametrize("case", [((2, 4), (1,)), ((2, 8), (2, 3)), ((4, 8), (5,))],
+                         ids=["2of4-rows1", "2of8-rows2x3", "4of8-rows5"])
+def test_forward_mosaic_gpu_interpret(case):
+  (n, m), batch = case
+  x, w_nm = _problem(n, m, jnp.bfloat16, batch, k=512, cols=128, seed=12)
+  y = nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
+  assert y.shape == (*batch, 128) and y.dtype == jnp.bfloat16
+  _close(y, _ref(x, w_nm), jnp.bfloat16)
+
+
+def test_gradients_mosaic_gpu_interpret():
+  x, w_nm = _problem(2, 4, jnp.bfloat16, (3,), k=256, cols=128, seed=13)
+  dy = jnp.asarray(np.random.default_rng(14).standard_normal((3, 128)), jnp.float32)
+  gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="mosaic_gpu"), x, w_nm, dy)
+  rx, rv = _loss_grads(nm_matmul_dense_masked, x.astype(jnp.float32),
+                       w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
+  _close(gx, rx, jnp.bfloat16)
+  _close(gv, rv, jnp.bfloat16)
+
+
+def test_mosaic_gpu_rejects_what_it_cannot_tile():
+  x, w_nm = _problem(2, 4, jnp.float32, (1,), k=256, cols=128)
+  with pytest.raises(ValueError, match="float32 is not supported by the Mosaic-GPU N:M kernel"):
+    nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
+  x, w_nm = _problem(2, 4, jnp.bfloat16, (1,), k=256, cols=96)
+  with pytest.raises(ValueError, match="N=96 is not a multiple of the 64-column tile"):
+    nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
