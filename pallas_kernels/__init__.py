@@ -8,3 +8,6 @@ from pallas_kernels.block_sparse import (  # noqa: E402
     block_sparse_to_dense,
     bsr_matmul,
 )
+
+# N:M weights (groups along the contraction axis) and matmul.
+from pallas_kernels.nm import NMWeight, nm_mask, nm_matmul, pack_nm, unpack_nm  # noqa: E402
