@@ -32,7 +32,6 @@ from pallas_kernels.nm.format import NMWeight, check_nm, index_bits
 __all__ = ["nm_matmul", "plan", "nm_cost_model", "use_nm_kernel", "nm_problem", "validate_nm_weight"]
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # validation
 

@@ -236,7 +236,10 @@ def pack_nm(
       :func:`default_pack_tile`. Kernels walk ``K`` in multiples of it.
 
   Returns:
-    ``NMWeight`` with ``unpack_nm(result) == where(mask, w, 0)`` exactly.
+    ``NMWeight`` with ``unpack_nm(result) == where(mask, w, 0)`` exactly. A group with fewer than ``n``
+    masked entries gets padding slots (value 0 at the lowest unmasked positions); like every stored value
+    they receive gradients from :func:`pallas_kernels.nm.nm_matmul`, so training can make them non-zero
+    (the result stays N:M). Zero their updates if the mask must stay fixed.
 
   Example::
 
