@@ -1,0 +1,116 @@
+"""Training on the kernels while block masks change: fixed-capacity re-pack, one compile, == masked dense."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jaxsparse.flax.linen import BlockSparseDense
+from jaxsparse.flax.nnx import BlockSparseLinear, SparsePattern
+from jaxsparse.flax.train import block_gmp_step, block_masks, block_sparse_weights, repack, repack_blocks
+from pallas_kernels.block_sparse import block_mask_of, block_sparse_from_dense, block_sparse_to_dense
+
+GRID, BLOCK, CAP = (4, 4), (2, 3), 9
+
+
+@functools.cache
+def _jitted_repack():
+  def f(w_dense, old_mask, new_mask):
+    w = block_sparse_from_dense(w_dense, old_mask, block=BLOCK, capacity=CAP)
+    new, src = repack(w, new_mask)
+    ref = block_sparse_from_dense(block_sparse_to_dense(w), new_mask, block=BLOCK, capacity=CAP)
+    return w, new, src, ref
+  return jax.jit(f)
+
+
+@given(st.lists(st.booleans(), min_size=16, max_size=16), st.lists(st.booleans(), min_size=16, max_size=16))
+def test_repack_is_bit_exact_and_moves_slots(old_bits, new_bits):
+  old_bits, new_bits = old_bits[:CAP] + [False] * (16 - CAP), new_bits[-CAP:] + [False] * (16 - CAP)
+  old_mask = jnp.array(old_bits).reshape(GRID)
+  new_mask = jnp.array(new_bits[::-1]).reshape(GRID)
+  w_dense = jax.random.normal(jax.random.key(0), (GRID[0] * BLOCK[0], GRID[1] * BLOCK[1]))
+  w, new, src, ref = _jitted_repack()(w_dense, old_mask, new_mask)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(block_mask_of(new), new_mask)
+  src, live = np.asarray(src), np.arange(CAP) < int(new.nnz)
+  # A slot's source holds the same block in the old weight; -1 exactly for new blocks and padding.
+  kept = live & (src >= 0)
+  np.testing.assert_array_equal(np.asarray(w.row_idx)[src[kept]], np.asarray(new.row_idx)[kept])
+  np.testing.assert_array_equal(np.asarray(w.col_idx)[src[kept]], np.asarray(new.col_idx)[kept])
+  was = np.asarray(old_mask)[np.asarray(new.row_idx), np.asarray(new.col_idx)]
+  np.testing.assert_array_equal(kept, live & was)
+
+
+class MLP(nnx.Module):
+  def __init__(self, d, rngs):
+    self.fc1 = BlockSparseLinear(d, 4 * d, block=(4, 4), density=0.75, impl="xla", rngs=rngs)
+    self.fc2 = BlockSparseLinear(4 * d, d, block=(4, 4), density=0.75, impl="xla", rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+def _dense_loss(kernels, biases, x, y):
+  h = jax.nn.gelu(jnp.matmul(x, kernels[0], precision="highest") + biases[0])
+  return jnp.mean((jnp.matmul(h, kernels[1], precision="highest") + biases[1] - y) ** 2)
+
+
+def test_nnx_gmp_on_blocks_one_compile_and_equals_masked_dense():
+  d = 8
+  model = MLP(d, nnx.Rngs(0))
+  graphdef, params, pattern = nnx.split(model, nnx.Param, SparsePattern)
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+  traces = []
+
+  def loss_fn(params, pattern, x, y):
+    return jnp.mean((nnx.merge(graphdef, params, pattern)(x) - y) ** 2)
+
+  @jax.jit
+  def step(params, pattern, opt_state, i, x, y):
+    traces.append(1)
+    loss, grads = jax.value_and_grad(loss_fn)(params, pattern, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    params, pattern, opt_state = block_gmp_step(params, pattern, opt_state, i, tx=tx, final_sparsity=0.75,
+                                                initial_sparsity=0.25, begin_step=0, end_step=6, frequency=2)
+    return params, pattern, opt_state, loss, grads
+
+  dev = jax.devices()[0]
+  put = lambda t: jax.device_put(t, dev)
+  x = put(jax.random.normal(jax.random.key(1), (16, d)))
+  y = put(jax.random.normal(jax.random.key(2), (16, d)))
+  params, pattern, opt_state = put(params), put(pattern), put(opt_state)
+  prev_masks, nnzs = block_masks(params, pattern), []
+  for i in range(8):
+    kernels = [block_sparse_to_dense(w) for w in block_sparse_weights(params, pattern).values()]
+    biases = [params["fc1"]["bias"][...], params["fc2"]["bias"][...]]
+    ref_loss, ref_grads = jax.value_and_grad(_dense_loss, argnums=(0, 1))(kernels, biases, x, y)
+    params, pattern, opt_state, loss, grads = step(params, pattern, opt_state, put(jnp.int32(i)), x, y)
+    # The step's loss and gradients (on the kernels) equal the masked dense computation.
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for name, g_ref in zip(("fc1", "fc2"), ref_grads[0]):
+      want = block_sparse_from_dense(g_ref, prev_masks[name], block=(4, 4), capacity=12).data
+      np.testing.assert_allclose(grads[name]["kernel_blocks"][...], want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(grads["fc2"]["bias"][...], ref_grads[1][1], rtol=1e-4, atol=1e-6)
+    masks = block_masks(params, pattern)
+    for name in masks:  # GMP on blocks never grows a block
+      assert not np.any(np.asarray(masks[name]) & ~np.asarray(prev_masks[name]))
+    prev_masks = masks
+    nnzs.append(int(pattern["fc1"]["nnz"][...]))
+  assert len(traces) == 1 and step._cache_size() == 1
+  jaxpr = str(jax.make_jaxpr(step)(params, pattern, opt_state, put(jnp.int32(0)), x, y))
+  assert jaxpr.count("custom_vjp_call") >= 2  # both layers' products run through bsr_matmul's custom_vjp
+  assert nnzs[0] > nnzs[-1] and nnzs[-1] == 4  # 0.75 of the 16 blocks pruned, one compiled step throughout
+  assert params["fc1"]["kernel_blocks"][...].shape == (12, 4, 4)
+  # Padding slots hold zeros in the params and in every Adam moment.
+  live = np.arange(12) < nnzs[-1]
+  assert not np.asarray(params["fc1"]["kernel_blocks"][...])[~live].any()
+  for moment in (opt_state[0].mu, opt_state[0].nu):
+    assert not np.asarray(moment["fc1"]["kernel_blocks"][...])[~live].any()
