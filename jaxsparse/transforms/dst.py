@@ -346,6 +346,7 @@ def set_algorithm(
     skip_step_on_update: bool = True,
 ) -> MaskAlgorithm:
     """SET's rule (drop smallest ``|w|``, regrow uniformly at random); see :func:`set_training`."""
+    v.check_choice("decay", decay, DECAYS)
     end = _resolve_end("set_training", end_step, total_steps, begin_step, END_FRACTION, required=decay != "constant")
     return dst_algorithm(
         sparsity, grow="random", update_every=update_every, drop_fraction=drop_fraction, decay=decay,
@@ -406,6 +407,7 @@ def rigl_algorithm(
     skip_step_on_update: bool = True,
 ) -> MaskAlgorithm:
     """RigL's rule (drop smallest ``|w|``, regrow largest dense-gradient magnitude); see :func:`rigl`."""
+    v.check_choice("decay", decay, DECAYS)
     end = _resolve_end("rigl", end_step, total_steps, begin_step, END_FRACTION)
     return dst_algorithm(
         sparsity, grow="gradient", update_every=update_every, drop_fraction=drop_fraction, decay=decay,
@@ -469,6 +471,7 @@ def snfs_algorithm(
     skip_step_on_update: bool = True,
 ) -> MaskAlgorithm:
     """SNFS's rule (drop smallest ``|w|``, regrow largest ``|EMA of dense gradients|``); see :func:`snfs`."""
+    v.check_choice("decay", decay, DECAYS)
     end = _resolve_end("snfs", end_step, total_steps, begin_step, 1.0)
     return dst_algorithm(
         sparsity, grow="momentum", update_every=update_every, drop_fraction=drop_fraction, decay=decay,
@@ -538,6 +541,7 @@ def granet_algorithm(
 ) -> MaskAlgorithm:
     """GraNet's rule: a :func:`~jaxsparse.gmp_algorithm` pruning step, then per-leaf drop-and-grow by gradient."""
     _check_sparsity_arg(sparsity)
+    v.check_choice("decay", decay, DECAYS)
     if prune_end_step is None or regrow_end_step is None:
         if total_steps is None:
             raise ValueError("granet needs `total_steps` or both `prune_end_step` and `regrow_end_step`; got neither.")

@@ -396,6 +396,7 @@ INNER = optax.sgd(0.1)
         (lambda: rigl(INNER, 0.8, total_steps=0), ValueError, ["total_steps", "0"]),
         (lambda: sparse_training(INNER, dst_algorithm(0.8, grow="magic", end_step=10)), ValueError, ["grow", "magic", "gradient"]),
         (lambda: rigl(INNER, 0.8, total_steps=100, decay="exp"), ValueError, ["decay", "exp", "cosine"]),
+        (lambda: set_training(INNER, 0.8, decay="exp"), ValueError, ["decay", "exp", "constant"]),
         (lambda: set_training(INNER, 0.8, decay="cosine"), ValueError, ["total_steps", "end_step"]),
         (lambda: rigl(INNER, 1.0, total_steps=100), ValueError, ["sparsity", "1.0", "[0, 1)"]),
         (lambda: static_sparse(INNER, -0.2), ValueError, ["sparsity", "-0.2"]),
@@ -412,6 +413,15 @@ def test_bad_arguments_fail_at_construction(build, exc, words):
         build()
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def test_update_gates():
+    from jaxsparse.transforms.dst import rigl_algorithm, set_algorithm
+
+    gate = rigl_algorithm(0.8, total_steps=1000).is_update  # every 100 steps after step 0, until 750
+    assert np.flatnonzero(np.asarray(gate(jnp.arange(1001)))).tolist() == [100, 200, 300, 400, 500, 600, 700]
+    forever = set_algorithm(0.8, decay="constant", update_every=7).is_update
+    assert bool(forever(7 * 10**6)) and not bool(forever(0))
 
 
 def test_budget_leaving_a_layer_empty_fails_at_init():
