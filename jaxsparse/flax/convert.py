@@ -285,14 +285,23 @@ def layout(tree: PyTree) -> dict:
   flat = _flat(tree)
   leaves = {k: {"shape": list(np.shape(v)), "dtype": str(jnp.dtype(v.dtype))} for k, v in flat.items()}
 
-  def layer_of(name):  # strip a leading Linen collection name so params and pattern meet
-    parts = name.split("/")
-    return "/".join(parts[1:-1] if parts[0] in _COLLECTIONS else parts[:-1]), parts[-1]
-
-  by_layer: dict[str, dict[str, str]] = {}
+  # A layer's values and indices share its path, either exactly (an NNX model state) or below different
+  # top-level keys (Linen {"params", "sparse_pattern"}, a training state {"params": ..., "pattern": ...}).
+  full: dict[str, dict[str, str]] = {}
+  below: dict[str, dict[str, str]] = {}
   for name in flat:
-    layer, field = layer_of(name)
-    by_layer.setdefault(layer, {})[field] = name
+    parts = name.split("/")
+    full.setdefault("/".join(parts[:-1]), {})[parts[-1]] = name
+    if len(parts) > 2:
+      below.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = name
+  by_layer: dict[str, dict[str, str]] = {}
+  claimed: set[str] = set()
+  for candidates in (full, below):
+    for layer, fields in candidates.items():
+      for value, needed in ((_core.BLOCK_PARAM, _core.BLOCK_PATTERN_FIELDS), (_core.NM_PARAM, _core.NM_PATTERN_FIELDS)):
+        if value in fields and fields[value] not in claimed and all(f in fields for f in needed):
+          by_layer[layer] = fields
+          claimed.add(fields[value])
   layers = {}
   for layer, fields in by_layer.items():
     if _core.BLOCK_PARAM in fields and all(f in fields for f in _core.BLOCK_PATTERN_FIELDS):
