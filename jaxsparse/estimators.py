@@ -171,27 +171,10 @@ def transposable_nm_mask(score: Float[ArrayLike, "... r c"], n: int, m: int) -> 
     return jnp.swapaxes(blocks, -3, -2).reshape(score.shape)
 
 
-def _magnitude_nm_mask(w: Array, n: int, m: int, ax: int) -> Array:
-    """``nm_mask(|w|, n, m, ax)`` (same ties: lower index first; NaN lowest) specialised for the per-step hot path:
-    the groups are split in place (no transpose, no key conversion) and ranks are accumulated over ``m`` shifted
-    comparisons, which XLA fuses into one elementwise pass."""
-    if n == m:
-        return jnp.ones(w.shape, bool)
-    a = jnp.abs(w)
-    a = jnp.where(jnp.isnan(a), jnp.asarray(-1, a.dtype), a)
-    g = a.reshape(w.shape[:ax] + (w.shape[ax] // m, m) + w.shape[ax + 1 :])
-    pos = lax.broadcasted_iota(jnp.int32, g.shape, ax + 1)
-    rank = jnp.zeros(g.shape, jnp.int32)
-    for j in range(m):
-        other = lax.slice_in_dim(g, j, j + 1, axis=ax + 1)
-        rank = rank + ((other > g) | ((other == g) & (pos > j))).astype(jnp.int32)
-    return (rank < n).reshape(w.shape)
-
-
 def _leaf_nm_mask(leaf: Array, n: int, m: int, ax: int, transposable: bool) -> Array:
     if transposable:
         return transposable_nm_mask(jnp.abs(leaf), n, m)
-    return _magnitude_nm_mask(leaf, n, m, ax)
+    return nm_mask(jnp.abs(leaf), n, m, ax)
 
 
 def nm_masks(
@@ -670,7 +653,7 @@ def structure_decayed_nm(
 def _soft_threshold(w: Array, n: int, m: int, ax: int) -> Array:
     """``sign(w) * max(|w| - t, 0)`` with ``t`` the largest pruned ``|w|`` of each group (0 when ``n == m``)."""
     a = jnp.abs(w)
-    keep = _magnitude_nm_mask(w, n, m, ax)
+    keep = nm_mask(jnp.abs(w), n, m, ax)
     x = jnp.moveaxis(jnp.where(keep, 0, a), ax, -1)
     grouped = x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
     t = jnp.broadcast_to(jnp.max(grouped, axis=-1, keepdims=True), grouped.shape).reshape(x.shape)

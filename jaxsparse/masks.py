@@ -197,8 +197,9 @@ def nm_mask(
     """N:M mask: in every group of ``m`` consecutive entries along ``axis``, keep the ``n`` largest scores.
 
     The default axis -2 is the contraction (input) axis of a Flax ``Dense`` kernel ``(in, out)`` and the ``I``
-    axis of an ``HWIO`` conv kernel. No sort: each entry's rank in its group is counted with ``m`` comparisons
-    (ties go to the lower index), so exactly ``n`` entries per group are kept.
+    axis of an ``HWIO`` conv kernel. No sort and no transpose: the groups are split in place and each entry's rank
+    in its group is counted with ``m`` shifted comparisons (ties go to the lower index; NaN ranks as -inf), which XLA
+    fuses into one elementwise pass, so exactly ``n`` entries per group are kept.
 
     >>> import jax.numpy as jnp
     >>> nm_mask(jnp.array([[1.0], [4.0], [3.0], [2.0]]), 2, 4).ravel().tolist()
@@ -209,12 +210,16 @@ def nm_mask(
     v.check_float_array("score", score)
     ax = v.check_axis("axis", axis, score.ndim)
     v.check_divisible("score", score.shape, ax, m)
-    x = jnp.moveaxis(score, ax, -1)
-    groups = _ordered_key(x).reshape(*x.shape[:-1], x.shape[-1] // m, m)
-    a, b = groups[..., :, None], groups[..., None, :]  # a: this entry, b: every entry of its group
-    lower = jnp.arange(m)[None, :] < jnp.arange(m)[:, None]  # b's index below a's
-    rank = jnp.sum((b > a) | ((b == a) & lower), axis=-1)
-    return jnp.moveaxis((rank < n).reshape(x.shape), -1, ax)
+    if n == m:
+        return jnp.ones(score.shape, bool)
+    x = jnp.where(jnp.isnan(score), -jnp.inf, score)
+    g = x.reshape(score.shape[:ax] + (score.shape[ax] // m, m) + score.shape[ax + 1 :])
+    pos = lax.broadcasted_iota(jnp.int32, g.shape, ax + 1)
+    rank = jnp.zeros(g.shape, jnp.int32)
+    for j in range(m):
+        other = lax.slice_in_dim(g, j, j + 1, axis=ax + 1)
+        rank = rank + ((other > g) | ((other == g) & (pos > j))).astype(jnp.int32)
+    return (rank < n).reshape(score.shape)
 
 
 # ------------------------------------------------------------------------------------------------ public: blocks

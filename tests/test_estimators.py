@@ -57,18 +57,6 @@ def test_ste_exactly_n_per_group_and_identity_gradient(nm, conv, seed):
     assert (g["kernel"] == c).all() and (g["bias"] == 1).all()
 
 
-@given(nm=st.sampled_from(NM), axis=st.sampled_from([0, 1, 2]), seed=st.integers(0, 99))
-def test_fast_magnitude_mask_equals_nm_mask_with_ties_and_nan(nm, axis, seed):
-    n, m = nm
-    shape = [2, 3, 4]
-    shape[axis] = 2 * m
-    rng = np.random.default_rng(seed)
-    w = rng.integers(-3, 4, size=shape).astype(np.float32)  # many ties, +-0
-    w[tuple(rng.integers(0, s) for s in shape)] = np.nan
-    fast = E._magnitude_nm_mask(jnp.asarray(w), n, m, axis)
-    assert (fast == nm_mask(jnp.abs(jnp.asarray(w)), n, m, axis=axis)).all()
-
-
 def test_ste_other_axis_and_where():
     p = {"a": jax.random.normal(jax.random.PRNGKey(0), (8, 12)), "b": jax.random.normal(jax.random.PRNGKey(1), (6, 6))}
     out = E.ste_nm(p, 1, 4, axis=-1, where={"a": True, "b": False})

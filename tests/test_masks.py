@@ -139,3 +139,17 @@ def test_global_topk_on_sharded_leaves_needs_no_gather():
     got = fn(sharded, 1000)
     jax.tree.map(np.testing.assert_array_equal, got, fn(tree, 1000))
     assert got["x"].sharding.spec == P("a", "b")
+
+
+@given(st.sampled_from([(1, 4), (2, 4), (2, 8), (3, 8)]), st.sampled_from([0, 1, 2]), st.integers(0, 99))
+def test_nm_mask_ties_nan_and_any_axis_match_oracle(nm, axis, seed):
+    n, m = nm
+    shape = [2, 3, 4]
+    shape[axis] = 2 * m
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-3, 4, size=shape).astype(np.float32)  # many ties, +-0
+    w[tuple(rng.integers(0, s) for s in shape)] = np.nan
+    got = np.moveaxis(np.asarray(js.nm_mask(w, n, m, axis=axis)), axis, -1).reshape(-1, 2, m)
+    ref = np.nan_to_num(np.moveaxis(w, axis, -1), nan=-np.inf).reshape(-1, 2, m)
+    for row, ref_row in zip(got.reshape(-1, m), ref.reshape(-1, m)):
+        np.testing.assert_array_equal(row, np_topk(ref_row, n))
