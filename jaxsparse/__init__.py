@@ -1,7 +1,9 @@
 """jaxsparse: sparse training and serving for JAX/Flax.
 
-Pure functions on pytrees (masks, budgets, schedules, statistics) and optax transformations that keep pruned
-weights exactly zero, all re-exported flat here (like optax).
+Pure functions on pytrees (masks, budgets, schedules, forward-time estimators) and optax transformations that keep
+pruned weights exactly zero, re-exported flat here (like optax). Subpackages: ``jaxsparse.posttraining`` (Wanda,
+SparseGPT, DSnoT and a layer-by-layer driver), ``jaxsparse.flax`` (sparse NNX / Linen layers on the kernels),
+``jaxsparse.stats``, ``jaxsparse.lottery``, ``jaxsparse.checkpoint``.
 """
 
 from jaxsparse.allocation import DISTRIBUTIONS, budget, keep_count, prunable
@@ -26,6 +28,55 @@ from jaxsparse.transforms.pruning import (
     gradual_magnitude_pruning,
     one_shot_algorithm,
     one_shot_pruning,
+)
+
+from jaxsparse.estimators import (
+    annealed_masking,
+    annealed_nm,
+    annealed_topk,
+    ANNEALING_KINDS,
+    autosparse_threshold,
+    BACKWARDS,
+    decayed_nm,
+    gradient_annealing_schedule,
+    init_sste_scale,
+    init_thresholds,
+    MASK_DECAY_KINDS,
+    mask_decay_schedule,
+    nm_masks,
+    soft_nm,
+    ste_nm,
+    structure_decay,
+    STRUCTURE_DECAY_KINDS,
+    structure_decayed_nm,
+    StructureDecay,
+    transposable_nm_mask,
+)
+from jaxsparse.nm_compression import (
+    compress_nm,
+    decompress_nm,
+    NMLeaf,
+    one_shot_nm,
+)
+from jaxsparse.transforms.nm import (
+    sr_ste_decay,
+)
+from jaxsparse.transforms.dst import (
+    DECAYS,
+    drop_fraction_schedule,
+    dst_algorithm,
+    granet,
+    granet_algorithm,
+    GROWTH_MODES,
+    rigl,
+    rigl_algorithm,
+    set_algorithm,
+    set_training,
+    snfs,
+    snfs_algorithm,
+    sparse_evolutionary_training,
+    static_sparse,
+    static_sparse_algorithm,
 )
 
 __version__ = "0.1.0"
