@@ -64,7 +64,7 @@ def loss_fn(params: dict, batch: tuple, forward_params: Callable | None) -> jax.
 
 
 def configs() -> dict[str, tuple[optax.GradientTransformation, Callable | None]]:
-    """name -> (optax transformation, forward-time params hook or None). Sparse rows at 80%, updates every 100."""
+    """name -> (optax transformation, forward-time params hook or None). Hard-mask rows at 80%, updates every 100."""
     adam = optax.adam(1e-3)
     return {
         "dense": (adam, None),
@@ -75,6 +75,13 @@ def configs() -> dict[str, tuple[optax.GradientTransformation, Callable | None]]
             ),
             None,
         ),
+        # dynamic sparse training at 80%, drop-and-grow every 100 steps (end_step far away: updates never stop)
+        "static_80": (js.static_sparse(adam, SPARSITY), None),
+        "set_80": (js.set_training(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
+        "rigl_80": (js.rigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
+        # 2:4 straight-through estimators: the mask is recomputed from the weights on every step
+        "ste_2:4": (adam, lambda p: js.ste_nm(p, 2, 4)),
+        "sr_ste_2:4": (optax.chain(js.sr_ste_decay(2, 4, 2e-4), adam), lambda p: js.ste_nm(p, 2, 4)),
     }
 
 
