@@ -114,3 +114,33 @@ def test_nnx_gmp_on_blocks_one_compile_and_equals_masked_dense():
   assert not np.asarray(params["fc1"]["kernel_blocks"][...])[~live].any()
   for moment in (opt_state[0].mu, opt_state[0].nu):
     assert not np.asarray(moment["fc1"]["kernel_blocks"][...])[~live].any()
+
+
+def test_linen_gmp_on_blocks_one_compile():
+  model = BlockSparseDense(8, block=(2, 2), capacity=12, impl="xla")
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+  v = model.init(jax.random.key(1), x)
+  params, pattern = v["params"], v["sparse_pattern"]
+  tx = optax.sgd(0.1, momentum=0.9)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, pattern, opt_state, i):
+    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p, "sparse_pattern": pattern}, x) ** 2))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return block_gmp_step(params, pattern, opt_state, i, tx=tx, final_sparsity=0.75, initial_sparsity=0.25,
+                          begin_step=0, end_step=3, frequency=1)
+
+  nnz = []
+  for i in range(4):
+    params, pattern, opt_state = step(params, pattern, opt_state, jnp.int32(i))
+    nnz.append(int(pattern["nnz"]))
+  assert step._cache_size() == 1 and nnz[0] > nnz[-1] == 4 and nnz == sorted(nnz, reverse=True)
+  (w,) = block_sparse_weights(params, pattern).values()
+  dense = block_sparse_to_dense(w)
+  np.testing.assert_allclose(model.apply({"params": params, "sparse_pattern": pattern}, x),
+                             x @ dense + params["bias"], rtol=1e-5, atol=1e-5)
+  # The momentum buffer moved with its blocks: it is zero exactly on padding slots and pruned blocks.
+  trace = opt_state[0].trace["kernel_blocks"]
+  assert not np.asarray(trace)[np.arange(12) >= nnz[-1]].any()
