@@ -144,3 +144,31 @@ def test_linen_gmp_on_blocks_one_compile():
   # The momentum buffer moved with its blocks: it is zero exactly on padding slots and pruned blocks.
   trace = opt_state[0].trace["kernel_blocks"]
   assert not np.asarray(trace)[np.arange(12) >= nnz[-1]].any()
+
+
+def test_pallas_kernel_in_the_step_across_mask_changes_and_set_block_mask():
+  """The Pallas kernel (interpret mode on CPU) runs fwd+bwd in one compiled step while the mask changes."""
+  layer = BlockSparseLinear(8, 8, block=(4, 4), capacity=3, impl="pallas", interpret="hlo", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (8, 8))
+  masks = [jnp.array([[1, 1], [1, 0]], bool), jnp.array([[0, 1], [1, 1]], bool), jnp.array([[0, 0], [0, 1]], bool)]
+
+  traces = []
+
+  @nnx.jit
+  def step(layer, mask):
+    traces.append(1)
+    src = layer.set_block_mask(mask)
+    grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))), argnums=nnx.DiffState(0, nnx.Param))(layer)
+    return grads, src
+
+  for mask in masks:
+    kept = np.asarray(layer.block_mask()) & np.asarray(mask)
+    before = np.asarray(layer.todense())
+    grads, _ = step(layer, mask)
+    np.testing.assert_array_equal(layer.block_mask(), mask)
+    expect_dense = np.where(np.kron(kept, np.ones((4, 4))).astype(bool), before, 0)
+    np.testing.assert_array_equal(layer.todense(), expect_dense)  # kept blocks keep values, new ones are zero
+    g_dense = jax.grad(lambda k: jnp.sum(jnp.sin(x @ k + layer.bias[...])))(layer.todense())
+    want = block_sparse_from_dense(g_dense, mask, block=(4, 4), capacity=3).data
+    np.testing.assert_allclose(grads["kernel_blocks"][...], want, rtol=1e-5, atol=1e-5)
+  assert len(traces) == 1
