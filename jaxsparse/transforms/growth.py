@@ -15,11 +15,9 @@ its optimizer moments; only ``new & ~old`` connections count as grown (see :func
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import ArrayLike, Float, PRNGKeyArray, PyTree
 
 from jaxsparse._tree import check_same_structure, is_none
 from jaxsparse.masks import topk_masks
