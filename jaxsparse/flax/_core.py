@@ -25,7 +25,6 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxsparse.masks import block_scores, topk_mask
 from pallas_kernels.block_sparse import (
     BlockSparseWeight,
-    block_mask_of,
     block_sparse_from_dense,
     bsr_matmul,
 )
@@ -222,4 +221,3 @@ def live_block_scores(w: BlockSparseWeight, pool: str = "l2") -> Float[Array, "K
   return grid
 
 
-__all__ = ["block_mask_of"]

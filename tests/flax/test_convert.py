@@ -1,7 +1,6 @@
 """Masked dense <-> compressed conversion (bit-exact, NNX and Linen), orbax round trips, bad input."""
 
 import json
-import os
 
 import flax.linen as nn
 import jax

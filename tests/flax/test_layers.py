@@ -4,12 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 from flax import nnx
 
 from jaxsparse.flax.linen import BlockSparseDense, NMDense
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear, SparsePattern
-from pallas_kernels.block_sparse import block_sparse_from_dense, block_sparse_to_dense
+from pallas_kernels.block_sparse import block_sparse_from_dense, block_mask_of, block_sparse_to_dense, with_data
 from pallas_kernels.nm import unpack_nm
 
 K, N, BLOCK = 16, 8, (4, 4)
@@ -30,10 +29,7 @@ def _check_block_layer(apply, data, pattern_w, bias, x):
     return lambda *a: jnp.sum(jnp.sin(fn(*a)))
   apply = jax.jit(apply)
   y = apply(data, bias, x)
-  dense = lambda d, b, xx: _dense_reference(xx, block_sparse_to_dense(pattern_w.__class__(**{
-      **{f: getattr(pattern_w, f) for f in ("row_idx", "col_idx", "t_row_idx", "t_col_idx", "t_perm", "col_ptr",
-                                           "row_ptr", "nnz", "num_dropped")}, "data": d,
-      "shape": pattern_w.shape, "block": pattern_w.block})), b)
+  dense = lambda d, b, xx: _dense_reference(xx, block_sparse_to_dense(with_data(pattern_w, d)), b)
   np.testing.assert_allclose(y, dense(data, bias, x), rtol=1e-5, atol=1e-5)
   g = jax.jit(jax.grad(loss(apply), argnums=(0, 1, 2)))(data, bias, x)
   g_ref = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(data, bias, x)
@@ -42,9 +38,8 @@ def _check_block_layer(apply, data, pattern_w, bias, x):
   # The stored-block gradient is the dense kernel gradient sampled at the mask.
   kernel = block_sparse_to_dense(pattern_w)
   gk = jax.grad(lambda k: jnp.sum(jnp.sin(_dense_reference(x, k, bias))))(kernel)
-  mask = np.asarray(jax.vmap(lambda r, c: jnp.zeros(pattern_w.grid_shape, bool).at[r, c].set(True))(
-      pattern_w.row_idx, pattern_w.col_idx).any(0))
-  expect = block_sparse_from_dense(gk, mask & True, block=pattern_w.block, capacity=pattern_w.capacity).data
+  mask = block_mask_of(pattern_w)
+  expect = block_sparse_from_dense(gk, mask, block=pattern_w.block, capacity=pattern_w.capacity).data
   live = np.arange(pattern_w.capacity) < int(pattern_w.nnz)
   np.testing.assert_allclose(np.asarray(g[0])[live], np.asarray(expect)[live], rtol=1e-5, atol=1e-5)
   assert not np.asarray(g[0])[~live].any()
@@ -53,9 +48,8 @@ def _check_block_layer(apply, data, pattern_w, bias, x):
 @pytest.mark.parametrize("kw", IMPLS, ids=lambda kw: "-".join(kw.values()))
 def test_nnx_block_sparse_matches_masked_dense(kw):
   layer = BlockSparseLinear(K, N, block=BLOCK, capacity=5, block_mask=None, rngs=nnx.Rngs(0), **kw)
-  graphdef, params, pattern = nnx.split(layer, nnx.Param, SparsePattern)
   layer.bias[...] = jax.random.normal(jax.random.key(3), (N,))
-  params = nnx.state(layer, nnx.Param)
+  graphdef, params, pattern = nnx.split(layer, nnx.Param, SparsePattern)
 
   def apply(data, bias, x):
     p = jax.tree.map(lambda v: v, params)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from jaxsparse.flax.linen import BlockSparseDense
 from jaxsparse.flax.nnx import BlockSparseLinear, SparsePattern
-from jaxsparse.flax.train import block_gmp_step, block_masks, block_sparse_weights, repack, repack_blocks
+from jaxsparse.flax.train import block_gmp_step, block_masks, block_sparse_weights, repack
 from pallas_kernels.block_sparse import block_mask_of, block_sparse_from_dense, block_sparse_to_dense
 
 GRID, BLOCK, CAP = (4, 4), (2, 3), 9
