@@ -26,10 +26,7 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import platform as py_platform
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import jax
@@ -37,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from _harness import rel_err, time_chain, time_torch, torch_if_cuda, versions  # noqa: E402
 
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.block_sparse import block_sparse_from_dense, bsr_matmul, plan  # noqa: E402
@@ -62,41 +61,6 @@ class Row:
   max_rel_err: float | None
   ok: bool
   note: str = ""
-
-
-def _versions() -> dict[str, Any]:
-  out = {"jax": jax.__version__, "python": py_platform.python_version(), "numpy": np.__version__}
-  try:
-    import jaxlib
-    out["jaxlib"] = jaxlib.__version__
-  except ImportError:
-    pass
-  try:
-    import torch
-    out["torch"] = torch.__version__
-  except ImportError:
-    out["torch"] = None
-  return out
-
-
-def _time_chain(call: Callable[[int], Any], copies: int, chain: int, repeats: int) -> float:
-  """Median seconds per call; ``call(i)`` launches one call on weight copy ``i`` and returns its output."""
-  for i in range(copies):  # warm-up: compile + first run on every copy
-    jax.block_until_ready(call(i))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = None
-    for j in range(chain):
-      out = call(j % copies)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / chain)
-  return statistics.median(samples)
-
-
-def _rel_err(y, ref) -> float:
-  y = np.asarray(jnp.asarray(y, jnp.float32)) if not hasattr(y, "cpu") else y.float().cpu().numpy()
-  return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def _masks(rng, kb, nb, sparsity, copies):
@@ -171,11 +135,11 @@ def run_config(k, n, m, sparsity, block, *, dtype, copies, chain, repeats, platf
       rows.append(Row(k, n, m, sparsity, block, name, None, None, None, False, note))
       continue
     try:
-      errs = [_rel_err(call(i), refs[i]) for i in range(copies)]
+      errs = [rel_err(call(i), refs[i]) for i in range(copies)]
       if name.startswith("torch"):
-        seconds = _time_torch(call, copies, chain, repeats, torch_mod)
+        seconds = time_torch(call, copies, chain, repeats, torch_mod)
       else:
-        seconds = _time_chain(call, copies, chain, repeats)
+        seconds = time_chain(call, copies, chain, repeats)
       err = max(errs)
       # BCSR sums in the input dtype (no float32 accumulator), so it gets a looser bound for 16-bit inputs.
       limit = BCSR_TOL if (name == "jax_sparse_bcsr" and jnp.dtype(dtype).itemsize == 2) else tol
@@ -191,30 +155,6 @@ def run_config(k, n, m, sparsity, block, *, dtype, copies, chain, repeats, platf
   return rows
 
 
-def _time_torch(call, copies, chain, repeats, torch):
-  for i in range(copies):
-    call(i)
-  torch.cuda.synchronize()
-  samples = []
-  for _ in range(repeats):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for j in range(chain):
-      call(j % copies)
-    end.record()
-    torch.cuda.synchronize()
-    samples.append(start.elapsed_time(end) / 1e3 / chain)
-  return statistics.median(samples)
-
-
-def _torch_if_cuda():
-  try:
-    import torch
-  except ImportError:
-    return None
-  return torch if torch.cuda.is_available() else None
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
@@ -227,7 +167,7 @@ def main(argv=None):
   dtype = jnp.dtype(args.dtype)
   platform = dispatch.default_platform()
   device = jax.devices()[0]
-  torch_mod = None if (args.no_torch or platform != "cuda") else _torch_if_cuda()
+  torch_mod = None if (args.no_torch or platform != "cuda") else torch_if_cuda()
   rng = np.random.default_rng(0)
 
   rows: list[Row] = []
@@ -247,7 +187,7 @@ def main(argv=None):
       "platform": platform,
       "device": device.device_kind,
       "num_devices": jax.device_count(),
-      "versions": _versions(),
+      "versions": versions(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "quick": args.quick,
       "dtype": dtype.name,

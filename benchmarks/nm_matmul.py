@@ -28,10 +28,7 @@ import dataclasses
 import datetime
 import json
 import pathlib
-import platform as py_platform
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import jax
@@ -39,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from _harness import rel_err, time_chain, time_torch, torch_if_cuda, versions  # noqa: E402
 
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.nm import nm_cost_model, nm_matmul, nm_nbytes, pack_nm, plan, unpack_nm  # noqa: E402
@@ -62,57 +61,6 @@ class Row:
   ok: bool
   weight_bytes_ratio: float | None = None
   note: str = ""
-
-
-def _versions() -> dict[str, Any]:
-  out = {"jax": jax.__version__, "python": py_platform.python_version(), "numpy": np.__version__}
-  try:
-    import jaxlib
-    out["jaxlib"] = jaxlib.__version__
-  except ImportError:
-    pass
-  try:
-    import torch
-    out["torch"] = torch.__version__
-  except ImportError:
-    out["torch"] = None
-  return out
-
-
-def _time_chain(call: Callable[[int], Any], copies: int, chain: int, repeats: int) -> float:
-  """Median seconds per call; ``call(i)`` launches one call on weight copy ``i``."""
-  for i in range(copies):
-    jax.block_until_ready(call(i))
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = None
-    for j in range(chain):
-      out = call(j % copies)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / chain)
-  return statistics.median(samples)
-
-
-def _time_torch(call, copies, chain, repeats, torch):
-  for i in range(copies):
-    call(i)
-  torch.cuda.synchronize()
-  samples = []
-  for _ in range(repeats):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for j in range(chain):
-      call(j % copies)
-    end.record()
-    torch.cuda.synchronize()
-    samples.append(start.elapsed_time(end) / 1e3 / chain)
-  return statistics.median(samples)
-
-
-def _rel_err(y, ref) -> float:
-  y = y.float().cpu().numpy() if hasattr(y, "cpu") else np.asarray(jnp.asarray(y, jnp.float32))
-  return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mod, rng):
@@ -172,11 +120,11 @@ def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mo
       rows.append(Row(k, n, m, nm_tag, name, None, None, None, False, None, note))
       continue
     try:
-      errs = [_rel_err(call(i), refs[i]) for i in range(copies)]
+      errs = [rel_err(call(i), refs[i]) for i in range(copies)]
       seconds = None
       if timed:
-        seconds = (_time_torch(call, copies, chain, repeats, torch_mod) if name.startswith("torch")
-                   else _time_chain(call, copies, chain, repeats))
+        seconds = (time_torch(call, copies, chain, repeats, torch_mod) if name.startswith("torch")
+                   else time_chain(call, copies, chain, repeats))
       err = max(errs)
       rows.append(Row(k, n, m, nm_tag, name, None if seconds is None else seconds * 1e6, None, err, err <= tol,
                       ratio if name.startswith("jaxsparse") else None, note))
@@ -191,14 +139,6 @@ def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mo
                                                               dtype=dtype).items()}
                  for p in ("tpu", "cuda")}
   return rows, {"k": k, "n": n, "m": m, "nm": nm_tag, "predicted_us": predictions}
-
-
-def _torch_if_cuda():
-  try:
-    import torch
-  except ImportError:
-    return None
-  return torch if torch.cuda.is_available() else None
 
 
 def _print_rows(rows):
@@ -223,7 +163,7 @@ def main(argv=None):
   dtype = jnp.dtype(args.dtype)
   platform = dispatch.default_platform()
   device = jax.devices()[0]
-  torch_mod = None if (args.no_torch or platform != "cuda") else _torch_if_cuda()
+  torch_mod = None if (args.no_torch or platform != "cuda") else torch_if_cuda()
   rng = np.random.default_rng(0)
 
   print(f"{'K':>7s} {'N':>7s} {'M':>6s} N:M  contender                       median      vs dense")
@@ -247,7 +187,7 @@ def main(argv=None):
       "platform": platform,
       "device": device.device_kind,
       "num_devices": jax.device_count(),
-      "versions": _versions(),
+      "versions": versions(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "note": args.note,
       "quick": args.quick,

@@ -147,7 +147,7 @@ def main():
 
     sp = f"{args.sparsity:.0%} ERK"
     print(f"\nMNIST-1D, MLP 40-{HIDDEN}-{HIDDEN}-10, Adam {LR}, {args.steps} steps x batch {BATCH}, {args.seeds} seeds")
-    print(f"| method | sparsity | test accuracy (mean ± std) | training FLOPs (x dense) | inference FLOPs (x dense) |")
+    print("| method | sparsity | test accuracy (mean ± std) | training FLOPs (x dense) | inference FLOPs (x dense) |")
     print("|---|---|---|---|---|")
     for method in methods:
         accs, _, (tr, inf) = results[method]

@@ -46,7 +46,6 @@ from jaxsparse.estimators import (  # noqa: E402
     decayed_nm,
     gradient_annealing_schedule,
     mask_decay_schedule,
-    nm_masks,
     ste_nm,
 )
 from jaxsparse.nm_compression import compress_nm, decompress_nm  # noqa: E402
@@ -139,7 +138,6 @@ def main(argv=None):
         eff, curve, secs = run(label, cfg, data, steps, args.batch_size, args.lr, eval_every=max(steps // 5, 1), **spec)
         check = ""
         if key in ("srste", "decay"):
-            masks = nm_masks(eff, 2, 4, where=where)
             ok = all(
                 bool(((eff_l != 0).reshape(eff_l.shape[0] // 4, 4, -1).sum(1) == 2).all())
                 for eff_l, mk in zip(jax.tree.leaves(eff), jax.tree.leaves(jax.tree.map(lambda w, s: s, eff, where)))

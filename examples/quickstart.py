@@ -15,7 +15,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from mnist1d.data import get_dataset_args, make_dataset
 from tqdm import tqdm

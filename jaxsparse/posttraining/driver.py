@@ -21,7 +21,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsparse import _validation as v
 from jaxsparse.posttraining._common import check_nm_fits, parse_sparsity

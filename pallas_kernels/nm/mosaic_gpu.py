@@ -25,7 +25,6 @@ on a GPU. In interpret mode the explicit register-layout loads are replaced by p
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
