@@ -10,8 +10,10 @@ pruned parameter exactly zero after ``optax.apply_updates``:
 * on mask-update steps (a traced gate, ``lax.cond``) the algorithm's rule runs on the current params and the
   *dense* gradient — pruned weights are zero, so ``jax.grad`` at them is already the dense gradient;
 * newly grown connections have their optimizer moments zeroed in any optax state (``optax.tree_map_params``);
-* with ``skip_step_on_update`` (RigL), the inner step's result is discarded on update steps by elementwise
-  selects, so non-update steps never pay for a branch around the inner optimizer.
+* with ``skip_step_on_update`` (RigL), the weights take no optimizer step on update steps (the update is discarded
+  by an elementwise select; no branch around the inner optimizer). The optimizer's statistics still absorb that
+  step's masked gradient (newly grown weights get none, so their moments stay exactly zero): selecting the whole
+  optimizer state back would cost a copy of it on every step, for a difference on one step in ``update_every``.
 
 The whole step, update steps included, is one compiled function.
 """
@@ -52,7 +54,7 @@ class MaskAlgorithm(NamedTuple):
       is_update: ``step -> bool``: the traced gate deciding update steps.
       observe: optional ``(MaskContext) -> extra``, run on every step (e.g. an EMA of dense gradients).
       grows: whether the rule can turn pruned weights back on (then their optimizer moments are zeroed).
-      skip_step_on_update: discard the optimizer step on update steps (RigL's behaviour).
+      skip_step_on_update: no weight update on update steps (RigL's behaviour; see the module notes).
     """
 
     init: Callable[[PyTree, Array], tuple[PyTree, Any]]
@@ -145,21 +147,17 @@ def sparse_training(inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array =
         ctx = ctx._replace(extra=extra)
         do_update = algorithm.is_update(state.step)
 
-        def mask_update(c, inner_state):
-            masks, extra = algorithm.update(c)
-            if algorithm.grows:  # zero the moments of new connections here, so other steps never touch the state
-                grown = jax.tree.map(lambda new, old: None if new is None else new & ~old, masks, c.masks, is_leaf=is_none)
-                inner_state = _zero_moments(inner, inner_state, grown, params)
-            return masks, extra, inner_state
-
-        masks, extra, inner_state = lax.cond(
-            do_update, mask_update, lambda c, s: (c.masks, c.extra, s), ctx, state.inner_state
-        )
-        masked_grads = map_masked(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, masks)
+        masks, extra = lax.cond(do_update, algorithm.update, lambda c: (c.masks, c.extra), ctx)
+        inner_state, grad_masks = state.inner_state, masks
+        if algorithm.grows:  # elementwise and fused with the inner update; the optimizer state stays out of the cond
+            grown = jax.tree.map(lambda new, old: None if new is None else new & ~old, masks, state.masks, is_leaf=is_none)
+            inner_state = _zero_moments(inner, inner_state, grown, params)
+            if algorithm.skip_step_on_update:  # grown weights see no gradient on the skipped step: moments stay 0
+                grad_masks = jax.tree.map(lambda m, g: None if m is None else m & ~g, masks, grown, is_leaf=is_none)
+        masked_grads = map_masked(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, grad_masks)
         updates, new_inner = inner.update(masked_grads, inner_state, params, **extra_args)
         if algorithm.skip_step_on_update:
             updates = jax.tree.map(lambda u: jnp.where(do_update, jnp.zeros((), u.dtype), u), updates)
-            new_inner = jax.tree.map(lambda new, old: jnp.where(do_update, old, new), new_inner, inner_state)
         updates = jax.tree.map(
             lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype), masks, updates, params, is_leaf=is_none
         )
