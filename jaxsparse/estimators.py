@@ -264,14 +264,15 @@ def _annealed_bwd(res, g):
 _annealed_leaf.defvjp(_annealed_fwd, _annealed_bwd)
 
 
-def _check_alpha(alpha: Any) -> Array:
-    if not isinstance(alpha, jax.core.Tracer):
-        a = np.asarray(alpha)
+def _check_unit_scalar(name: str, value: Any) -> Array:
+    """A real scalar in [0, 1] (checked when concrete; traced values pass through) as float32."""
+    if not isinstance(value, jax.core.Tracer):
+        a = np.asarray(value)
         if a.ndim != 0 or not np.issubdtype(a.dtype, np.number):
-            raise TypeError(f"`alpha` must be a real scalar; got {alpha!r}.")
+            raise TypeError(f"`{name}` must be a real scalar; got {value!r}.")
         if not 0.0 <= float(a) <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1]; got {float(a)}.")
-    return jnp.asarray(alpha, jnp.float32)
+            raise ValueError(f"`{name}` must be in [0, 1]; got {float(a)}.")
+    return jnp.asarray(value, jnp.float32)
 
 
 def annealed_masking(params: PyTree, masks: PyTree, alpha: Float[ArrayLike, ""]) -> PyTree:
@@ -284,7 +285,7 @@ def annealed_masking(params: PyTree, masks: PyTree, alpha: Float[ArrayLike, ""])
     >>> jax.grad(lambda p: annealed_masking(p, mk, 0.25)["w"].sum())(p)["w"].tolist()
     [1.0, 0.25]
     """
-    alpha = _check_alpha(alpha)
+    alpha = _check_unit_scalar("alpha", alpha)
     check_same_structure("masks", masks, "params", params)
     return jax.tree.map(
         lambda mk, p: p if mk is None else _annealed_leaf(p, jnp.asarray(mk, bool), alpha), masks, params, is_leaf=is_none
@@ -386,7 +387,7 @@ def autosparse_threshold(params: PyTree, thresholds: PyTree, alpha: Float[ArrayL
     >>> jax.grad(lambda p: autosparse_threshold(p, th, 0.1)["w"].sum())(p)["w"].tolist()
     [1.0, 0.10000000149011612]
     """
-    alpha = _check_alpha(alpha)
+    alpha = _check_unit_scalar("alpha", alpha)
     check_same_structure("thresholds", thresholds, "params", params)
     return jax.tree.map(
         lambda s, p: p if s is None else _threshold_leaf(p, s, alpha), thresholds, params, is_leaf=is_none
@@ -453,16 +454,6 @@ def _decayed_bwd(n, m, ax, scaled, res, g):
 _decayed_leaf.defvjp(_decayed_fwd, _decayed_bwd)
 
 
-def _check_beta(beta: Any) -> Array:
-    if not isinstance(beta, jax.core.Tracer):
-        b = np.asarray(beta)
-        if b.ndim != 0 or not np.issubdtype(b.dtype, np.number):
-            raise TypeError(f"`beta` must be a real scalar; got {beta!r}.")
-        if not 0.0 <= float(b) <= 1.0:
-            raise ValueError(f"`beta` must be in [0, 1]; got {float(b)}.")
-    return jnp.asarray(beta, jnp.float32)
-
-
 def decayed_nm(
     params: PyTree,
     beta: Float[ArrayLike, ""],
@@ -487,7 +478,7 @@ def decayed_nm(
     n, m = v.check_nm(n, m)
     v.check_choice("backward", backward, BACKWARDS)
     _check_where(where)
-    beta = _check_beta(beta)
+    beta = _check_unit_scalar("beta", beta)
 
     def one(name, leaf):
         ax = _check_nm_leaf(name, leaf, n, m, axis)

@@ -19,7 +19,8 @@ from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, is_none, path_name
-from jaxsparse.estimators import Where, _check_nm_leaf, _check_where, _leaf_nm_mask, _selection
+from jaxsparse.estimators import Where, _check_nm_leaf, _check_where, _leaf_nm_mask, _selection, nm_masks
+from jaxsparse.masks import apply_masks
 from pallas_kernels.nm.format import NMWeight, pack_nm, unpack_nm
 
 __all__ = ["NMLeaf", "one_shot_nm", "compress_nm", "decompress_nm"]
@@ -67,17 +68,7 @@ def one_shot_nm(
     >>> one_shot_nm({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "b": jnp.ones(1)})["w"].ravel().tolist()
     [0.0, -4.0, 3.0, 0.0]
     """
-    n, m = v.check_nm(n, m)
-    _check_where(where)
-    picks = _selection(params, where)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out = []
-    for (path, leaf), pick in zip(flat, picks):
-        if pick:
-            ax = _check_nm_leaf(path_name(path), leaf, n, m, axis, transposable)
-            leaf = jnp.where(_leaf_nm_mask(leaf, n, m, ax, transposable), leaf, jnp.zeros((), leaf.dtype))
-        out.append(leaf)
-    return jax.tree.unflatten(treedef, out)
+    return apply_masks(params, nm_masks(params, n, m, axis=axis, transposable=transposable, where=where))
 
 
 def compress_nm(
