@@ -146,7 +146,6 @@ def main(argv=None):
             packed = compress_nm(eff, 2, 4, where=where)
             exact = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(decompress_nm(packed)), jax.tree.leaves(eff)))
             check = f"2:4 per group: {ok}; NMWeight round trip exact: {exact}"
-            del masks
         elif key == "ga":
             sel = [w for w, s in zip(jax.tree.leaves(eff), jax.tree.leaves(where)) if s]
             zeros = sum(int((w == 0).sum()) for w in sel) / sum(w.size for w in sel)
