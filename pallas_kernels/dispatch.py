@@ -133,6 +133,35 @@ def check_impl(impl: str) -> str:
   return impl
 
 
+INTERPRET_MODES: tuple[str, ...] = ("hlo", "tpu", "mosaic_gpu")
+PALLAS_KIND = {"tpu": "tpu", "cuda": "mosaic_gpu"}  # platform -> the Pallas kernel family that runs there
+
+
+def check_interpret(impl: str, interpret: str | None, mosaic_gpu_reason: Callable[[], str | None]) -> None:
+  """Validate an interpret-mode request; ``mosaic_gpu_reason()`` says why the Mosaic GPU kernel can't run, if so."""
+  if interpret is None:
+    return
+  if interpret not in INTERPRET_MODES:
+    raise ValueError(f"interpret must be None or one of {INTERPRET_MODES}; got {interpret!r}.")
+  if impl != "pallas":
+    raise ValueError(f"interpret={interpret!r} runs the Pallas kernels, so it needs impl='pallas'; "
+                     f"got impl={impl!r}.")
+  if interpret == "mosaic_gpu":
+    reason = mosaic_gpu_reason()
+    if reason:
+      raise ValueError(f"interpret='mosaic_gpu' cannot run: {reason}.")
+
+
+def check_pallas_available(impl: str) -> str:
+  """The default platform; raises when ``impl='pallas'`` has no compiled kernel there."""
+  current = default_platform()
+  if impl == "pallas" and current not in PALLAS_KIND:
+    raise ValueError(
+        f"impl='pallas' needs a TPU or CUDA GPU, but the default backend is {current!r}; pass "
+        f"interpret='hlo'|'tpu'|'mosaic_gpu' to run the kernels in interpret mode, or use impl='xla'.")
+  return current
+
+
 def default_platform() -> str:
   """The platform of JAX's default backend, with GPUs named ``cuda``/``rocm``."""
   backend = jax.default_backend()

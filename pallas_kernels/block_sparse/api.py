@@ -35,12 +35,11 @@ from pallas_kernels.block_sparse import tpu as tpu_kernels
 from pallas_kernels.block_sparse.format import BlockSparseWeight, with_data
 
 Interpret = Literal["hlo", "tpu", "mosaic_gpu"]
-INTERPRET_MODES: tuple[str, ...] = ("hlo", "tpu", "mosaic_gpu")
 # Backend kinds a platform branch can run.
 Kind = Literal["dense", "xla", "tpu", "mosaic_gpu", "interpret_hlo", "interpret_tpu", "interpret_mosaic_gpu"]
 
 _UNSUPPORTED = {"tpu": tpu_kernels.unsupported_reason, "cuda": mgpu_kernels.unsupported_reason}
-_PALLAS_KIND = {"tpu": "tpu", "cuda": "mosaic_gpu"}
+_PALLAS_KIND = dispatch.PALLAS_KIND
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,22 +96,10 @@ def plan(m: int, w: BlockSparseWeight, *, impl: str = "auto", interpret: str | N
          block_m: int | None = None) -> _Plan:
   """Which backend each platform branch will run for ``[m, K] @ w`` (for inspection and tests)."""
   dispatch.check_impl(impl)
+  dispatch.check_interpret(impl, interpret, lambda: mgpu_kernels.unsupported_reason(w.shape, w.block, w.dtype))
   if interpret is not None:
-    if interpret not in INTERPRET_MODES:
-      raise ValueError(f"interpret must be None or one of {INTERPRET_MODES}; got {interpret!r}.")
-    if impl != "pallas":
-      raise ValueError(f"interpret={interpret!r} runs the Pallas kernels, so it needs impl='pallas'; "
-                       f"got impl={impl!r}.")
-    if interpret == "mosaic_gpu":
-      reason = mgpu_kernels.unsupported_reason(w.shape, w.block, w.dtype)
-      if reason:
-        raise ValueError(f"interpret='mosaic_gpu' cannot run: {reason}.")
     return _Plan(branches=(("default", f"interpret_{interpret}"),), block_m=block_m)
-  current = dispatch.default_platform()
-  if impl == "pallas" and current not in _PALLAS_KIND:
-    raise ValueError(
-        f"impl='pallas' needs a TPU or CUDA GPU, but the default backend is {current!r}; pass "
-        f"interpret='hlo'|'tpu'|'mosaic_gpu' to run the kernels in interpret mode, or use impl='xla'.")
+  current = dispatch.check_pallas_available(impl)
   branches = [("default", _branch_kind("cpu", impl, m, w, strict=False))]
   for platform in ("tpu", "cuda"):
     branches.append((platform, _branch_kind(platform, impl, m, w, strict=platform == current)))

@@ -66,8 +66,7 @@ def validate_nm_weight(w: Any, *, n: int | None = None, m: int | None = None) ->
 # dispatch: per-platform backend kinds, chosen with pallas_kernels.dispatch (shared with block-sparse)
 
 Interpret = Literal["hlo", "tpu", "mosaic_gpu"]
-INTERPRET_MODES: tuple[str, ...] = ("hlo", "tpu", "mosaic_gpu")
-_PALLAS_KIND = {"tpu": "tpu", "cuda": "mosaic_gpu"}
+_PALLAS_KIND = dispatch.PALLAS_KIND
 
 # Kernel throughput per FLOP relative to the dense GEMM [estimate, not measured]: the in-kernel decompression
 # (shifts + n selects per weight element, redone per row tile) costs VPU / CUDA-core time, and a Hopper
@@ -140,22 +139,10 @@ def plan(rows: int, w: NMWeight, *, impl: str = "auto", interpret: str | None = 
   dispatch.check_impl(impl)
   dtype = jnp.result_type(x_dtype or w.values.dtype, w.values.dtype)
   dims = dict(rows=rows, k=w.shape[0], n_out=w.shape[1], n=w.n, m=w.m, dtype=dtype, pack_tile=w.pack_tile)
+  dispatch.check_interpret(impl, interpret, lambda: unsupported_reason("cuda", **dims))
   if interpret is not None:
-    if interpret not in INTERPRET_MODES:
-      raise ValueError(f"interpret must be None or one of {INTERPRET_MODES}; got {interpret!r}.")
-    if impl != "pallas":
-      raise ValueError(f"interpret={interpret!r} runs the Pallas kernels, so it needs impl='pallas'; "
-                       f"got impl={impl!r}.")
-    if interpret == "mosaic_gpu":
-      reason = unsupported_reason("cuda", **dims)
-      if reason:
-        raise ValueError(f"interpret='mosaic_gpu' cannot run: {reason}.")
     return (("default", f"interpret_{interpret}"),)
-  current = dispatch.default_platform()
-  if impl == "pallas" and current not in _PALLAS_KIND:
-    raise ValueError(
-        f"impl='pallas' needs a TPU or CUDA GPU, but the default backend is {current!r}; pass "
-        f"interpret='hlo'|'tpu'|'mosaic_gpu' to run the kernels in interpret mode, or use impl='xla'.")
+  current = dispatch.check_pallas_available(impl)
   branches = [("default", "dense")]
   for platform in ("tpu", "cuda"):
     if impl in ("dense", "xla"):
