@@ -14,6 +14,7 @@ from jaxsparse.masks import (
     global_topk_masks,
     nm_mask,
     random_mask,
+    random_scores,
     topk_mask,
     topk_masks,
 )

@@ -28,6 +28,7 @@ __all__ = [
     "topk_masks",
     "global_topk_masks",
     "random_mask",
+    "random_scores",
     "nm_mask",
     "block_mask",
     "block_scores",
@@ -179,6 +180,32 @@ def global_topk_masks(scores: Any, k: Int[ArrayLike, ""]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ public: random
+def random_scores(key: PRNGKeyArray, tree: Any) -> Any:
+    """Uniform ``[0, 1)`` scores shaped like every array leaf of ``tree``, deterministic given ``key``; ``None`` stays.
+
+    Scores are a counter-based integer hash (the murmur3 finaliser) of each entry's flat index and a per-leaf seed
+    drawn from ``key``: a few integer ops per entry. Threefry bits for every weight would cost more than the rest
+    of a training step on CPU, even inside a ``lax.cond`` branch that is not taken.
+
+    >>> import jax, jax.numpy as jnp
+    >>> s = random_scores(jax.random.PRNGKey(0), {"w": jnp.ones((2, 3), bool), "b": None})
+    >>> s["w"].shape, bool(((s["w"] >= 0) & (s["w"] < 1)).all()), s["b"]
+    ((2, 3), True, None)
+    """
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
+    seeds = jax.random.bits(key, (len(leaves),), jnp.uint32)
+    out = [None if m is None else _hash_uniform(m.shape, seeds[i]) for i, m in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _hash_uniform(shape: tuple[int, ...], seed: Array) -> Array:
+    x = lax.broadcasted_iota(jnp.uint32, (math.prod(shape),), 0).reshape(shape) * jnp.uint32(0x9E3779B9) + seed
+    for mul in (0x85EBCA6B, 0xC2B2AE35):
+        x = (x ^ (x >> 16)) * jnp.uint32(mul)
+    x = x ^ (x >> 16)
+    return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
 def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) -> Bool[Array, "..."]:
     """A uniformly random mask of ``shape`` with exactly ``k`` True entries (``k`` may be traced).
 
@@ -187,7 +214,7 @@ def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) 
     7
     """
     shape = tuple(int(d) for d in shape)
-    return topk_mask(jax.random.uniform(key, shape), k)
+    return topk_mask(_hash_uniform(shape, jax.random.bits(key, (), jnp.uint32)), k)
 
 
 # ------------------------------------------------------------------------------------------------ public: N:M

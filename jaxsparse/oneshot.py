@@ -17,7 +17,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, is_none
 from jaxsparse.allocation import Budget, as_budget, keep_count
-from jaxsparse.masks import global_topk_masks, topk_masks
+from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
 
 __all__ = ["leaf_sparsities", "masks_from_scores", "magnitude_masks", "random_masks", "snip_masks", "SCOPES"]
 
@@ -83,11 +83,7 @@ def random_masks(key: PRNGKeyArray, params: PyTree, sparsity: float | Budget | P
     >>> int(m["w"].sum())
     10
     """
-    sparsities = leaf_sparsities(sparsity, params)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    scores = jax.tree.unflatten(treedef, [jax.random.uniform(k, p.shape) for k, p in zip(keys, leaves)])
-    return masks_from_scores(scores, sparsities, "layer")
+    return masks_from_scores(random_scores(key, params), leaf_sparsities(sparsity, params), "layer")
 
 
 def snip_masks(

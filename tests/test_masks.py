@@ -153,3 +153,16 @@ def test_nm_mask_ties_nan_and_any_axis_match_oracle(nm, axis, seed):
     ref = np.nan_to_num(np.moveaxis(w, axis, -1), nan=-np.inf).reshape(-1, 2, m)
     for row, ref_row in zip(got.reshape(-1, m), ref.reshape(-1, m)):
         np.testing.assert_array_equal(row, np_topk(ref_row, n))
+
+
+def test_random_scores_uniform_deterministic_and_key_dependent():
+    tree = {"w": jnp.zeros((300, 400)), "b": None}
+    a = np.asarray(js.random_scores(jax.random.PRNGKey(0), tree)["w"]).ravel()
+    assert js.random_scores(jax.random.PRNGKey(0), tree)["b"] is None
+    np.testing.assert_array_equal(a, np.asarray(js.random_scores(jax.random.PRNGKey(0), tree)["w"]).ravel())
+    b = np.asarray(js.random_scores(jax.random.PRNGKey(1), tree)["w"]).ravel()
+    assert np.mean(a == b) < 1e-3
+    counts, _ = np.histogram(a, bins=20, range=(0.0, 1.0))
+    chi2 = np.sum((counts - a.size / 20) ** 2 / (a.size / 20))
+    assert chi2 < 50  # 19 degrees of freedom; p < 1e-3 above ~43.8
+    assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.01  # neighbouring entries are not correlated

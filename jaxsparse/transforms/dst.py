@@ -43,7 +43,8 @@ from jaxsparse.allocation import Budget, keep_count
 from jaxsparse.masks import topk_mask
 from jaxsparse.oneshot import leaf_sparsities, random_masks
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, sparse_training
-from jaxsparse.transforms.growth import drop_and_grow, drop_scores, prune_and_regrow, random_scores
+from jaxsparse.masks import random_scores
+from jaxsparse.transforms.growth import drop_and_grow, drop_scores, prune_and_regrow
 from jaxsparse.transforms.pruning import gmp_algorithm
 
 __all__ = [

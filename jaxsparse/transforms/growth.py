@@ -15,18 +15,15 @@ its optimizer moments; only ``new & ~old`` connections count as grown (see :func
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.scipy.special import ndtri
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
+from jaxtyping import ArrayLike, Float, PRNGKeyArray, PyTree
 
 from jaxsparse._tree import check_same_structure, is_none
-from jaxsparse.masks import topk_masks
+from jaxsparse.masks import random_scores, topk_masks
 
-__all__ = ["active_counts", "drop_counts", "drop_scores", "prune_and_regrow", "drop_and_grow", "random_scores"]
+__all__ = ["active_counts", "drop_counts", "drop_scores", "prune_and_regrow", "drop_and_grow"]
 
 
 def _live(masks: PyTree, tree: PyTree) -> PyTree:
@@ -57,32 +54,6 @@ def drop_counts(masks: PyTree, fraction: Float[ArrayLike, ""]) -> PyTree:
         active_counts(masks),
         is_leaf=is_none,
     )
-
-
-def random_scores(key: PRNGKeyArray, masks: PyTree) -> PyTree:
-    """Uniform ``[0, 1)`` scores for every masked leaf, deterministic given ``key``; ``None`` elsewhere.
-
-    Scores are a counter-based integer hash (the murmur3 finaliser) of each entry's flat index and a per-leaf seed
-    drawn from ``key``: a few integer ops per entry. Threefry bits for every weight would cost more than the rest
-    of a training step on CPU, even inside a ``lax.cond`` branch that is not taken.
-
-    >>> import jax, jax.numpy as jnp
-    >>> s = random_scores(jax.random.PRNGKey(0), {"w": jnp.ones((2, 3), bool), "b": None})
-    >>> s["w"].shape, bool(((s["w"] >= 0) & (s["w"] < 1)).all()), s["b"]
-    ((2, 3), True, None)
-    """
-    leaves, treedef = jax.tree.flatten(masks, is_leaf=is_none)
-    seeds = jax.random.bits(key, (len(leaves),), jnp.uint32)
-    out = [None if m is None else _hash_uniform(m.shape, seeds[i]) for i, m in enumerate(leaves)]
-    return jax.tree.unflatten(treedef, out)
-
-
-def _hash_uniform(shape: tuple[int, ...], seed: Array) -> Array:
-    x = lax.broadcasted_iota(jnp.uint32, (math.prod(shape),), 0).reshape(shape) * jnp.uint32(0x9E3779B9) + seed
-    for mul in (0x85EBCA6B, 0xC2B2AE35):
-        x = (x ^ (x >> 16)) * jnp.uint32(mul)
-    x = x ^ (x >> 16)
-    return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
 def drop_scores(params: PyTree, masks: PyTree, key: PRNGKeyArray | None = None, noise: float = 0.0) -> PyTree:

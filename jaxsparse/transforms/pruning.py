@@ -17,6 +17,7 @@ from jaxtyping import PyTree
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, is_none
 from jaxsparse.allocation import Budget
+from jaxsparse.masks import random_scores
 from jaxsparse.oneshot import SCOPES, leaf_sparsities, magnitude_masks, masks_from_scores
 from jaxsparse.schedules import polynomial_sparsity, update_gate
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, sparse_training
@@ -94,9 +95,7 @@ def one_shot_algorithm(
         elif method == "snip":
             scores = jax.tree.map(lambda p, g: jnp.abs(p * g).astype(jnp.float32), ctx.params, ctx.grads)
         else:
-            leaves, treedef = jax.tree.flatten(ctx.params)
-            keys = jax.random.split(ctx.key, len(leaves))
-            scores = jax.tree.unflatten(treedef, [jax.random.uniform(k, p.shape) for k, p in zip(keys, leaves)])
+            scores = random_scores(ctx.key, ctx.params)
         return masks_from_scores(scores, sparsities, scope), ctx.extra
 
     return MaskAlgorithm(init=init, update=update, is_update=update_gate(1, step, step))
