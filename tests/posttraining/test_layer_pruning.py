@@ -240,10 +240,16 @@ def test_dsnot_nm_and_identities():
 def test_functions_are_jittable():
     x, w, mask, mean, var, sq = _dsnot_case(4, fan_in=16)
     h = x.T @ x
-    jax.jit(lambda w, s: wanda_prune(w, s, 0.5))(w, sq)
-    jax.jit(lambda w, h: sparsegpt_prune(w, h, (2, 4), blocksize=8))(w, h)
-    jax.jit(lambda w, m: dsnot_prune(w, m, mean, var, sq))(w, mask)
-    jax.jit(lambda w: magnitude_prune_layer(w, 0.5))(w)
+    calls = [
+        (lambda w, s: wanda_prune(w, s, 0.5), (w, sq)),
+        (lambda w, h: sparsegpt_prune(w, h, (2, 4), blocksize=8), (w, h)),
+        (lambda w, m: dsnot_prune(w, m, mean, var, sq), (w, mask)),
+        (lambda w: magnitude_prune_layer(w, 0.5), (w,)),
+    ]
+    for fn, args in calls:  # jitted == eager: weights to float32 rounding, masks exactly
+        (w_jit, m_jit), (w_eager, m_eager) = jax.jit(fn)(*args), fn(*args)
+        np.testing.assert_array_equal(np.asarray(m_jit), np.asarray(m_eager))
+        np.testing.assert_allclose(np.asarray(w_jit), np.asarray(w_eager), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
