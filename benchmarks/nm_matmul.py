@@ -29,7 +29,8 @@ import datetime
 import json
 import pathlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,174 +43,279 @@ from _harness import rel_err, time_chain, time_torch, torch_if_cuda, versions  #
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.nm import nm_cost_model, nm_matmul, nm_nbytes, pack_nm, plan, unpack_nm  # noqa: E402
 
-FULL = dict(shapes=[(4096, 4096), (4096, 16384), (16384, 4096)], ms=[1, 16, 256, 4096],
-            nms=[(2, 4), (1, 4), (2, 8)], copies=4, chain=20, repeats=15)
-QUICK = dict(shapes=[(256, 256), (512, 1024)], ms=[1, 16, 256], nms=[(2, 4), (2, 8)], copies=2, chain=5,
-             repeats=5)
+FULL = dict(
+    shapes=[(4096, 4096), (4096, 16384), (16384, 4096)],
+    ms=[1, 16, 256, 4096],
+    nms=[(2, 4), (1, 4), (2, 8)],
+    copies=4,
+    chain=20,
+    repeats=15,
+)
+QUICK = dict(
+    shapes=[(256, 256), (512, 1024)],
+    ms=[1, 16, 256],
+    nms=[(2, 4), (2, 8)],
+    copies=2,
+    chain=5,
+    repeats=5,
+)
 
 
 @dataclasses.dataclass
 class Row:
-  k: int
-  n: int
-  m: int
-  nm: str
-  contender: str
-  median_us: float | None
-  speedup_vs_dense: float | None
-  max_rel_err: float | None
-  ok: bool
-  weight_bytes_ratio: float | None = None
-  note: str = ""
+    k: int
+    n: int
+    m: int
+    nm: str
+    contender: str
+    median_us: float | None
+    speedup_vs_dense: float | None
+    max_rel_err: float | None
+    ok: bool
+    weight_bytes_ratio: float | None = None
+    note: str = ""
 
 
 def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mod, rng):
-  n_keep, m_group = nm
-  pack = jax.jit(lambda w: pack_nm(w, n=n_keep, m=m_group))
-  w_nms, dense_w = [], []
-  for _ in range(copies):
-    w_nm = pack(jnp.asarray(rng.standard_normal((k, n), np.float32), dtype))
-    w_nms.append(w_nm)
-    dense_w.append(jax.jit(unpack_nm)(w_nm))
-  ratio = nm_nbytes(w_nms[0]) / (k * n * jnp.dtype(dtype).itemsize)
-  x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
-  x32 = np.asarray(x, np.float32)
-  refs = [x32 @ np.asarray(w, np.float32) for w in dense_w]
-  tol = 2e-2 if jnp.dtype(dtype).itemsize == 2 else 1e-4
-  nm_tag = f"{n_keep}:{m_group}"
+    n_keep, m_group = nm
+    pack = jax.jit(lambda w: pack_nm(w, n=n_keep, m=m_group))
+    w_nms, dense_w = [], []
+    for _ in range(copies):
+        w_nm = pack(jnp.asarray(rng.standard_normal((k, n), np.float32), dtype))
+        w_nms.append(w_nm)
+        dense_w.append(jax.jit(unpack_nm)(w_nm))
+    ratio = nm_nbytes(w_nms[0]) / (k * n * jnp.dtype(dtype).itemsize)
+    x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
+    x32 = np.asarray(x, np.float32)
+    refs = [x32 @ np.asarray(w, np.float32) for w in dense_w]
+    tol = 2e-2 if jnp.dtype(dtype).itemsize == 2 else 1e-4
+    nm_tag = f"{n_keep}:{m_group}"
 
-  contenders: dict[str, tuple[Callable[[int], Any] | None, str, bool]] = {}   # name -> (call, note, timed)
-  dense_fn = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-  contenders["dense_jnp_dot"] = (lambda i: dense_fn(x, dense_w[i]), "", True)
-  branches = dict(plan(m, w_nms[0], impl="auto"))
-  chosen = branches.get(platform, branches["default"])
-  auto_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="auto"))
-  contenders["jaxsparse_auto"] = (lambda i: auto_fn(x, w_nms[i]), f"dispatch chose {chosen}", True)
-  xla_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="xla"))
-  contenders["jaxsparse_xla_decompress_dot"] = (lambda i: xla_fn(x, w_nms[i]), "", True)
-  if platform in ("tpu", "cuda"):
-    try:
-      plan(m, w_nms[0], impl="pallas")
-      pallas_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="pallas"))
-      contenders["jaxsparse_pallas"] = (lambda i: pallas_fn(x, w_nms[i]), "", True)
-    except ValueError as e:
-      contenders["jaxsparse_pallas"] = (None, str(e)[:200], False)
-  else:
-    interp_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="hlo"))
-    contenders["jaxsparse_pallas_interpret"] = (
-        lambda i: interp_fn(x, w_nms[i]), "Mosaic-TPU kernel in HLO interpret mode: correctness only, not timed",
-        False)
+    contenders: dict[
+        str, tuple[Callable[[int], Any] | None, str, bool]
+    ] = {}  # name -> (call, note, timed)
+    dense_fn = jax.jit(
+        lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    )
+    contenders["dense_jnp_dot"] = (lambda i: dense_fn(x, dense_w[i]), "", True)
+    branches = dict(plan(m, w_nms[0], impl="auto"))
+    chosen = branches.get(platform, branches["default"])
+    auto_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="auto"))
+    contenders["jaxsparse_auto"] = (
+        lambda i: auto_fn(x, w_nms[i]),
+        f"dispatch chose {chosen}",
+        True,
+    )
+    xla_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="xla"))
+    contenders["jaxsparse_xla_decompress_dot"] = (lambda i: xla_fn(x, w_nms[i]), "", True)
+    if platform in ("tpu", "cuda"):
+        try:
+            plan(m, w_nms[0], impl="pallas")
+            pallas_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="pallas"))
+            contenders["jaxsparse_pallas"] = (lambda i: pallas_fn(x, w_nms[i]), "", True)
+        except ValueError as e:
+            contenders["jaxsparse_pallas"] = (None, str(e)[:200], False)
+    else:
+        interp_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="hlo"))
+        contenders["jaxsparse_pallas_interpret"] = (
+            lambda i: interp_fn(x, w_nms[i]),
+            "Mosaic-TPU kernel in HLO interpret mode: correctness only, not timed",
+            False,
+        )
 
-  if torch_mod is not None:
-    torch = torch_mod
-    tx = torch.from_numpy(x32).to("cuda", torch.bfloat16)
-    tw = [torch.from_numpy(np.asarray(w, np.float32).T.copy()).to("cuda", torch.bfloat16) for w in dense_w]
-    contenders["torch_dense_linear"] = (lambda i: torch.nn.functional.linear(tx, tw[i]), "", True)
-    if nm == (2, 4):
-      try:
-        from torch.sparse import to_sparse_semi_structured
-        tsp = [to_sparse_semi_structured(w) for w in tw]   # (N, K): 2:4 along K, the last dim
-        contenders["torch_semi_structured_2of4"] = (
-            lambda i: torch.nn.functional.linear(tx, tsp[i]), f"backend {type(tsp[0]).__name__}", True)
-      except Exception as e:
-        contenders["torch_semi_structured_2of4"] = (None, f"unavailable: {type(e).__name__}: {e}"[:200], False)
+    if torch_mod is not None:
+        torch = torch_mod
+        tx = torch.from_numpy(x32).to("cuda", torch.bfloat16)
+        tw = [
+            torch.from_numpy(np.asarray(w, np.float32).T.copy()).to("cuda", torch.bfloat16)
+            for w in dense_w
+        ]
+        contenders["torch_dense_linear"] = (
+            lambda i: torch.nn.functional.linear(tx, tw[i]),
+            "",
+            True,
+        )
+        if nm == (2, 4):
+            try:
+                from torch.sparse import to_sparse_semi_structured
 
-  rows = []
-  for name, (call, note, timed) in contenders.items():
-    if call is None:
-      rows.append(Row(k, n, m, nm_tag, name, None, None, None, False, None, note))
-      continue
-    try:
-      errs = [rel_err(call(i), refs[i]) for i in range(copies)]
-      seconds = None
-      if timed:
-        seconds = (time_torch(call, copies, chain, repeats, torch_mod) if name.startswith("torch")
-                   else time_chain(call, copies, chain, repeats))
-      err = max(errs)
-      rows.append(Row(k, n, m, nm_tag, name, None if seconds is None else seconds * 1e6, None, err, err <= tol,
-                      ratio if name.startswith("jaxsparse") else None, note))
-    except Exception as e:
-      rows.append(Row(k, n, m, nm_tag, name, None, None, None, False, None, f"failed: {type(e).__name__}: {e}"[:300]))
-  base = {r.contender: r.median_us for r in rows}
-  for r in rows:
-    ref_name = "torch_dense_linear" if r.contender.startswith("torch") else "dense_jnp_dot"
-    if r.median_us and base.get(ref_name):
-      r.speedup_vs_dense = base[ref_name] / r.median_us
-  predictions = {p: {key: v * 1e6 for key, v in nm_cost_model(p, rows=m, k=k, n_out=n, n=n_keep, m=m_group,
-                                                              dtype=dtype).items()}
-                 for p in ("tpu", "cuda")}
-  return rows, {"k": k, "n": n, "m": m, "nm": nm_tag, "predicted_us": predictions}
+                tsp = [
+                    to_sparse_semi_structured(w) for w in tw
+                ]  # (N, K): 2:4 along K, the last dim
+                contenders["torch_semi_structured_2of4"] = (
+                    lambda i: torch.nn.functional.linear(tx, tsp[i]),
+                    f"backend {type(tsp[0]).__name__}",
+                    True,
+                )
+            except Exception as e:
+                contenders["torch_semi_structured_2of4"] = (
+                    None,
+                    f"unavailable: {type(e).__name__}: {e}"[:200],
+                    False,
+                )
+
+    rows = []
+    for name, (call, note, timed) in contenders.items():
+        if call is None:
+            rows.append(Row(k, n, m, nm_tag, name, None, None, None, False, None, note))
+            continue
+        try:
+            errs = [rel_err(call(i), refs[i]) for i in range(copies)]
+            seconds = None
+            if timed:
+                seconds = (
+                    time_torch(call, copies, chain, repeats, torch_mod)
+                    if name.startswith("torch")
+                    else time_chain(call, copies, chain, repeats)
+                )
+            err = max(errs)
+            rows.append(
+                Row(
+                    k,
+                    n,
+                    m,
+                    nm_tag,
+                    name,
+                    None if seconds is None else seconds * 1e6,
+                    None,
+                    err,
+                    err <= tol,
+                    ratio if name.startswith("jaxsparse") else None,
+                    note,
+                )
+            )
+        except Exception as e:
+            rows.append(
+                Row(
+                    k,
+                    n,
+                    m,
+                    nm_tag,
+                    name,
+                    None,
+                    None,
+                    None,
+                    False,
+                    None,
+                    f"failed: {type(e).__name__}: {e}"[:300],
+                )
+            )
+    base = {r.contender: r.median_us for r in rows}
+    for r in rows:
+        ref_name = "torch_dense_linear" if r.contender.startswith("torch") else "dense_jnp_dot"
+        if r.median_us and base.get(ref_name):
+            r.speedup_vs_dense = base[ref_name] / r.median_us
+    predictions = {
+        p: {
+            key: v * 1e6
+            for key, v in nm_cost_model(
+                p, rows=m, k=k, n_out=n, n=n_keep, m=m_group, dtype=dtype
+            ).items()
+        }
+        for p in ("tpu", "cuda")
+    }
+    return rows, {"k": k, "n": n, "m": m, "nm": nm_tag, "predicted_us": predictions}
 
 
 def _print_rows(rows):
-  for r in rows:
-    t = f"{r.median_us:10.1f}" if r.median_us is not None else "       n/a"
-    s = f"{r.speedup_vs_dense:6.2f}x" if r.speedup_vs_dense else "      -"
-    e = f"{r.max_rel_err:8.1e}" if r.max_rel_err is not None else "     n/a"
-    print(f"K={r.k:5d} N={r.n:5d} M={r.m:4d} {r.nm:4s} {r.contender:30s} {t} us {s} err={e} "
-          f"{'ok' if r.ok else 'FAIL'} {r.note}", flush=True)
+    for r in rows:
+        t = f"{r.median_us:10.1f}" if r.median_us is not None else "       n/a"
+        s = f"{r.speedup_vs_dense:6.2f}x" if r.speedup_vs_dense else "      -"
+        e = f"{r.max_rel_err:8.1e}" if r.max_rel_err is not None else "     n/a"
+        print(
+            f"K={r.k:5d} N={r.n:5d} M={r.m:4d} {r.nm:4s} {r.contender:30s} {t} us {s} err={e} "
+            f"{'ok' if r.ok else 'FAIL'} {r.note}",
+            flush=True,
+        )
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
-  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-  parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/nm_matmul_<device>.json)")
-  parser.add_argument("--no-torch", action="store_true")
-  parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
-  args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/nm_matmul_<device>.json)"
+    )
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--note", default="", help="free text stored in the JSON (e.g. machine load)"
+    )
+    args = parser.parse_args(argv)
 
-  grid = QUICK if args.quick else FULL
-  dtype = jnp.dtype(args.dtype)
-  platform = dispatch.default_platform()
-  device = jax.devices()[0]
-  torch_mod = None if (args.no_torch or platform != "cuda") else torch_if_cuda()
-  rng = np.random.default_rng(0)
+    grid = QUICK if args.quick else FULL
+    dtype = jnp.dtype(args.dtype)
+    platform = dispatch.default_platform()
+    device = jax.devices()[0]
+    torch_mod = None if (args.no_torch or platform != "cuda") else torch_if_cuda()
+    rng = np.random.default_rng(0)
 
-  print(f"{'K':>7s} {'N':>7s} {'M':>6s} N:M  contender                       median      vs dense")
-  rows: list[Row] = []
-  predictions = []
-  for k, n in grid["shapes"]:
-    for nm in grid["nms"]:
-      for m in grid["ms"]:
-        new, pred = run_config(k, n, m, nm, dtype=dtype, copies=grid["copies"], chain=grid["chain"],
-                               repeats=grid["repeats"], platform=platform, torch_mod=torch_mod, rng=rng)
-        _print_rows(new)
-        rows += new
-        predictions.append(pred)
+    print(
+        f"{'K':>7s} {'N':>7s} {'M':>6s} N:M  contender                       median      vs dense"
+    )
+    rows: list[Row] = []
+    predictions = []
+    for k, n in grid["shapes"]:
+        for nm in grid["nms"]:
+            for m in grid["ms"]:
+                new, pred = run_config(
+                    k,
+                    n,
+                    m,
+                    nm,
+                    dtype=dtype,
+                    copies=grid["copies"],
+                    chain=grid["chain"],
+                    repeats=grid["repeats"],
+                    platform=platform,
+                    torch_mod=torch_mod,
+                    rng=rng,
+                )
+                _print_rows(new)
+                rows += new
+                predictions.append(pred)
 
-  label = f"{platform.upper()} {'quick ' if args.quick else ''}run on {device.device_kind}"
-  if platform == "cpu":
-    label += (" -- CPU numbers only check that the script works; they say nothing about accelerator "
-              "performance. The Pallas kernel ran in interpret mode for correctness and was not timed.")
-  result = {
-      "label": label,
-      "platform": platform,
-      "device": device.device_kind,
-      "num_devices": jax.device_count(),
-      "versions": versions(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "note": args.note,
-      "quick": args.quick,
-      "dtype": dtype.name,
-      "grid": grid,
-      "method": ("wall clock per call: chain of `chain` async calls rotating `copies` weight copies, one "
-                 "block_until_ready, divided by chain length; median of `repeats` chains after warm-up; "
-                 "max_rel_err = max|y - ref| / max|ref| against a float32 dense product of the masked weight"),
-      "results": [dataclasses.asdict(r) for r in rows],
-      "cost_model_predictions_us": {
-          "note": "dispatch cost-model ESTIMATES (public peak figures, guessed kernel efficiency), not measured",
-          "rows": predictions},
-  }
-  device_tag = "cpu" if platform == "cpu" else device.device_kind.lower().replace(" ", "_")
-  out = pathlib.Path(args.out) if args.out else (
-      pathlib.Path(__file__).resolve().parent / "results" / f"nm_matmul_{device_tag}.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
-  bad = [r for r in rows if r.max_rel_err is not None and not r.ok]
-  print(f"\nwrote {out} ({len(rows)} rows; {len(bad)} checked rows failed the accuracy check)")
-  return 1 if bad else 0
+    label = f"{platform.upper()} {'quick ' if args.quick else ''}run on {device.device_kind}"
+    if platform == "cpu":
+        label += (
+            " -- CPU numbers only check that the script works; they say nothing about accelerator "
+            "performance. The Pallas kernel ran in interpret mode for correctness and was not timed."
+        )
+    result = {
+        "label": label,
+        "platform": platform,
+        "device": device.device_kind,
+        "num_devices": jax.device_count(),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "note": args.note,
+        "quick": args.quick,
+        "dtype": dtype.name,
+        "grid": grid,
+        "method": (
+            "wall clock per call: chain of `chain` async calls rotating `copies` weight copies, one "
+            "block_until_ready, divided by chain length; median of `repeats` chains after warm-up; "
+            "max_rel_err = max|y - ref| / max|ref| against a float32 dense product of the masked weight"
+        ),
+        "results": [dataclasses.asdict(r) for r in rows],
+        "cost_model_predictions_us": {
+            "note": "dispatch cost-model ESTIMATES (public peak figures, guessed kernel efficiency), not measured",
+            "rows": predictions,
+        },
+    }
+    device_tag = "cpu" if platform == "cpu" else device.device_kind.lower().replace(" ", "_")
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else (pathlib.Path(__file__).resolve().parent / "results" / f"nm_matmul_{device_tag}.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    bad = [r for r in rows if r.max_rel_err is not None and not r.ok]
+    print(f"\nwrote {out} ({len(rows)} rows; {len(bad)} checked rows failed the accuracy check)")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

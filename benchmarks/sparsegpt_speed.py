@@ -24,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsparse
-from jaxsparse.posttraining import hessian_from_stats, init_activation_stats, sparsegpt_prune, update_activation_stats
+from jaxsparse.posttraining import (
+    hessian_from_stats,
+    init_activation_stats,
+    sparsegpt_prune,
+    update_activation_stats,
+)
 
 
 def timed(fn, *args):
@@ -45,8 +50,14 @@ def main(argv=None):
 
     key = jax.random.PRNGKey(0)
     mix = jax.random.normal(key, (d // 8, d)) / np.sqrt(d // 8)
-    make_chunk = jax.jit(lambda k: jax.random.normal(k, (chunk, d // 8)) @ mix + 0.1 * jax.random.normal(k, (chunk, d)))
-    chunks = [jax.block_until_ready(make_chunk(jax.random.fold_in(key, i))) for i in range(n // chunk)]
+    make_chunk = jax.jit(
+        lambda k: (
+            jax.random.normal(k, (chunk, d // 8)) @ mix + 0.1 * jax.random.normal(k, (chunk, d))
+        )
+    )
+    chunks = [
+        jax.block_until_ready(make_chunk(jax.random.fold_in(key, i))) for i in range(n // chunk)
+    ]
     weight = jax.random.normal(jax.random.PRNGKey(1), (d, d)) / np.sqrt(d)
 
     update = jax.jit(update_activation_stats)
@@ -69,31 +80,60 @@ def main(argv=None):
         compiled = fn.lower(weight, hessian).compile()
         compile_s = time.perf_counter() - t
         (q, mask), run_s = timed(compiled, weight, hessian)
-        rows.append({"pattern": label, "compile_s": compile_s, "prune_s": run_s,
-                     "density": float(jnp.mean(mask))})
+        rows.append(
+            {
+                "pattern": label,
+                "compile_s": compile_s,
+                "prune_s": run_s,
+                "density": float(jnp.mean(mask)),
+            }
+        )
 
     dev = jax.devices()[0]
     result = {
         "benchmark": "sparsegpt_speed",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count(),
-                   "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-                   "load_average_1_5_15": list(os.getloadavg())},
-        "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-                     "jaxsparse": getattr(jaxsparse, "__version__", None), "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "layer": {"in": d, "out": d, "calibration_tokens": n, "chunk_tokens": chunk, "blocksize": args.blocksize},
-        "statistics": {"compile_s": stats_compile, "accumulate_s": stats_run,
-                       "gflops_per_s": 2.0 * n * d * d / stats_run / 1e9},
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": {
+            "platform": dev.platform,
+            "kind": dev.device_kind,
+            "count": jax.device_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_cores": os.cpu_count(),
+            "load_average_1_5_15": list(os.getloadavg()),
+        },
+        "versions": {
+            "jax": jax.__version__,
+            "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+            "jaxsparse": getattr(jaxsparse, "__version__", None),
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "layer": {
+            "in": d,
+            "out": d,
+            "calibration_tokens": n,
+            "chunk_tokens": chunk,
+            "blocksize": args.blocksize,
+        },
+        "statistics": {
+            "compile_s": stats_compile,
+            "accumulate_s": stats_run,
+            "gflops_per_s": 2.0 * n * d * d / stats_run / 1e9,
+        },
         "prune": rows,
     }
-    print(f"SparseGPT, {d}x{d} layer, {n} calibration tokens, {dev.platform} ({os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.1f})")
+    print(
+        f"SparseGPT, {d}x{d} layer, {n} calibration tokens, {dev.platform} ({os.cpu_count()} cores, "
+        f"load {os.getloadavg()[0]:.1f})"
+    )
     print(f"{'phase':<28s} {'compile s':>10s} {'run s':>10s}")
     print(f"{'statistics (X^T X + sums)':<28s} {stats_compile:10.2f} {stats_run:10.2f}")
     for r in rows:
         print(f"{'prune ' + r['pattern']:<28s} {r['compile_s']:10.2f} {r['prune_s']:10.2f}")
-    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / f"sparsegpt_speed_{dev.platform}.json")
+    out = pathlib.Path(
+        args.out
+        or pathlib.Path(__file__).parent / "results" / f"sparsegpt_speed_{dev.platform}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -45,7 +45,7 @@ def sort_masks(scores: dict, k) -> dict:
     ranks = jnp.argsort(jnp.argsort(-flat, stable=True), stable=True)
     keep, out, start = ranks < k, {}, 0
     for name, s in scores.items():
-        out[name] = keep[start:start + s.size].reshape(s.shape)
+        out[name] = keep[start : start + s.size].reshape(s.shape)
         start += s.size
     return out
 
@@ -53,20 +53,36 @@ def sort_masks(scores: dict, k) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "topk_selection.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "topk_selection.json")
+    )
     args = ap.parse_args()
     keys = jax.random.split(jax.random.PRNGKey(0), len(SHAPES))
     scores = {n: jnp.abs(jax.random.normal(k, s)) for k, (n, s) in zip(keys, SHAPES.items())}
     total = sum(s.size for s in scores.values())
     k_total = jnp.int32(int(KEEP * total))
     k_leaf = {n: jnp.int32(int(KEEP * s.size)) for n, s in scores.items()}
-    global_fn, leaf_fn, sort_fn = jax.jit(js.global_topk_masks), jax.jit(js.topk_masks), jax.jit(sort_masks)
+    global_fn, leaf_fn, sort_fn = (
+        jax.jit(js.global_topk_masks),
+        jax.jit(js.topk_masks),
+        jax.jit(sort_masks),
+    )
     got, ref = global_fn(scores, k_total), sort_fn(scores, k_total)
-    assert all(bool((got[n] == ref[n]).all()) for n in scores), "global top-k disagrees with the sort"
+    assert all(bool((got[n] == ref[n]).all()) for n in scores), (
+        "global top-k disagrees with the sort"
+    )
     rows = [
-        dict(method="global_topk_masks", ms=median_ms(global_fn, scores, k_total, repeats=args.repeats)),
-        dict(method="topk_masks (per leaf)", ms=median_ms(leaf_fn, scores, k_leaf, repeats=args.repeats)),
-        dict(method="argsort (global)", ms=median_ms(sort_fn, scores, k_total, repeats=args.repeats)),
+        dict(
+            method="global_topk_masks",
+            ms=median_ms(global_fn, scores, k_total, repeats=args.repeats),
+        ),
+        dict(
+            method="topk_masks (per leaf)",
+            ms=median_ms(leaf_fn, scores, k_leaf, repeats=args.repeats),
+        ),
+        dict(
+            method="argsort (global)", ms=median_ms(sort_fn, scores, k_total, repeats=args.repeats)
+        ),
     ]
     sort_ms = rows[-1]["ms"]
     print(f"{total:,} weights, keep {KEEP:.0%}")
@@ -76,11 +92,24 @@ def main() -> None:
         print(f"{r['method']:>24} {r['ms']:9.2f} {r['speedup_vs_argsort']:10.1f}x")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(benchmark="topk_selection", weights=total, keep=KEEP, repeats=args.repeats, results=rows,
-                       environment=dict(device=str(jax.devices()[0].device_kind), cpu_count=os.cpu_count(),
-                                        python=sys.version.split()[0], jax=jax.__version__,
-                                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))),
-                  f, indent=2)
+        json.dump(
+            dict(
+                benchmark="topk_selection",
+                weights=total,
+                keep=KEEP,
+                repeats=args.repeats,
+                results=rows,
+                environment=dict(
+                    device=str(jax.devices()[0].device_kind),
+                    cpu_count=os.cpu_count(),
+                    python=sys.version.split()[0],
+                    jax=jax.__version__,
+                    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                ),
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 

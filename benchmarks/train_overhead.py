@@ -23,7 +23,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,10 @@ SPARSITY = 0.8
 def init_params(key: jax.Array) -> dict:
     keys = jax.random.split(key, len(SIZES) - 1)
     return {
-        f"Dense_{i}": {"kernel": jax.random.normal(k, (a, b)) * (2 / a) ** 0.5, "bias": jnp.zeros(b)}
+        f"Dense_{i}": {
+            "kernel": jax.random.normal(k, (a, b)) * (2 / a) ** 0.5,
+            "bias": jnp.zeros(b),
+        }
         for i, (k, a, b) in enumerate(zip(keys, SIZES[:-1], SIZES[1:]))
     }
 
@@ -70,17 +74,28 @@ def configs() -> dict[str, tuple[optax.GradientTransformation, Callable | None]]
         # magnitude pruning held at 80%: the magnitude mask is re-evaluated every 100 steps (nested)
         "magnitude_80": (
             js.gradual_magnitude_pruning(
-                adam, SPARSITY, begin_step=0, end_step=10**9, frequency=UPDATE_EVERY, initial_sparsity=SPARSITY
+                adam,
+                SPARSITY,
+                begin_step=0,
+                end_step=10**9,
+                frequency=UPDATE_EVERY,
+                initial_sparsity=SPARSITY,
             ),
             None,
         ),
         # dynamic sparse training at 80%, drop-and-grow every 100 steps (end_step far away: updates never stop)
         "static_80": (js.static_sparse(adam, SPARSITY), None),
-        "set_80": (js.set_training(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
+        "set_80": (
+            js.set_training(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9),
+            None,
+        ),
         "rigl_80": (js.rigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
         # 2:4 straight-through estimators: the mask is recomputed from the weights on every step
         "ste_2:4": (adam, lambda p: js.ste_nm(p, 2, 4)),
-        "sr_ste_2:4": (optax.chain(js.sr_ste_decay(2, 4, 2e-4), adam), lambda p: js.ste_nm(p, 2, 4)),
+        "sr_ste_2:4": (
+            optax.chain(js.sr_ste_decay(2, 4, 2e-4), adam),
+            lambda p: js.ste_nm(p, 2, 4),
+        ),
     }
 
 
@@ -104,8 +119,10 @@ def mask_bytes(state: Any, params: Any) -> float:
 def run(rounds: int, block: int, only: list[str] | None) -> list[dict]:
     key = jax.random.PRNGKey(0)
     batches = [
-        (jax.random.normal(jax.random.fold_in(key, i), (BATCH, SIZES[0])),
-         jax.random.randint(jax.random.fold_in(key, 100 + i), (BATCH,), 0, SIZES[-1]))
+        (
+            jax.random.normal(jax.random.fold_in(key, i), (BATCH, SIZES[0])),
+            jax.random.randint(jax.random.fold_in(key, 100 + i), (BATCH,), 0, SIZES[-1]),
+        )
         for i in range(4)
     ]
     runs = {}
@@ -118,11 +135,19 @@ def run(rounds: int, block: int, only: list[str] | None) -> list[dict]:
         t0 = time.perf_counter()
         compiled = step.lower(params, state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
-        runs[name] = dict(step=compiled, params=params, state=state, t=0, times=[], update_times=[],
-                          compile_s=compile_s, mask_bytes=mask_bytes(state, params))
+        runs[name] = dict(
+            step=compiled,
+            params=params,
+            state=state,
+            t=0,
+            times=[],
+            update_times=[],
+            compile_s=compile_s,
+            mask_bytes=mask_bytes(state, params),
+        )
         print(f"compiled {name:>16} in {compile_s:6.2f} s", flush=True)
     for r in range(rounds):
-        for name, run_ in runs.items():
+        for run_ in runs.values():
             for _ in range(block):
                 is_update = run_["t"] % UPDATE_EVERY == 0
                 batch = batches[run_["t"] % len(batches)]
@@ -139,17 +164,21 @@ def run(rounds: int, block: int, only: list[str] | None) -> list[dict]:
     rows = []
     for name, run_ in runs.items():
         all_times = run_["times"] + run_["update_times"]
-        rows.append(dict(
-            config=name,
-            median_step_ms=1e3 * statistics.median(run_["times"]),
-            median_ratio=statistics.median(run_["times"]) / statistics.median(dense["times"]),
-            mean_ratio=statistics.fmean(all_times) / statistics.fmean(dense_all),
-            update_step_ms=1e3 * statistics.median(run_["update_times"]) if run_["update_times"] else None,
-            mask_bytes_per_param=run_["mask_bytes"],
-            compile_s=run_["compile_s"],
-            steps=len(all_times),
-            final_sparsity=global_sparsity(run_["params"]),
-        ))
+        rows.append(
+            dict(
+                config=name,
+                median_step_ms=1e3 * statistics.median(run_["times"]),
+                median_ratio=statistics.median(run_["times"]) / statistics.median(dense["times"]),
+                mean_ratio=statistics.fmean(all_times) / statistics.fmean(dense_all),
+                update_step_ms=1e3 * statistics.median(run_["update_times"])
+                if run_["update_times"]
+                else None,
+                mask_bytes_per_param=run_["mask_bytes"],
+                compile_s=run_["compile_s"],
+                steps=len(all_times),
+                final_sparsity=global_sparsity(run_["params"]),
+            )
+        )
     return rows
 
 
@@ -157,32 +186,57 @@ def environment() -> dict:
     import flax
 
     return dict(
-        device=str(jax.devices()[0].device_kind), platform=jax.devices()[0].platform, cpu_count=os.cpu_count(),
-        machine=platform.machine(), python=sys.version.split()[0], jax=jax.__version__,
-        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, optax=optax.__version__,
-        flax=flax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=str(jax.devices()[0].device_kind),
+        platform=jax.devices()[0].platform,
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        python=sys.version.split()[0],
+        jax=jax.__version__,
+        jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        optax=optax.__version__,
+        flax=flax.__version__,
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds (each: --block steps per config)")
+    ap.add_argument(
+        "--rounds", type=int, default=10, help="interleaved rounds (each: --block steps per config)"
+    )
     ap.add_argument("--block", type=int, default=UPDATE_EVERY)
     ap.add_argument("--only", nargs="*", help="configs to run besides dense")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "train_overhead.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "train_overhead.json")
+    )
     args = ap.parse_args()
     rows = run(args.rounds, args.block, args.only)
     header = f"{'config':>16} {'step ms':>8} {'median':>7} {'mean':>7} {'update ms':>10} {'mask B/p':>9} {'compile s':>9} {'sparsity':>8}"
     print(header)
     for r in rows:
         upd = f"{r['update_step_ms']:10.1f}" if r["update_step_ms"] is not None else f"{'-':>10}"
-        print(f"{r['config']:>16} {r['median_step_ms']:8.2f} {r['median_ratio']:7.3f} {r['mean_ratio']:7.3f} {upd} "
-              f"{r['mask_bytes_per_param']:9.3f} {r['compile_s']:9.2f} {r['final_sparsity']:8.3f}")
+        print(
+            f"{r['config']:>16} {r['median_step_ms']:8.2f} {r['median_ratio']:7.3f} {r['mean_ratio']:7.3f} {upd} "
+            f"{r['mask_bytes_per_param']:9.3f} {r['compile_s']:9.2f} {r['final_sparsity']:8.3f}"
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(dict(benchmark="train_overhead", model="MLP 784-1024-1024-10", batch=BATCH, optimizer="adam",
-                       dtype="float32", update_every=UPDATE_EVERY, rounds=args.rounds, block=args.block,
-                       environment=environment(), results=rows), f, indent=2)
+        json.dump(
+            dict(
+                benchmark="train_overhead",
+                model="MLP 784-1024-1024-10",
+                batch=BATCH,
+                optimizer="adam",
+                dtype="float32",
+                update_every=UPDATE_EVERY,
+                rounds=args.rounds,
+                block=args.block,
+                environment=environment(),
+                results=rows,
+            ),
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
 
 

@@ -22,7 +22,8 @@ import dataclasses
 import math
 import os
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,12 +59,17 @@ def sample_batch(data: np.ndarray, rng: np.random.Generator, batch_size: int, se
     return w[:, :-1], w[:, 1:]
 
 
-def sequential_batches(data: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None):
+def sequential_batches(
+    data: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None
+):
     """Non-overlapping windows from the start of ``data`` (deterministic; for evaluation and calibration)."""
     n = (len(data) - 1) // seq_len
     x = data[: n * seq_len].reshape(n, seq_len).astype(np.int32)
     y = data[1 : n * seq_len + 1].reshape(n, seq_len).astype(np.int32)
-    out = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)]
+    out = [
+        (x[i : i + batch_size], y[i : i + batch_size])
+        for i in range(0, n - batch_size + 1, batch_size)
+    ]
     return out[:max_batches] if max_batches else out
 
 
@@ -78,7 +84,7 @@ class Config:
     d_mlp: int = 512
 
     @classmethod
-    def big(cls) -> "Config":
+    def big(cls) -> Config:
         return cls(seq_len=256, d_model=256, n_heads=8, n_layers=4, d_mlp=1024)
 
 
@@ -190,7 +196,9 @@ def train(
     graphdef, init_params = init_model(cfg, seed)
     params = init_params if params is None else params
     if tx is None:
-        sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps, lr * 0.05)
+        sched = optax.warmup_cosine_decay_schedule(
+            0.0, lr, min(100, steps // 10 + 1), steps, lr * 0.05
+        )
         tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
     opt_state = tx.init(params)
     step = make_train_step(graphdef, tx, forward_params)

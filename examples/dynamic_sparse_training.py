@@ -77,8 +77,12 @@ def make_chunk(tx):
     def chunk(params, state, start, seed, x, y, xt, yt):
         def body(carry, t):
             params, state = carry
-            idx = jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(seed), t), (BATCH,), 0, x.shape[0])
-            grads = jax.grad(loss_fn)(params, x[idx], y[idx])  # dense gradient (pruned weights are exactly 0)
+            idx = jax.random.randint(
+                jax.random.fold_in(jax.random.PRNGKey(seed), t), (BATCH,), 0, x.shape[0]
+            )
+            grads = jax.grad(loss_fn)(
+                params, x[idx], y[idx]
+            )  # dense gradient (pruned weights are exactly 0)
             updates, state = tx.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
 
@@ -90,11 +94,15 @@ def make_chunk(tx):
 
 def train(method, chunk, data, sparsity, steps, seed):
     """One run; returns the test-accuracy curve [(step, acc)], the final masks (None if dense) and params."""
-    tx = make_tx(method, sparsity, steps, seed)  # the seed only matters at init (random mask, PRNG key)
+    tx = make_tx(
+        method, sparsity, steps, seed
+    )  # the seed only matters at init (random mask, PRNG key)
     params = MLP().init(jax.random.PRNGKey(seed), data[0][:1])
     state = tx.init(params)
     if method != "dense":
-        params = jaxsparse.apply_masks(params, state.masks)  # the first forward pass is already sparse
+        params = jaxsparse.apply_masks(
+            params, state.masks
+        )  # the first forward pass is already sparse
     curve = []
     for start in range(0, steps, EVAL_EVERY):
         params, state, acc = chunk(params, state, start, 10_000 + seed, *data)
@@ -109,9 +117,18 @@ def flops(masks, params, method, steps):
     if masks is None:
         return 1.0, 1.0
     f_s = sum(2 * int(m.sum()) for m in jax.tree.leaves(masks))
-    f_s += sum(2 * k.size for k, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda v: v is None))
-               if m is None and k.ndim == 2)
-    n_updates = 0 if method in ("static", "set") else len(range(UPDATE_EVERY, int(0.75 * steps) + 1, UPDATE_EVERY))
+    f_s += sum(
+        2 * k.size
+        for k, m in zip(
+            jax.tree.leaves(params), jax.tree.leaves(masks, is_leaf=lambda v: v is None)
+        )
+        if m is None and k.ndim == 2
+    )
+    n_updates = (
+        0
+        if method in ("static", "set")
+        else len(range(UPDATE_EVERY, int(0.75 * steps) + 1, UPDATE_EVERY))
+    )
     train_flops = n_updates * (2 * f_s + f_d) + (steps - n_updates) * 3 * f_s
     return train_flops / (3 * f_d * steps), f_s / f_d
 
@@ -121,15 +138,27 @@ def main():
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    )
     args = ap.parse_args()
     if args.steps % EVAL_EVERY:
         ap.error(f"--steps must be a multiple of {EVAL_EVERY}")
 
     t0 = time.time()
     d = make_dataset(get_dataset_args())  # generated locally, no download
-    data = tuple(jnp.asarray(d[k], dt) for k, dt in (("x", jnp.float32), ("y", jnp.int32), ("x_test", jnp.float32), ("y_test", jnp.int32)))
-    print(f"MNIST-1D: {data[0].shape[0]} train / {data[2].shape[0]} test, generated in {time.time() - t0:.1f}s")
+    data = tuple(
+        jnp.asarray(d[k], dt)
+        for k, dt in (
+            ("x", jnp.float32),
+            ("y", jnp.int32),
+            ("x_test", jnp.float32),
+            ("y_test", jnp.int32),
+        )
+    )
+    print(
+        f"MNIST-1D: {data[0].shape[0]} train / {data[2].shape[0]} test, generated in {time.time() - t0:.1f}s"
+    )
 
     methods = ["dense", "static", "set", "rigl"]
     results = {}
@@ -142,17 +171,26 @@ def main():
             accs.append(curve[-1][1])
             curves.append(curve)
             fl = flops(masks, params, method, args.steps)
-            print(f"  {method:6s} seed {seed}: test acc {accs[-1]:.4f} ({time.time() - t:.1f}s)", flush=True)
+            print(
+                f"  {method:6s} seed {seed}: test acc {accs[-1]:.4f} ({time.time() - t:.1f}s)",
+                flush=True,
+            )
         results[method] = (np.array(accs), curves, fl)
 
     sp = f"{args.sparsity:.0%} ERK"
-    print(f"\nMNIST-1D, MLP 40-{HIDDEN}-{HIDDEN}-10, Adam {LR}, {args.steps} steps x batch {BATCH}, {args.seeds} seeds")
-    print("| method | sparsity | test accuracy (mean ± std) | training FLOPs (x dense) | inference FLOPs (x dense) |")
+    print(
+        f"\nMNIST-1D, MLP 40-{HIDDEN}-{HIDDEN}-10, Adam {LR}, {args.steps} steps x batch {BATCH}, {args.seeds} seeds"
+    )
+    print(
+        "| method | sparsity | test accuracy (mean ± std) | training FLOPs (x dense) | inference FLOPs (x dense) |"
+    )
     print("|---|---|---|---|---|")
     for method in methods:
         accs, _, (tr, inf) = results[method]
         label = "dense" if method == "dense" else sp
-        print(f"| {method} | {label} | {100 * accs.mean():.2f} ± {100 * accs.std():.2f} | {tr:.3f} | {inf:.3f} |")
+        print(
+            f"| {method} | {label} | {100 * accs.mean():.2f} ± {100 * accs.std():.2f} | {tr:.3f} | {inf:.3f} |"
+        )
     print(f"total time {time.time() - t0:.0f}s")
 
     try:

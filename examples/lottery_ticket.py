@@ -15,11 +15,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
+from quickstart import MLP, load_data
 
 import jaxsparse as js
 from jaxsparse.lottery import imp_masks, rewind
 from jaxsparse.stats import global_sparsity
-from quickstart import MLP, load_data
 
 
 def main() -> None:
@@ -32,7 +32,9 @@ def main() -> None:
     x, y, x_test, y_test = load_data()
     model = MLP(hidden=256)
     params = model.init(jax.random.PRNGKey(0), x[:1])
-    loss_fn = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean()
+    loss_fn = lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
+        model.apply(p, xb), yb
+    ).mean()
     accuracy = jax.jit(lambda p: jnp.mean(model.apply(p, x_test).argmax(-1) == y_test))
 
     def train(params, masks, keep_step: int | None):

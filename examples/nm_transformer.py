@@ -60,14 +60,28 @@ def make_step(graphdef, tx, forward):
 
     @jax.jit
     def step(params, opt_state, t, x, y):
-        loss, grads = jax.value_and_grad(lambda p: char_lm.loss_fn(graphdef, forward(p, t), x, y))(params)
+        loss, grads = jax.value_and_grad(lambda p: char_lm.loss_fn(graphdef, forward(p, t), x, y))(
+            params
+        )
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
 
 
-def run(name, cfg, data, steps, batch_size, lr, forward, extra_tx=None, final=None, eval_every=100, seed=0):
+def run(
+    name,
+    cfg,
+    data,
+    steps,
+    batch_size,
+    lr,
+    forward,
+    extra_tx=None,
+    final=None,
+    eval_every=100,
+    seed=0,
+):
     train_data, val_batches = data
     graphdef, params = char_lm.init_model(cfg, seed)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps, lr * 0.05)
@@ -89,13 +103,18 @@ def run(name, cfg, data, steps, batch_size, lr, forward, extra_tx=None, final=No
         if (i + 1) % eval_every == 0 or i + 1 == steps:
             bpc = evaluate(effective(params, jnp.int32(i + 1)))
             curve.append((i + 1, bpc))
-            print(f"  [{name}] step {i + 1:5d}  train {float(loss) / math.log(2):.3f}  val {bpc:.3f} bits/char", flush=True)
+            print(
+                f"  [{name}] step {i + 1:5d}  train {float(loss) / math.log(2):.3f}  val {bpc:.3f} bits/char",
+                flush=True,
+            )
     return effective(params, jnp.int32(steps)), curve, time.time() - t0
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--big", action="store_true", help="4 layers, d_model 256, seq 256, 3x the steps")
+    ap.add_argument(
+        "--big", action="store_true", help="4 layers, d_model 256, seq 256, 3x the steps"
+    )
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -104,13 +123,21 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="comma-separated subset of: dense,srste,decay,ga")
     args = ap.parse_args(argv)
 
-    cfg = char_lm.Config.big() if args.big else char_lm.Config(seq_len=128, d_model=128, n_heads=4, n_layers=2, d_mlp=512)
+    cfg = (
+        char_lm.Config.big()
+        if args.big
+        else char_lm.Config(seq_len=128, d_model=128, n_heads=4, n_layers=2, d_mlp=512)
+    )
     steps = args.steps or (1200 if args.big else 300)
     text = char_lm.load_text(args.max_bytes)
     train_data, val_data = char_lm.train_val_split(text)
-    val_batches = char_lm.sequential_batches(val_data, args.batch_size, cfg.seq_len, args.val_batches)
+    val_batches = char_lm.sequential_batches(
+        val_data, args.batch_size, cfg.seq_len, args.val_batches
+    )
     data = (train_data, val_batches)
-    print(f"{len(text)} bytes of stdlib source; config {cfg}; {steps} steps, batch {args.batch_size}")
+    print(
+        f"{len(text)} bytes of stdlib source; config {cfg}; {steps} steps, batch {args.batch_size}"
+    )
 
     _, params0 = char_lm.init_model(cfg)
     where = prunable(params0, include=SPARSE)
@@ -126,25 +153,37 @@ def main(argv=None):
             forward=lambda p, t: ste_nm(p, 2, 4, where=where),
             extra_tx=sr_ste_decay(2, 4, 2e-4, where=where),
         ),
-        "decay": dict(label="2:4 mask decay", forward=lambda p, t: decayed_nm(p, beta(t), 2, 4, where=where),
-                      final=lambda p: ste_nm(p, 2, 4, where=where)),
-        "ga": dict(label="80% unstructured GA", forward=lambda p, t: annealed_topk(p, alpha(t), ga_budget)),
+        "decay": dict(
+            label="2:4 mask decay",
+            forward=lambda p, t: decayed_nm(p, beta(t), 2, 4, where=where),
+            final=lambda p: ste_nm(p, 2, 4, where=where),
+        ),
+        "ga": dict(
+            label="80% unstructured GA", forward=lambda p, t: annealed_topk(p, alpha(t), ga_budget)
+        ),
     }
     chosen = args.only.split(",") if args.only else list(runs)
     results, curves = {}, {}
     for key in chosen:
         spec = dict(runs[key])
         label = spec.pop("label")
-        eff, curve, secs = run(label, cfg, data, steps, args.batch_size, args.lr, eval_every=max(steps // 5, 1), **spec)
+        eff, curve, secs = run(
+            label, cfg, data, steps, args.batch_size, args.lr, eval_every=max(steps // 5, 1), **spec
+        )
         check = ""
         if key in ("srste", "decay"):
             ok = all(
                 bool(((eff_l != 0).reshape(eff_l.shape[0] // 4, 4, -1).sum(1) == 2).all())
-                for eff_l, mk in zip(jax.tree.leaves(eff), jax.tree.leaves(jax.tree.map(lambda w, s: s, eff, where)))
+                for eff_l, mk in zip(
+                    jax.tree.leaves(eff), jax.tree.leaves(jax.tree.map(lambda w, s: s, eff, where))
+                )
                 if mk
             )
             packed = compress_nm(eff, 2, 4, where=where)
-            exact = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(decompress_nm(packed)), jax.tree.leaves(eff)))
+            exact = all(
+                bool((a == b).all())
+                for a, b in zip(jax.tree.leaves(decompress_nm(packed)), jax.tree.leaves(eff))
+            )
             check = f"2:4 per group: {ok}; NMWeight round trip exact: {exact}"
         elif key == "ga":
             sel = [w for w, s in zip(jax.tree.leaves(eff), jax.tree.leaves(where)) if s]
@@ -159,7 +198,9 @@ def main(argv=None):
         print(f"| {label} | {r['val_bpc']:.4f} | {r['seconds']} | {r['check']} |")
 
     OUT.mkdir(exist_ok=True)
-    (OUT / "nm_transformer.json").write_text(json.dumps(dict(config=str(cfg), steps=steps, results=results, curves=curves), indent=1))
+    (OUT / "nm_transformer.json").write_text(
+        json.dumps(dict(config=str(cfg), steps=steps, results=results, curves=curves), indent=1)
+    )
     try:
         import matplotlib
 

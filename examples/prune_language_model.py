@@ -34,10 +34,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=400, help="training steps")
     ap.add_argument("--big", action="store_true", help="use char_lm.Config.big()")
-    ap.add_argument("--calib-seqs", type=int, default=32, help="calibration windows (of seq_len bytes)")
+    ap.add_argument(
+        "--calib-seqs", type=int, default=32, help="calibration windows (of seq_len bytes)"
+    )
     ap.add_argument("--val-batches", type=int, default=8, help="validation batches of 32 windows")
-    ap.add_argument("--dsnot-threshold", type=float, default=0.1, help="DSnoT update_threshold (per-token units)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument(
+        "--dsnot-threshold",
+        type=float,
+        default=0.1,
+        help="DSnoT update_threshold (per-token units)",
+    )
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    )
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -47,7 +56,12 @@ def main(argv=None):
     graphdef, params = char_lm.train(cfg, train_data, steps=args.steps)
     t_train = time.perf_counter() - t0
     val = char_lm.sequential_batches(val_data, 32, cfg.seq_len, args.val_batches)
-    calib = [x for x, _ in char_lm.sequential_batches(train_data, 16, cfg.seq_len, max(1, args.calib_seqs // 16))]
+    calib = [
+        x
+        for x, _ in char_lm.sequential_batches(
+            train_data, 16, cfg.seq_len, max(1, args.calib_seqs // 16)
+        )
+    ]
     model = nnx.merge(graphdef, params)
 
     results = {"dense": {p: char_lm.evaluate_bpc(graphdef, params, val) for p in PATTERNS}}
@@ -56,15 +70,26 @@ def main(argv=None):
         results[method] = {}
         for label, sparsity in PATTERNS.items():
             t = time.perf_counter()
-            res = prune_nnx(model, calib, method=method, sparsity=sparsity, layers=lambda n: n != "head",
-                            dsnot_options={"update_threshold": args.dsnot_threshold}, progress=False)
+            res = prune_nnx(
+                model,
+                calib,
+                method=method,
+                sparsity=sparsity,
+                layers=lambda n: n != "head",
+                dsnot_options={"update_threshold": args.dsnot_threshold},
+                progress=False,
+            )
             pruned = nnx.to_pure_dict(nnx.state(res.model))
             results[method][label] = char_lm.evaluate_bpc(graphdef, pruned, val)
             seconds[f"{method} {label}"] = time.perf_counter() - t
-            print(f"{method:>9s} {label}: {results[method][label]:.3f} bits/char ({seconds[f'{method} {label}']:.1f}s)")
+            print(
+                f"{method:>9s} {label}: {results[method][label]:.3f} bits/char ({seconds[f'{method} {label}']:.1f}s)"
+            )
 
-    print(f"\nvalidation bits per character ({args.steps} training steps, {len(calib) * 16} calibration windows "
-          f"of {cfg.seq_len} bytes; head dense)")
+    print(
+        f"\nvalidation bits per character ({args.steps} training steps, {len(calib) * 16} calibration windows "
+        f"of {cfg.seq_len} bytes; head dense)"
+    )
     print(f"{'method':>10s} | {'50%':>6s} | {'2:4':>6s}")
     print("-" * 30)
     for method, r in results.items():
@@ -73,8 +98,12 @@ def main(argv=None):
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_language_model.json").write_text(json.dumps(
-        {"config": vars(args), "model": cfg.__dict__, "bpc": results, "prune_seconds": seconds}, indent=2))
+    (out / "prune_language_model.json").write_text(
+        json.dumps(
+            {"config": vars(args), "model": cfg.__dict__, "bpc": results, "prune_seconds": seconds},
+            indent=2,
+        )
+    )
     try:
         import matplotlib
 

@@ -44,7 +44,9 @@ def load_data(seed: int = 0):
     return norm(d["x"]), jnp.asarray(d["y"]), norm(d["x_test"]), jnp.asarray(d["y_test"])
 
 
-def train(name: str, tx: optax.GradientTransformation, data, steps: int, batch: int = 128, seed: int = 0):
+def train(
+    name: str, tx: optax.GradientTransformation, data, steps: int, batch: int = 128, seed: int = 0
+):
     x, y, x_test, y_test = data
     model = MLP()
     params = model.init(jax.random.PRNGKey(seed), x[:1])
@@ -68,7 +70,11 @@ def train(name: str, tx: optax.GradientTransformation, data, steps: int, batch: 
         params, state, loss = train_step(params, state, jax.random.fold_in(key, t))
         if t % 100 == 0 or t == steps - 1:
             history.append((t, float(accuracy(params)), global_sparsity(params)))
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{history[-1][1]:.3f}", sparsity=f"{history[-1][2]:.2f}")
+            bar.set_postfix(
+                loss=f"{float(loss):.3f}",
+                acc=f"{history[-1][1]:.3f}",
+                sparsity=f"{history[-1][2]:.2f}",
+            )
     return params, history, time.perf_counter() - t0
 
 
@@ -81,18 +87,25 @@ def main() -> None:
     prune = dict(begin_step=args.steps // 6, end_step=args.steps * 2 // 3, frequency=100)
     runs = {
         "dense": optax.adam(1e-3),
-        f"gmp {args.sparsity:.0%}": js.gradual_magnitude_pruning(optax.adam(1e-3), args.sparsity, **prune),
+        f"gmp {args.sparsity:.0%}": js.gradual_magnitude_pruning(
+            optax.adam(1e-3), args.sparsity, **prune
+        ),
     }
     results = {name: train(name, tx, data, args.steps) for name, tx in runs.items()}
 
     dense_flops = flops(results["dense"][0])[0]
-    print(f"\n{'run':>10} {'test acc':>9} {'sparsity':>9} {'inference FLOPs':>16} {'vs dense':>9} {'time s':>7}")
+    print(
+        f"\n{'run':>10} {'test acc':>9} {'sparsity':>9} {'inference FLOPs':>16} {'vs dense':>9} {'time s':>7}"
+    )
     for name, (params, history, seconds) in results.items():
         _, sparse_flops = flops(params)
-        print(f"{name:>10} {history[-1][1]:9.3f} {global_sparsity(params):9.3f} {sparse_flops:16,.0f} "
-              f"{sparse_flops / dense_flops:9.3f} {seconds:7.1f}")
+        print(
+            f"{name:>10} {history[-1][1]:9.3f} {global_sparsity(params):9.3f} {sparse_flops:16,.0f} "
+            f"{sparse_flops / dense_flops:9.3f} {seconds:7.1f}"
+        )
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

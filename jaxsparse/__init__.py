@@ -7,6 +7,28 @@ SparseGPT, DSnoT and a layer-by-layer driver), ``jaxsparse.flax`` (sparse NNX / 
 """
 
 from jaxsparse.allocation import DISTRIBUTIONS, budget, keep_count, prunable
+from jaxsparse.estimators import (
+    ANNEALING_KINDS,
+    BACKWARDS,
+    MASK_DECAY_KINDS,
+    STRUCTURE_DECAY_KINDS,
+    StructureDecay,
+    annealed_masking,
+    annealed_nm,
+    annealed_topk,
+    autosparse_threshold,
+    decayed_nm,
+    gradient_annealing_schedule,
+    init_sste_scale,
+    init_thresholds,
+    mask_decay_schedule,
+    nm_masks,
+    soft_nm,
+    ste_nm,
+    structure_decay,
+    structure_decayed_nm,
+    transposable_nm_mask,
+)
 from jaxsparse.masks import (
     apply_masks,
     block_mask,
@@ -18,57 +40,29 @@ from jaxsparse.masks import (
     topk_mask,
     topk_masks,
 )
-from jaxsparse.oneshot import leaf_sparsities, magnitude_masks, masks_from_scores, random_masks, snip_masks
+from jaxsparse.nm_compression import (
+    NMLeaf,
+    compress_nm,
+    decompress_nm,
+    one_shot_nm,
+)
+from jaxsparse.oneshot import (
+    leaf_sparsities,
+    magnitude_masks,
+    masks_from_scores,
+    random_masks,
+    snip_masks,
+)
 from jaxsparse.schedules import cosine_fraction, polynomial_sparsity, update_gate
 from jaxsparse.sharding import place_like
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, SparseState, sparse_training
-from jaxsparse.transforms.pruning import (
-    fixed_masks,
-    fixed_masks_algorithm,
-    gmp_algorithm,
-    gradual_magnitude_pruning,
-    one_shot_algorithm,
-    one_shot_pruning,
-)
-
-from jaxsparse.estimators import (
-    annealed_masking,
-    annealed_nm,
-    annealed_topk,
-    ANNEALING_KINDS,
-    autosparse_threshold,
-    BACKWARDS,
-    decayed_nm,
-    gradient_annealing_schedule,
-    init_sste_scale,
-    init_thresholds,
-    MASK_DECAY_KINDS,
-    mask_decay_schedule,
-    nm_masks,
-    soft_nm,
-    ste_nm,
-    structure_decay,
-    STRUCTURE_DECAY_KINDS,
-    structure_decayed_nm,
-    StructureDecay,
-    transposable_nm_mask,
-)
-from jaxsparse.nm_compression import (
-    compress_nm,
-    decompress_nm,
-    NMLeaf,
-    one_shot_nm,
-)
-from jaxsparse.transforms.nm import (
-    sr_ste_decay,
-)
 from jaxsparse.transforms.dst import (
     DECAYS,
+    GROWTH_MODES,
     drop_fraction_schedule,
     dst_algorithm,
     granet,
     granet_algorithm,
-    GROWTH_MODES,
     rigl,
     rigl_algorithm,
     set_algorithm,
@@ -78,6 +72,17 @@ from jaxsparse.transforms.dst import (
     sparse_evolutionary_training,
     static_sparse,
     static_sparse_algorithm,
+)
+from jaxsparse.transforms.nm import (
+    sr_ste_decay,
+)
+from jaxsparse.transforms.pruning import (
+    fixed_masks,
+    fixed_masks_algorithm,
+    gmp_algorithm,
+    gradual_magnitude_pruning,
+    one_shot_algorithm,
+    one_shot_pruning,
 )
 
 __version__ = "0.1.0"

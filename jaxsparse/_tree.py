@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -19,7 +20,9 @@ def structure(tree: Any) -> Any:
 def check_same_structure(name_a: str, a: Any, name_b: str, b: Any) -> None:
     sa, sb = structure(a), structure(b)
     if sa != sb:
-        raise ValueError(f"`{name_a}` and `{name_b}` must have the same tree structure; got\n  {sa}\nand\n  {sb}.")
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same tree structure; got\n  {sa}\nand\n  {sb}."
+        )
 
 
 def map_masked(fn: Callable[[Any, Any], Any], params: Any, masks: Any) -> Any:

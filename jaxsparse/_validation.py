@@ -3,7 +3,8 @@ is allowed."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +61,9 @@ def check_nm(n: Any, m: Any) -> tuple[int, int]:
 
 def check_axis(name: str, axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
-        raise ValueError(f"`{name}` must be in [{-ndim}, {ndim}) for an array of ndim {ndim}; got {axis}.")
+        raise ValueError(
+            f"`{name}` must be in [{-ndim}, {ndim}) for an array of ndim {ndim}; got {axis}."
+        )
     return axis % ndim
 
 
@@ -73,4 +76,6 @@ def check_divisible(name: str, shape: tuple[int, ...], axis: int, m: int) -> Non
 
 def check_schedule_window(begin_name: str, begin: int, end_name: str, end: int) -> None:
     if end < begin:
-        raise ValueError(f"`{end_name}` ({end}) must be >= `{begin_name}` ({begin}): the schedule ends before it begins.")
+        raise ValueError(
+            f"`{end_name}` ({end}) must be >= `{begin_name}` ({begin}): the schedule ends before it begins."
+        )

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,9 @@ def _compile(patterns: str | Iterable[str] | None, name: str) -> list[re.Pattern
     try:
         return [re.compile(p) for p in patterns]
     except (re.error, TypeError) as e:
-        raise ValueError(f"`{name}` must be regular expression(s) over leaf paths like 'Dense_0/kernel'; got {patterns!r} ({e}).") from None
+        raise ValueError(
+            f"`{name}` must be regular expression(s) over leaf paths like 'Dense_0/kernel'; got {patterns!r} ({e})."
+        ) from None
 
 
 def _matches(regexes: list[re.Pattern], name: str) -> bool:
@@ -92,7 +95,9 @@ def prunable(
                 "leaves can be pruned (exclude it or change `predicate`)."
             )
         chosen.append(pick)
-    order = sorted((i for i, c in enumerate(chosen) if c), key=lambda i: natural_key(path_name(leaves[i][0])))
+    order = sorted(
+        (i for i, c in enumerate(chosen) if c), key=lambda i: natural_key(path_name(leaves[i][0]))
+    )
     if first_layer_dense and order:
         chosen[order[0]] = False
     if last_layer_dense and order:
@@ -154,7 +159,9 @@ def budget(
         sparsity = v.check_sparsity("sparsity", sparsity)
     v.check_choice("distribution", distribution, DISTRIBUTIONS)
     if traced and distribution != "uniform":
-        raise ValueError(f"`sparsity` must be a concrete float for distribution={distribution!r}; only 'uniform' accepts a traced one.")
+        raise ValueError(
+            f"`sparsity` must be a concrete float for distribution={distribution!r}; only 'uniform' accepts a traced one."
+        )
     if erk_power_scale < 0:
         raise ValueError(f"`erk_power_scale` must be >= 0; got {erk_power_scale}.")
     custom = dict(custom or {})
@@ -162,8 +169,13 @@ def budget(
         _compile(pattern, "custom")
         v.check_sparsity(f"custom[{pattern!r}]", s)
     custom_res = [(re.compile(p), s) for p, s in custom.items()]
-    selection = dict(include=include, exclude=exclude, predicate=predicate,
-                     first_layer_dense=first_layer_dense, last_layer_dense=last_layer_dense)
+    selection = dict(
+        include=include,
+        exclude=exclude,
+        predicate=predicate,
+        first_layer_dense=first_layer_dense,
+        last_layer_dense=last_layer_dense,
+    )
     _compile(include, "include"), _compile(exclude, "exclude")
 
     def plan(params: PyTree) -> PyTree:
@@ -172,7 +184,7 @@ def budget(
         picks = jax.tree.leaves(chosen)
         out: list[Any] = [None] * len(leaves)
         solve = []
-        for i, ((path, leaf), pick) in enumerate(zip(leaves, picks)):
+        for i, ((path, _leaf), pick) in enumerate(zip(leaves, picks)):
             if not pick:
                 continue
             name = path_name(path)
@@ -182,7 +194,9 @@ def budget(
             else:
                 solve.append(i)
         if not solve and all(o is None for o in out):
-            raise ValueError("no leaf of `params` is selected for pruning; check `include`, `exclude` and `predicate`.")
+            raise ValueError(
+                "no leaf of `params` is selected for pruning; check `include`, `exclude` and `predicate`."
+            )
         shapes = [tuple(leaves[i][1].shape) for i in solve]
         if distribution == "uniform":
             for i in solve:
@@ -214,4 +228,3 @@ def keep_count(sparsity: Any, size: int) -> Any:
     if isinstance(sparsity, jax.core.Tracer) or isinstance(sparsity, jax.Array):
         return size - jnp.floor(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
     return size - math.floor(float(sparsity) * size)
-

@@ -32,7 +32,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,9 @@ def _selection(params: PyTree, where: Where) -> list[bool]:
     return [bool(c) for c in jax.tree.leaves(chosen, is_leaf=is_none)]
 
 
-def _map_selected(fn: Callable[..., Any], params: PyTree, where: Where, *others: PyTree, others_names=()) -> PyTree:
+def _map_selected(
+    fn: Callable[..., Any], params: PyTree, where: Where, *others: PyTree, others_names=()
+) -> PyTree:
     """``fn(name, leaf, *other_leaves)`` on the selected leaves; the rest pass through unchanged."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     picks = _selection(params, where)
@@ -105,7 +108,9 @@ def _map_selected(fn: Callable[..., Any], params: PyTree, where: Where, *others:
     return jax.tree.unflatten(treedef, out)
 
 
-def _check_nm_leaf(name: str, leaf: Any, n: int, m: int, axis: int, transposable: bool = False) -> int:
+def _check_nm_leaf(
+    name: str, leaf: Any, n: int, m: int, axis: int, transposable: bool = False
+) -> int:
     v.check_float_array(f"params leaf '{name}'", leaf)
     ax = v.check_axis("axis", axis, leaf.ndim)
     v.check_divisible(f"params leaf '{name}'", leaf.shape, ax, m)
@@ -125,7 +130,7 @@ def _check_where(where: Where) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ masks
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _transposable_patterns(n: int, m: int) -> np.ndarray:
     """All m x m 0/1 matrices with n ones in every row and column, as a (m*m, P) float32 matrix."""
     rows = [np.isin(np.arange(m), c) for c in itertools.combinations(range(m), n)]
@@ -134,7 +139,9 @@ def _transposable_patterns(n: int, m: int) -> np.ndarray:
     return np.stack([p.reshape(-1) for p in pats], axis=1).astype(np.float32)
 
 
-def transposable_nm_mask(score: Float[ArrayLike, "... r c"], n: int, m: int) -> Bool[Array, "... r c"]:
+def transposable_nm_mask(
+    score: Float[ArrayLike, "... r c"], n: int, m: int
+) -> Bool[Array, "... r c"]:
     """An N:M mask along *both* of the last two axes: every ``m x m`` block has ``n`` kept per row and column.
 
     So ``W`` and ``W.T`` are both N:M along their contraction axes, and ``dX = dY @ W.T`` can use N:M too (the
@@ -151,7 +158,9 @@ def transposable_nm_mask(score: Float[ArrayLike, "... r c"], n: int, m: int) -> 
     n, m = v.check_nm(n, m)
     v.check_float_array("score", score)
     if score.ndim < 2:
-        raise ValueError(f"`score` must have ndim >= 2 for a transposable mask; got shape {score.shape}.")
+        raise ValueError(
+            f"`score` must have ndim >= 2 for a transposable mask; got shape {score.shape}."
+        )
     v.check_divisible("score", score.shape, score.ndim - 2, m)
     v.check_divisible("score", score.shape, score.ndim - 1, m)
     *lead, r, c = score.shape
@@ -178,7 +187,13 @@ def _leaf_nm_mask(leaf: Array, n: int, m: int, ax: int, transposable: bool) -> A
 
 
 def nm_masks(
-    params: PyTree, n: int = 2, m: int = 4, *, axis: int = -2, transposable: bool = False, where: Where = None
+    params: PyTree,
+    n: int = 2,
+    m: int = 4,
+    *,
+    axis: int = -2,
+    transposable: bool = False,
+    where: Where = None,
 ) -> PyTree:
     """Magnitude N:M masks (``bool``) for the selected leaves of ``params``, ``None`` for the others.
 
@@ -219,7 +234,13 @@ _ste_leaf.defvjp(_ste_fwd, _ste_bwd)
 
 
 def ste_nm(
-    params: PyTree, n: int = 2, m: int = 4, *, axis: int = -2, transposable: bool = False, where: Where = None
+    params: PyTree,
+    n: int = 2,
+    m: int = 4,
+    *,
+    axis: int = -2,
+    transposable: bool = False,
+    where: Where = None,
 ) -> PyTree:
     """N:M forward with a straight-through backward: forward ``W * E(W)``, gradient w.r.t. ``W`` = gradient w.r.t.
     the effective weights (dense, unmasked).
@@ -288,7 +309,10 @@ def annealed_masking(params: PyTree, masks: PyTree, alpha: Float[ArrayLike, ""])
     alpha = _check_unit_scalar("alpha", alpha)
     check_same_structure("masks", masks, "params", params)
     return jax.tree.map(
-        lambda mk, p: p if mk is None else _annealed_leaf(p, jnp.asarray(mk, bool), alpha), masks, params, is_leaf=is_none
+        lambda mk, p: p if mk is None else _annealed_leaf(p, jnp.asarray(mk, bool), alpha),
+        masks,
+        params,
+        is_leaf=is_none,
     )
 
 
@@ -309,7 +333,9 @@ def annealed_nm(
     >>> jax.grad(lambda p: annealed_nm(p, 0.5, 2, 4)["w"].sum())(p)["w"].ravel().tolist()
     [0.5, 1.0, 1.0, 0.5]
     """
-    masks = nm_masks(jax.lax.stop_gradient(params), n, m, axis=axis, transposable=transposable, where=where)
+    masks = nm_masks(
+        jax.lax.stop_gradient(params), n, m, axis=axis, transposable=transposable, where=where
+    )
     return annealed_masking(params, masks, alpha)
 
 
@@ -343,7 +369,9 @@ def _threshold_fwd(w, s, alpha):
 def _threshold_bwd(res, g):
     w, s, alpha = res
     tau = jax.nn.sigmoid(s).astype(w.dtype)
-    gx = jnp.where(jnp.abs(w) > tau, g, (alpha * g).astype(g.dtype))  # gradient reaching x = |w| - tau, times sign
+    gx = jnp.where(
+        jnp.abs(w) > tau, g, (alpha * g).astype(g.dtype)
+    )  # gradient reaching x = |w| - tau, times sign
     dw = gx  # sign(w) * d|w|/dw = 1
     dtau = -jnp.sum((jnp.sign(w) * gx).astype(jnp.float32))
     ds = (dtau * jax.nn.sigmoid(s) * (1 - jax.nn.sigmoid(s))).astype(jnp.result_type(s))
@@ -369,7 +397,9 @@ def init_thresholds(params: PyTree, init: float = -5.0, *, where: Where = None) 
         raise ValueError(f"`init` must be a finite float (a threshold logit); got {init}.")
     picks = _selection(params, where)
     flat, treedef = jax.tree.flatten(params)
-    return jax.tree.unflatten(treedef, [jnp.asarray(init, jnp.float32) if p else None for p in picks])
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(init, jnp.float32) if p else None for p in picks]
+    )
 
 
 def autosparse_threshold(params: PyTree, thresholds: PyTree, alpha: Float[ArrayLike, ""]) -> PyTree:
@@ -390,7 +420,10 @@ def autosparse_threshold(params: PyTree, thresholds: PyTree, alpha: Float[ArrayL
     alpha = _check_unit_scalar("alpha", alpha)
     check_same_structure("thresholds", thresholds, "params", params)
     return jax.tree.map(
-        lambda s, p: p if s is None else _threshold_leaf(p, s, alpha), thresholds, params, is_leaf=is_none
+        lambda s, p: p if s is None else _threshold_leaf(p, s, alpha),
+        thresholds,
+        params,
+        is_leaf=is_none,
     )
 
 
@@ -523,12 +556,15 @@ def mask_decay_schedule(
         if kind == "exponential" or end_step is None:
             raise ValueError(
                 f"`decay_coef` is required for kind={kind!r}"
-                + ("" if end_step is not None else " without `end_step`") + "; got None."
+                + ("" if end_step is not None else " without `end_step`")
+                + "; got None."
             )
         decay_coef = 1.0 / (end_step - begin_step)
     decay_coef = float(decay_coef)
     if not decay_coef > 0 or not math.isfinite(decay_coef):
-        raise ValueError(f"`decay_coef` must be a finite float > 0 (otherwise beta never decays); got {decay_coef}.")
+        raise ValueError(
+            f"`decay_coef` must be a finite float > 0 (otherwise beta never decays); got {decay_coef}."
+        )
     if kind == "exponential" and end_step is None:
         raise ValueError(
             "`end_step` is required for kind='exponential': exp(-decay_coef * t) never reaches 0, so the forward "
@@ -538,7 +574,9 @@ def mask_decay_schedule(
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
         t = jnp.maximum(s - begin_step, 0.0)
-        beta = jnp.maximum(0.0, 1.0 - decay_coef * t) if kind == "linear" else jnp.exp(-decay_coef * t)
+        beta = (
+            jnp.maximum(0.0, 1.0 - decay_coef * t) if kind == "linear" else jnp.exp(-decay_coef * t)
+        )
         return beta if end_step is None else jnp.where(s >= end_step, 0.0, beta)
 
     return schedule
@@ -610,7 +648,12 @@ def structure_decay(
 
 
 def structure_decayed_nm(
-    params: PyTree, step: Int[ArrayLike, ""], decay: StructureDecay, *, axis: int = -2, where: Where = None
+    params: PyTree,
+    step: Int[ArrayLike, ""],
+    decay: StructureDecay,
+    *,
+    axis: int = -2,
+    where: Where = None,
 ) -> PyTree:
     """The SDGF forward at ``step`` (traced): the current frame's N':M' magnitude mask, straight-through backward.
 
@@ -624,7 +667,9 @@ def structure_decayed_nm(
     [[0.0, -4.0, 3.0, 2.0], [0.0, -4.0, 3.0, 0.0]]
     """
     if not isinstance(decay, StructureDecay):
-        raise TypeError(f"`decay` must be a StructureDecay from structure_decay(...); got {type(decay).__name__}.")
+        raise TypeError(
+            f"`decay` must be a StructureDecay from structure_decay(...); got {type(decay).__name__}."
+        )
     _check_where(where)
     index = decay.frame_index(step) + 1  # 0 = dense phase
 
@@ -633,7 +678,8 @@ def structure_decayed_nm(
         for _, mm in decay.frames:
             ax = _check_nm_leaf(name, leaf, 1, mm, axis)
         branches = [lambda w: w] + [
-            functools.partial(lambda w, nn, mm: _ste_leaf(w, nn, mm, ax, False), nn=nn, mm=mm) for nn, mm in decay.frames
+            functools.partial(lambda w, nn, mm: _ste_leaf(w, nn, mm, ax, False), nn=nn, mm=mm)
+            for nn, mm in decay.frames
         ]
         return lax.switch(index, branches, leaf)
 
@@ -668,7 +714,9 @@ def _soft_bwd(n, m, ax, _, g):
 _soft_leaf.defvjp(_soft_fwd, _soft_bwd)
 
 
-def init_sste_scale(params: PyTree, n: int = 2, m: int = 4, *, axis: int = -2, where: Where = None) -> PyTree:
+def init_sste_scale(
+    params: PyTree, n: int = 2, m: int = 4, *, axis: int = -2, where: Where = None
+) -> PyTree:
     """S-STE's per-tensor scale ``beta = <W, S(W)> / <S(W), S(W)>`` (least-squares fit of ``W`` by ``beta * S(W)``),
     computed once (at initialisation) and then kept frozen: store it outside the trained params.
 
@@ -696,9 +744,7 @@ def init_sste_scale(params: PyTree, n: int = 2, m: int = 4, *, axis: int = -2, w
     return jax.tree.unflatten(treedef, out)
 
 
-def soft_nm(
-    params: PyTree, scales: PyTree, n: int = 2, m: int = 4, *, axis: int = -2
-) -> PyTree:
+def soft_nm(params: PyTree, scales: PyTree, n: int = 2, m: int = 4, *, axis: int = -2) -> PyTree:
     """S-STE (Hu et al. 2024) forward ``beta * S(W)``: in each group of ``m`` along ``axis``, ``t`` = the largest pruned
     ``|w|`` (the (m-n)-th smallest) and ``S(w) = sign(w) * max(|w| - t, 0)``, continuous in ``W`` with at most ``n``
     nonzeros per group; backward straight-through. ``scales`` comes from :func:`init_sste_scale` (``None`` leaves
@@ -717,4 +763,6 @@ def soft_nm(
         ax = _check_nm_leaf(name, leaf, n, m, axis)
         return _soft_leaf(leaf, jax.lax.stop_gradient(jnp.asarray(scale)), n, m, ax)
 
-    return _map_selected(one, params, lambda p: jax.tree.map(lambda _: True, p), scales, others_names=("scales",))
+    return _map_selected(
+        one, params, lambda p: jax.tree.map(lambda _: True, p), scales, others_names=("scales",)
+    )

@@ -23,7 +23,9 @@ from jaxsparse.oneshot import SCOPES
 __all__ = ["imp_masks", "rewind"]
 
 
-def imp_masks(params: PyTree, masks: PyTree | None = None, fraction: float = 0.2, scope: str = "global") -> PyTree:
+def imp_masks(
+    params: PyTree, masks: PyTree | None = None, fraction: float = 0.2, scope: str = "global"
+) -> PyTree:
     """Prunes ``ceil(fraction * nnz)`` of the weights still inside ``masks`` (smallest ``|w|``); nested masks.
 
     ``masks=None`` starts from dense over the default prunable leaves (:func:`jaxsparse.prunable`). After ``r``
@@ -37,14 +39,25 @@ def imp_masks(params: PyTree, masks: PyTree | None = None, fraction: float = 0.2
     fraction = v.check_sparsity("fraction", fraction)
     v.check_choice("scope", scope, SCOPES)
     if masks is None:
-        masks = jax.tree.map(lambda sel, p: jnp.ones(p.shape, bool) if sel else None, prunable(params), params)
-    scores = jax.tree.map(lambda m, p: None if m is None else jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf),
-                          masks, params, is_leaf=is_none)
+        masks = jax.tree.map(
+            lambda sel, p: jnp.ones(p.shape, bool) if sel else None, prunable(params), params
+        )
+    scores = jax.tree.map(
+        lambda m, p: None if m is None else jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf),
+        masks,
+        params,
+        is_leaf=is_none,
+    )
     counts = jax.tree.map(lambda m: None if m is None else int(jnp.sum(m)), masks, is_leaf=is_none)
     if scope == "global":
         nnz = sum(jax.tree.leaves(counts))
         return global_topk_masks(scores, nnz - math.ceil(fraction * nnz))
-    return topk_masks(scores, jax.tree.map(lambda c: None if c is None else c - math.ceil(fraction * c), counts, is_leaf=is_none))
+    return topk_masks(
+        scores,
+        jax.tree.map(
+            lambda c: None if c is None else c - math.ceil(fraction * c), counts, is_leaf=is_none
+        ),
+    )
 
 
 def rewind(rewind_params: PyTree, masks: PyTree) -> PyTree:

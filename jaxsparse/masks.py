@@ -13,7 +13,8 @@ gathering them: each pass is a local count and a scalar all-reduce.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import map_masked, check_same_structure
+from jaxsparse._tree import check_same_structure, map_masked
 
 __all__ = [
     "topk_mask",
@@ -44,7 +45,9 @@ def _ordered_key(score: Array) -> Array:
     x = jnp.asarray(score).astype(jnp.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
-    return jnp.where(jnp.isnan(x), jnp.uint32(0), key)  # -inf maps to 0x007FFFFF, so NaN is strictly lowest
+    return jnp.where(
+        jnp.isnan(x), jnp.uint32(0), key
+    )  # -inf maps to 0x007FFFFF, so NaN is strictly lowest
 
 
 def _flat_index(shape: Sequence[int]) -> Array:
@@ -115,7 +118,7 @@ def _select_top(scores: list[Array], ks: Array, shared: bool) -> list[Array]:
 
 
 # ------------------------------------------------------------------------------------------------ public: top-k
-def topk_mask(score: Float[ArrayLike, "..."], k: Int[ArrayLike, ""]) -> Bool[Array, "..."]:
+def topk_mask(score: Float[ArrayLike, ...], k: Int[ArrayLike, ""]) -> Bool[Array, ...]:
     """Mask of the ``k`` largest entries of ``score``; exactly ``min(max(k, 0), score.size)`` are True.
 
     ``k`` may be a traced integer. Ties are broken by flat index (lower first); NaN ranks below every number.
@@ -172,7 +175,9 @@ def global_topk_masks(scores: Any, k: Int[ArrayLike, ""]) -> Any:
         raise ValueError("global_topk_masks: `scores` has no array leaves; expected at least one.")
     for i in live:
         v.check_float_array(f"scores leaf {i}", jnp.asarray(leaves[i]))
-    picked = _select_top([jnp.asarray(leaves[i]) for i in live], jnp.asarray(k, jnp.int32), shared=True)
+    picked = _select_top(
+        [jnp.asarray(leaves[i]) for i in live], jnp.asarray(k, jnp.int32), shared=True
+    )
     out = list(leaves)
     for i, m in zip(live, picked):
         out[i] = m
@@ -199,14 +204,18 @@ def random_scores(key: PRNGKeyArray, tree: Any) -> Any:
 
 
 def _hash_uniform(shape: tuple[int, ...], seed: Array) -> Array:
-    x = lax.broadcasted_iota(jnp.uint32, (math.prod(shape),), 0).reshape(shape) * jnp.uint32(0x9E3779B9) + seed
+    x = (
+        lax.broadcasted_iota(jnp.uint32, (math.prod(shape),), 0).reshape(shape)
+        * jnp.uint32(0x9E3779B9)
+        + seed
+    )
     for mul in (0x85EBCA6B, 0xC2B2AE35):
         x = (x ^ (x >> 16)) * jnp.uint32(mul)
     x = x ^ (x >> 16)
     return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
-def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) -> Bool[Array, "..."]:
+def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) -> Bool[Array, ...]:
     """A uniformly random mask of ``shape`` with exactly ``k`` True entries (``k`` may be traced).
 
     >>> import jax
@@ -218,9 +227,7 @@ def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) 
 
 
 # ------------------------------------------------------------------------------------------------ public: N:M
-def nm_mask(
-    score: Float[ArrayLike, "..."], n: int, m: int, axis: int = -2
-) -> Bool[Array, "..."]:
+def nm_mask(score: Float[ArrayLike, ...], n: int, m: int, axis: int = -2) -> Bool[Array, ...]:
     """N:M mask: in every group of ``m`` consecutive entries along ``axis``, keep the ``n`` largest scores.
 
     The default axis -2 is the contraction (input) axis of a Flax ``Dense`` kernel ``(in, out)`` and the ``I``
@@ -251,7 +258,7 @@ def nm_mask(
 
 # ------------------------------------------------------------------------------------------------ public: blocks
 def block_scores(
-    score: Float[ArrayLike, "..."], block_shape: tuple[int, int], pool: str = "l2"
+    score: Float[ArrayLike, ...], block_shape: tuple[int, int], pool: str = "l2"
 ) -> Float[Array, "rb cb"]:
     """Pools ``|score|`` over ``block_shape`` tiles of the leaf viewed as a matrix ``(prod(shape[:-1]), shape[-1])``.
 
@@ -275,11 +282,11 @@ def block_scores(
 
 
 def block_mask(
-    score: Float[ArrayLike, "..."],
+    score: Float[ArrayLike, ...],
     block_shape: tuple[int, int],
     k: Int[ArrayLike, ""],
     pool: str = "l2",
-) -> Bool[Array, "..."]:
+) -> Bool[Array, ...]:
     """Keeps the ``k`` highest-scoring ``block_shape`` tiles (pooled by ``pool``); ``k`` counts blocks.
 
     >>> import jax.numpy as jnp

@@ -19,7 +19,14 @@ from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, is_none, path_name
-from jaxsparse.estimators import Where, _check_nm_leaf, _check_where, _leaf_nm_mask, _selection, nm_masks
+from jaxsparse.estimators import (
+    Where,
+    _check_nm_leaf,
+    _check_where,
+    _leaf_nm_mask,
+    _selection,
+    nm_masks,
+)
 from jaxsparse.masks import apply_masks
 from pallas_kernels.nm.format import NMWeight, pack_nm, unpack_nm
 
@@ -43,7 +50,9 @@ class NMLeaf:
         dense = unpack_nm(self.weight)
         if self.axis == len(self.shape) - 2:
             return dense.reshape(self.shape)
-        moved = (self.shape[self.axis],) + tuple(d for i, d in enumerate(self.shape) if i != self.axis)
+        moved = (self.shape[self.axis],) + tuple(
+            d for i, d in enumerate(self.shape) if i != self.axis
+        )
         return jnp.moveaxis(dense.reshape(moved), 0, self.axis)
 
 
@@ -58,7 +67,13 @@ def _is_compressed(x: Any) -> bool:
 
 
 def one_shot_nm(
-    params: PyTree, n: int = 2, m: int = 4, *, axis: int = -2, transposable: bool = False, where: Where = None
+    params: PyTree,
+    n: int = 2,
+    m: int = 4,
+    *,
+    axis: int = -2,
+    transposable: bool = False,
+    where: Where = None,
 ) -> PyTree:
     """Magnitude N:M pruning of a trained model: every group of ``m`` along ``axis`` keeps its ``n`` largest ``|w|``.
 
@@ -68,7 +83,9 @@ def one_shot_nm(
     >>> one_shot_nm({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "b": jnp.ones(1)})["w"].ravel().tolist()
     [0.0, -4.0, 3.0, 0.0]
     """
-    return apply_masks(params, nm_masks(params, n, m, axis=axis, transposable=transposable, where=where))
+    return apply_masks(
+        params, nm_masks(params, n, m, axis=axis, transposable=transposable, where=where)
+    )
 
 
 def compress_nm(
@@ -135,4 +152,6 @@ def decompress_nm(tree: PyTree) -> PyTree:
     >>> bool((decompress_nm(compress_nm(w, 1, 4))["conv"] == one_shot_nm(w, 1, 4)["conv"]).all())
     True
     """
-    return jax.tree.map(lambda x: x.todense() if _is_compressed(x) else x, tree, is_leaf=_is_compressed)
+    return jax.tree.map(
+        lambda x: x.todense() if _is_compressed(x) else x, tree, is_leaf=_is_compressed
+    )

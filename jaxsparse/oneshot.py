@@ -8,7 +8,8 @@ the sum of those counts, chosen by one threshold across leaves.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +20,25 @@ from jaxsparse._tree import check_same_structure, is_none
 from jaxsparse.allocation import Budget, as_budget, keep_count
 from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
 
-__all__ = ["leaf_sparsities", "masks_from_scores", "magnitude_masks", "random_masks", "snip_masks", "SCOPES"]
+__all__ = [
+    "leaf_sparsities",
+    "masks_from_scores",
+    "magnitude_masks",
+    "random_masks",
+    "snip_masks",
+    "SCOPES",
+]
 
 SCOPES = ("layer", "global")
 
 
 def leaf_sparsities(sparsity: float | Budget | PyTree, params: PyTree) -> PyTree:
     """Resolves ``sparsity`` (float, budget or per-leaf pytree) to a per-leaf pytree with ``None`` for dense."""
-    if callable(sparsity) or isinstance(sparsity, (int, float)) or isinstance(sparsity, jax.core.Tracer):
+    if (
+        callable(sparsity)
+        or isinstance(sparsity, (int, float))
+        or isinstance(sparsity, jax.core.Tracer)
+    ):
         return as_budget(sparsity)(params)
     check_same_structure("sparsity", sparsity, "params", params)
     for s in jax.tree.leaves(sparsity):
@@ -48,7 +60,12 @@ def masks_from_scores(scores: PyTree, sparsities: PyTree, scope: str = "layer") 
     v.check_choice("scope", scope, SCOPES)
     check_same_structure("scores", scores, "sparsities", sparsities)
     live = jax.tree.map(lambda s, x: None if s is None else x, sparsities, scores, is_leaf=is_none)
-    ks = jax.tree.map(lambda s, x: None if s is None else keep_count(s, x.size), sparsities, scores, is_leaf=is_none)
+    ks = jax.tree.map(
+        lambda s, x: None if s is None else keep_count(s, x.size),
+        sparsities,
+        scores,
+        is_leaf=is_none,
+    )
     if scope == "layer":
         return topk_masks(live, ks)
     total = sum(jax.tree.leaves(ks))
@@ -58,11 +75,16 @@ def masks_from_scores(scores: PyTree, sparsities: PyTree, scope: str = "layer") 
 def _restrict(scores: PyTree, masks: PyTree | None) -> PyTree:
     if masks is None:
         return scores
-    return jax.tree.map(lambda m, s: s if m is None else jnp.where(m, s, -jnp.inf), masks, scores, is_leaf=is_none)
+    return jax.tree.map(
+        lambda m, s: s if m is None else jnp.where(m, s, -jnp.inf), masks, scores, is_leaf=is_none
+    )
 
 
 def magnitude_masks(
-    params: PyTree, sparsity: float | Budget | PyTree, scope: str = "layer", masks: PyTree | None = None
+    params: PyTree,
+    sparsity: float | Budget | PyTree,
+    scope: str = "layer",
+    masks: PyTree | None = None,
 ) -> PyTree:
     """Keeps the largest ``|w|``; with ``masks``, only weights inside them (nested masks, as IMP and GMP need).
 

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
@@ -29,7 +29,9 @@ def _window(begin_step: int, end_step: int | None, frequency: int) -> None:
         v.check_schedule_window("begin_step", begin_step, "end_step", end_step)
 
 
-def update_gate(frequency: int, begin_step: int = 0, end_step: int | None = None) -> Callable[[ArrayLike], Bool[Array, ""]]:
+def update_gate(
+    frequency: int, begin_step: int = 0, end_step: int | None = None
+) -> Callable[[ArrayLike], Bool[Array, ""]]:
     """``gate(step)`` is True when ``begin_step <= step <= end_step`` and ``(step - begin_step) % frequency == 0``.
 
     >>> gate = update_gate(100, begin_step=100, end_step=300)

@@ -6,7 +6,8 @@ These read concrete arrays and return Python numbers (for logging and reports), 
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -47,12 +48,18 @@ def global_sparsity(params: PyTree, min_ndim: int = 2) -> float:
     >>> global_sparsity({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]]), "b": jnp.zeros(2)})
     0.5
     """
-    stats = [s for p, s in zip(jax.tree.leaves(params), sparsity_summary(params).values()) if np.ndim(p) >= min_ndim]
+    stats = [
+        s
+        for p, s in zip(jax.tree.leaves(params), sparsity_summary(params).values())
+        if np.ndim(p) >= min_ndim
+    ]
     size = sum(s.size for s in stats)
     return 1.0 - sum(s.nnz for s in stats) / size if size else 0.0
 
 
-def flops(params: PyTree, spatial: Mapping[str, tuple[int, ...]] | None = None) -> tuple[float, float]:
+def flops(
+    params: PyTree, spatial: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[float, float]:
     """``(dense, sparse)`` multiply-add FLOPs (x2) of one example's forward pass through Dense and Conv kernels.
 
     A 2-D leaf ``(in, out)`` counts ``2 * in * out``; an N-D conv kernel (``HWIO``) counts
@@ -72,7 +79,9 @@ def flops(params: PyTree, spatial: Mapping[str, tuple[int, ...]] | None = None) 
         per_position = 2.0 * st.size
         if np.ndim(leaf) > 2:
             if name not in spatial:
-                raise ValueError(f"conv kernel '{name}' (shape {np.shape(leaf)}) needs its output spatial dims in `spatial`.")
+                raise ValueError(
+                    f"conv kernel '{name}' (shape {np.shape(leaf)}) needs its output spatial dims in `spatial`."
+                )
             per_position *= math.prod(spatial[name])
         dense += per_position
         sparse += per_position * st.nnz / st.size

@@ -28,13 +28,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 
 def _parse_version(text: str) -> tuple[int, int, int]:
-  parts = []
-  for piece in text.split(".")[:3]:
-    digits = "".join(ch for ch in piece if ch.isdigit())
-    parts.append(int(digits) if digits else 0)
-  while len(parts) < 3:
-    parts.append(0)
-  return tuple(parts)  # type: ignore[return-value]
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
 
 
 JAX_VERSION: tuple[int, int, int] = _parse_version(jax.__version__)
@@ -46,96 +46,99 @@ SUPPORTED_JAX = ((0, 10, 2), (0, 12, 0))
 
 # --------------------------------------------------------------------------------------------- TPU
 def tpu_compiler_params(dimension_semantics: tuple[str, ...]) -> Any:
-  """Mosaic-TPU compiler params with the given grid dimension semantics ("parallel"/"arbitrary")."""
-  return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
+    """Mosaic-TPU compiler params with the given grid dimension semantics ("parallel"/"arbitrary")."""
+    return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
 
 
 def tpu_interpret_params(*, detect_races: bool = False) -> Any:
-  """TPU interpret mode: raises on out-of-bounds block reads and non-consecutive output revisits."""
-  return pltpu.InterpretParams(
-      detect_races=detect_races, out_of_bounds_reads="raise", uninitialized_memory="nan")
+    """TPU interpret mode: raises on out-of-bounds block reads and non-consecutive output revisits."""
+    return pltpu.InterpretParams(
+        detect_races=detect_races, out_of_bounds_reads="raise", uninitialized_memory="nan"
+    )
 
 
 def reset_tpu_interpret_state() -> None:
-  """Clear TPU-interpret global state; call after a kernel raised inside TPU interpret mode."""
-  pltpu.reset_tpu_interpret_mode_state()
+    """Clear TPU-interpret global state; call after a kernel raised inside TPU interpret mode."""
+    pltpu.reset_tpu_interpret_mode_state()
 
 
 # ------------------------------------------------------------------------------------- Mosaic GPU
 def mosaic_gpu_interpret_params() -> Any:
-  """Mosaic-GPU interpret mode params (CPU emulation of ``plgpu.kernel``)."""
-  try:  # public in later releases
-    from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams  # type: ignore[attr-defined]
-  except ImportError:  # jax 0.10.x: private path
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  return InterpretGPUParams()
+    """Mosaic-GPU interpret mode params (CPU emulation of ``plgpu.kernel``)."""
+    try:  # public in later releases
+        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams  # type: ignore[attr-defined]
+    except ImportError:  # jax 0.10.x: private path
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
 
 
 def mosaic_gpu_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret=None):
-  """``plgpu.kernel`` with the 0.10.2+ keyword names; ``interpret`` None compiles for the GPU."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+    """``plgpu.kernel`` with the 0.10.2+ keyword names; ``interpret`` None compiles for the GPU."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  kwargs = dict(grid=grid, grid_names=grid_names)
-  if interpret is not None:
-    kwargs["interpret"] = interpret
-  if JAX_VERSION >= (0, 10, 2):
-    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)
-  return plgpu.kernel(body, out_shape=out_type, scratch_shapes=scratch_types, **kwargs)
+    kwargs = dict(grid=grid, grid_names=grid_names)
+    if interpret is not None:
+        kwargs["interpret"] = interpret
+    if JAX_VERSION >= (0, 10, 2):
+        return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)
+    return plgpu.kernel(body, out_shape=out_type, scratch_shapes=scratch_types, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ Triton
 def triton_compiler_params(*, num_warps: int = 4, num_stages: int = 2) -> Any:
-  """Selects the (deprecated in 0.11) Pallas-Triton GPU backend for a ``pallas_call``."""
-  from jax.experimental.pallas import triton as pltriton
+    """Selects the (deprecated in 0.11) Pallas-Triton GPU backend for a ``pallas_call``."""
+    from jax.experimental.pallas import triton as pltriton
 
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 # ------------------------------------------------------------------------------------------ common
 def cost_estimate(*, flops: int, bytes_accessed: int, transcendentals: int = 0) -> Any:
-  """``pl.CostEstimate`` for XLA's scheduler."""
-  return pl.CostEstimate(
-      flops=int(flops), bytes_accessed=int(bytes_accessed), transcendentals=int(transcendentals))
+    """``pl.CostEstimate`` for XLA's scheduler."""
+    return pl.CostEstimate(
+        flops=int(flops), bytes_accessed=int(bytes_accessed), transcendentals=int(transcendentals)
+    )
 
 
 @contextlib.contextmanager
 def tpu_interpret_guard():
-  """Context manager: resets TPU-interpret state if the body raises, then re-raises."""
-  try:
-    yield
-  except Exception:
-    reset_tpu_interpret_state()
-    raise
+    """Context manager: resets TPU-interpret state if the body raises, then re-raises."""
+    try:
+        yield
+    except Exception:
+        reset_tpu_interpret_state()
+        raise
 
 
 # ------------------------------------------------------------------------------- N:M (appended by nm)
 def mosaic_gpu_lane_params() -> Any:
-  """Mosaic-GPU compiler params pinned to Lane lowering semantics (0.10.x default; 0.11 defaults to
-  Warpgroup), for kernels that place register layouts explicitly with :func:`mosaic_gpu_load`."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+    """Mosaic-GPU compiler params pinned to Lane lowering semantics (0.10.x default; 0.11 defaults to
+    Warpgroup), for kernels that place register layouts explicitly with :func:`mosaic_gpu_load`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def mosaic_gpu_load(ref, *, layout: str, interpret: bool) -> Any:
-  """Whole-ref load into registers with a named ``plgpu.Layout`` (bank conflicts allowed).
+    """Whole-ref load into registers with a named ``plgpu.Layout`` (bank conflicts allowed).
 
-  The Mosaic-GPU interpreter does not run ``plgpu.load``, and layouts do not matter there: it gets ``ref[...]``.
-  """
-  if interpret:
-    return ref[...]
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+    The Mosaic-GPU interpreter does not run ``plgpu.load``, and layouts do not matter there: it gets ``ref[...]``.
+    """
+    if interpret:
+        return ref[...]
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  full = tuple(slice(None) for _ in ref.shape)
-  return plgpu.load(ref, full, layout=getattr(plgpu.Layout, layout), optimized=False)
+    full = tuple(slice(None) for _ in ref.shape)
+    return plgpu.load(ref, full, layout=getattr(plgpu.Layout, layout), optimized=False)
 
 
-def mosaic_gpu_kernel_with_params(body, *, out_type, scratch_types, grid, grid_names, compiler_params,
-                                  interpret=None):
-  """:func:`mosaic_gpu_kernel` plus ``compiler_params``."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+def mosaic_gpu_kernel_with_params(
+    body, *, out_type, scratch_types, grid, grid_names, compiler_params, interpret=None
+):
+    """:func:`mosaic_gpu_kernel` plus ``compiler_params``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  kwargs = dict(grid=grid, grid_names=grid_names, compiler_params=compiler_params)
-  if interpret is not None:
-    kwargs["interpret"] = interpret
-  return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)
+    kwargs = dict(grid=grid, grid_names=grid_names, compiler_params=compiler_params)
+    if interpret is not None:
+        kwargs["interpret"] = interpret
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)

@@ -7,9 +7,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jaxsparse import estimators as E
 from jaxsparse.masks import nm_mask
@@ -58,7 +58,10 @@ def test_ste_exactly_n_per_group_and_identity_gradient(nm, conv, seed):
 
 
 def test_ste_other_axis_and_where():
-    p = {"a": jax.random.normal(jax.random.PRNGKey(0), (8, 12)), "b": jax.random.normal(jax.random.PRNGKey(1), (6, 6))}
+    p = {
+        "a": jax.random.normal(jax.random.PRNGKey(0), (8, 12)),
+        "b": jax.random.normal(jax.random.PRNGKey(1), (6, 6)),
+    }
     out = E.ste_nm(p, 1, 4, axis=-1, where={"a": True, "b": False})
     assert (_nnz_per_group(out["a"], 4, axis=-1) == 1).all()
     assert (out["b"] == p["b"]).all()
@@ -97,7 +100,7 @@ def test_transposable_2_4_is_the_best_block_pattern():
     w = np.abs(np.asarray(jax.random.normal(jax.random.PRNGKey(3), (4, 8))))
     mask = np.asarray(E.transposable_nm_mask(w, 2, 4))
     for j in range(2):
-        blk, mk = w[:, 4 * j:4 * j + 4], mask[:, 4 * j:4 * j + 4]
+        blk, mk = w[:, 4 * j : 4 * j + 4], mask[:, 4 * j : 4 * j + 4]
         assert np.isclose(blk[mk].sum(), _brute_force_best(blk, 2, 4), rtol=1e-6)
 
 
@@ -106,7 +109,7 @@ def test_transposable_2_4_is_the_best_block_pattern():
 def test_annealed_nm_gradient_is_alpha_g_on_masked(alpha):
     p = _params(jax.random.PRNGKey(0), [(8, 6), (3, 3, 4, 2)])
     c = _params(jax.random.PRNGKey(1), [(8, 6), (3, 3, 4, 2)])
-    loss = lambda f: (lambda q: sum(jnp.sum(f(q)[k] * c[k]) for k in q))
+    loss = lambda f: lambda q: sum(jnp.sum(f(q)[k] * c[k]) for k in q)
     g = jax.jit(jax.grad(loss(lambda q: E.annealed_nm(q, alpha, 2, 4))))(p)
     masks = E.nm_masks(p, 2, 4)
     for k in p:
@@ -146,7 +149,9 @@ def test_autosparse_threshold_gradients():
     gw, gt = jax.jit(jax.grad(loss, argnums=(0, 1)))(p, th, 0.3)
     assert (gw["w"] == jnp.where(kept, c, jnp.float32(0.3) * c)).all()
     # alpha = 0: exactly the true derivative of sign(w) * relu(|w| - sigmoid(s))
-    true = lambda q, t: jnp.sum(jnp.sign(q["w"]) * jax.nn.relu(jnp.abs(q["w"]) - jax.nn.sigmoid(t["w"])) * c)
+    true = lambda q, t: jnp.sum(
+        jnp.sign(q["w"]) * jax.nn.relu(jnp.abs(q["w"]) - jax.nn.sigmoid(t["w"])) * c
+    )
     gw0, gt0 = jax.jit(jax.grad(loss, argnums=(0, 1)))(p, th, 0.0)
     tw, tt = jax.jit(jax.grad(true, argnums=(0, 1)))(p, th)
     assert np.allclose(gw0["w"], tw["w"]) and np.allclose(gt0["w"], tt["w"], rtol=1e-5)
@@ -164,10 +169,14 @@ def test_decayed_nm_reductions_and_backwards():
     for k in p:
         assert (zero[k] == hard[k]).all()
         assert (one[k] == p[k]).all()
-    loss = lambda beta, backward: (lambda q: sum(jnp.sum(E.decayed_nm(q, beta, 2, 4, backward=backward)[k] * c[k]) for k in q))
+    loss = lambda beta, backward: (
+        lambda q: sum(jnp.sum(E.decayed_nm(q, beta, 2, 4, backward=backward)[k] * c[k]) for k in q)
+    )
     g_ste = jax.jit(jax.grad(loss(0.4, "ste")))(p)
     g_scaled = jax.jit(jax.grad(loss(0.4, "scaled")))(p)
-    g_true = jax.jit(jax.grad(lambda q: sum(jnp.sum(jnp.where(masks[k], q[k], 0.4 * q[k]) * c[k]) for k in q)))(p)
+    g_true = jax.jit(
+        jax.grad(lambda q: sum(jnp.sum(jnp.where(masks[k], q[k], 0.4 * q[k]) * c[k]) for k in q))
+    )(p)
     for k in p:
         assert (g_ste[k] == c[k]).all()
         assert np.allclose(g_scaled[k], g_true[k])
@@ -252,7 +261,10 @@ def test_soft_nm_at_most_n_and_continuous(nm, seed):
         # nonzeros sit on the hard N:M mask
         assert not np.asarray(out["w"] != 0)[~np.asarray(hard)].any()
     lip = 2 * float(scales["w"])  # |S(w) - S(w')| <= 2 max |w - w'| within a group
-    assert float(jnp.max(jnp.abs(out2["w"] - out["w"]))) <= lip * float(jnp.max(jnp.abs(d))) * 1.01 + 1e-6
+    assert (
+        float(jnp.max(jnp.abs(out2["w"] - out["w"])))
+        <= lip * float(jnp.max(jnp.abs(d))) * 1.01 + 1e-6
+    )
 
 
 def test_soft_nm_straight_through_and_frozen_scale():

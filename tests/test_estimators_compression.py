@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsparse.estimators import nm_masks, ste_nm, transposable_nm_mask
+from jaxsparse.estimators import ste_nm, transposable_nm_mask
 from jaxsparse.nm_compression import NMLeaf, compress_nm, decompress_nm, one_shot_nm
 from pallas_kernels.nm import NMWeight, nm_matmul
 
@@ -28,7 +28,11 @@ def test_one_shot_and_round_trip_exact(n, m):
     ste = ste_nm(p, n, m, where=where)
     assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(pruned), jax.tree.leaves(ste)))
     c = jax.jit(lambda q: compress_nm(q, n, m, where=where))(p)
-    assert isinstance(c["dense"]["kernel"], NMWeight) and c["dense"]["kernel"].values.shape == (n, 16 // m, 6)
+    assert isinstance(c["dense"]["kernel"], NMWeight) and c["dense"]["kernel"].values.shape == (
+        n,
+        16 // m,
+        6,
+    )
     if m <= 8:
         assert isinstance(c["conv"]["kernel"], NMLeaf)
     back = decompress_nm(c)
@@ -36,7 +40,9 @@ def test_one_shot_and_round_trip_exact(n, m):
     assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(pruned)))
     # compressing already-pruned weights is the identity too
     back2 = decompress_nm(compress_nm(pruned, n, m, where=where))
-    assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(back2), jax.tree.leaves(pruned)))
+    assert all(
+        bool((a == b).all()) for a, b in zip(jax.tree.leaves(back2), jax.tree.leaves(pruned))
+    )
 
 
 def test_explicit_transposable_masks_and_kernel_matmul():

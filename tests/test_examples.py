@@ -23,6 +23,11 @@ def test_example_runs(name, tmp_path):
     args = list(RUNS[name])
     if name in ("dynamic_sparse_training", "prune_language_model"):
         args += ["--out", str(tmp_path)]
-    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *args], cwd=EXAMPLES,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

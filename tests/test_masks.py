@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jaxsparse as js
 
@@ -43,14 +44,20 @@ def test_topk_traced_k_under_vmap():
     assert masks.sum(axis=1).tolist() == [0, 1, 7, 50]
 
 
-@given(st.lists(st.integers(1, 40), min_size=1, max_size=4), st.integers(0, 200), st.integers(0, 1000))
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=4), st.integers(0, 200), st.integers(0, 1000)
+)
 def test_global_topk_matches_concatenated_oracle(sizes, k, seed):
     rng = np.random.default_rng(seed)
-    leaves = [np.round(rng.normal(size=n) * 3).astype(np.float32) for n in sizes]  # ties across leaves
+    leaves = [
+        np.round(rng.normal(size=n) * 3).astype(np.float32) for n in sizes
+    ]  # ties across leaves
     tree = {f"l{i}": x for i, x in enumerate(leaves)}
     got = js.global_topk_masks(tree, k)
     expected = np_topk(np.concatenate([tree[f"l{i}"] for i in range(len(sizes))]), k)
-    np.testing.assert_array_equal(np.concatenate([np.asarray(got[f"l{i}"]) for i in range(len(sizes))]), expected)
+    np.testing.assert_array_equal(
+        np.concatenate([np.asarray(got[f"l{i}"]) for i in range(len(sizes))]), expected
+    )
 
 
 def test_topk_masks_per_leaf_and_none():
@@ -61,7 +68,12 @@ def test_topk_masks_per_leaf_and_none():
     assert m["c"].tolist() == [True, True, True, False]
 
 
-@given(st.sampled_from([(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 16), (5, 16)]), st.integers(1, 5), st.integers(1, 6), st.integers(0, 99))
+@given(
+    st.sampled_from([(1, 4), (2, 4), (3, 4), (2, 8), (4, 8), (1, 16), (5, 16)]),
+    st.integers(1, 5),
+    st.integers(1, 6),
+    st.integers(0, 99),
+)
 def test_nm_mask_exact_n_per_group(nm, groups, cols, seed):
     n, m = nm
     w = np.random.default_rng(seed).normal(size=(groups * m, cols)).astype(np.float32)
@@ -71,7 +83,9 @@ def test_nm_mask_exact_n_per_group(nm, groups, cols, seed):
     # the kept entries are the n largest of each group (oracle per group)
     for g in range(groups):
         for c in range(cols):
-            np.testing.assert_array_equal(mask[g * m:(g + 1) * m, c], np_topk(w[g * m:(g + 1) * m, c], n))
+            np.testing.assert_array_equal(
+                mask[g * m : (g + 1) * m, c], np_topk(w[g * m : (g + 1) * m, c], n)
+            )
 
 
 def test_nm_mask_conv_axis_and_last_axis():
@@ -103,7 +117,9 @@ def test_apply_masks_and_grad():
     params = {"w": jnp.array([1.0, 2.0, 3.0]), "b": jnp.array([4.0])}
     masks = {"w": jnp.array([True, False, True]), "b": None}
     assert js.apply_masks(params, masks)["w"].tolist() == [1.0, 0.0, 3.0]
-    g = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(js.apply_masks(p, masks))))(params)
+    g = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(js.apply_masks(p, masks))))(
+        params
+    )
     assert g["w"].tolist() == [1.0, 0.0, 1.0] and g["b"].tolist() == [1.0]
 
 
@@ -113,13 +129,25 @@ def test_apply_masks_and_grad():
         (lambda: js.nm_mask(jnp.ones((8, 2)), 5, 4), ValueError, "n=5, m=4"),
         (lambda: js.nm_mask(jnp.ones((8, 2)), 0, 4), ValueError, "`n` must be >= 1"),
         (lambda: js.nm_mask(jnp.ones((32, 2)), 2, 32), ValueError, "`m` must be <= 16"),
-        (lambda: js.nm_mask(jnp.ones((6, 2)), 2, 4), ValueError, "length 6 .* not divisible by m=4"),
+        (
+            lambda: js.nm_mask(jnp.ones((6, 2)), 2, 4),
+            ValueError,
+            "length 6 .* not divisible by m=4",
+        ),
         (lambda: js.block_mask(jnp.ones((4, 4)), (8, 2), 1), ValueError, "larger than"),
         (lambda: js.block_mask(jnp.ones((6, 4)), (4, 2), 1), ValueError, "must divide"),
         (lambda: js.topk_mask(jnp.arange(4), 2), TypeError, "floating-point"),
         (lambda: js.topk_mask(jnp.ones(4, jnp.complex64), 2), TypeError, "floating-point"),
-        (lambda: js.apply_masks({"a": jnp.ones(2)}, {"b": None}), ValueError, "same tree structure"),
-        (lambda: js.block_mask(jnp.ones((4, 4)), (2, 2), 1, pool="mean"), ValueError, "`pool` must be one of"),
+        (
+            lambda: js.apply_masks({"a": jnp.ones(2)}, {"b": None}),
+            ValueError,
+            "same tree structure",
+        ),
+        (
+            lambda: js.block_mask(jnp.ones((4, 4)), (2, 2), 1, pool="mean"),
+            ValueError,
+            "`pool` must be one of",
+        ),
     ],
 )
 def test_bad_input(call, exc, match):
@@ -128,10 +156,14 @@ def test_bad_input(call, exc, match):
 
 
 def test_global_topk_on_sharded_leaves_needs_no_gather():
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
-    tree = {"x": jax.random.normal(jax.random.PRNGKey(0), (64, 32)), "y": jax.random.normal(jax.random.PRNGKey(1), (32, 16))}
+    tree = {
+        "x": jax.random.normal(jax.random.PRNGKey(0), (64, 32)),
+        "y": jax.random.normal(jax.random.PRNGKey(1), (32, 16)),
+    }
     sharded = {k: jax.device_put(v, NamedSharding(mesh, P("a", "b"))) for k, v in tree.items()}
     fn = jax.jit(js.global_topk_masks)
     hlo = fn.lower(sharded, 1000).compile().as_text()
@@ -141,7 +173,11 @@ def test_global_topk_on_sharded_leaves_needs_no_gather():
     assert got["x"].sharding.spec == P("a", "b")
 
 
-@given(st.sampled_from([(1, 4), (2, 4), (2, 8), (3, 8)]), st.sampled_from([0, 1, 2]), st.integers(0, 99))
+@given(
+    st.sampled_from([(1, 4), (2, 4), (2, 8), (3, 8)]),
+    st.sampled_from([0, 1, 2]),
+    st.integers(0, 99),
+)
 def test_nm_mask_ties_nan_and_any_axis_match_oracle(nm, axis, seed):
     n, m = nm
     shape = [2, 3, 4]
@@ -159,7 +195,9 @@ def test_random_scores_uniform_deterministic_and_key_dependent():
     tree = {"w": jnp.zeros((300, 400)), "b": None}
     a = np.asarray(js.random_scores(jax.random.PRNGKey(0), tree)["w"]).ravel()
     assert js.random_scores(jax.random.PRNGKey(0), tree)["b"] is None
-    np.testing.assert_array_equal(a, np.asarray(js.random_scores(jax.random.PRNGKey(0), tree)["w"]).ravel())
+    np.testing.assert_array_equal(
+        a, np.asarray(js.random_scores(jax.random.PRNGKey(0), tree)["w"]).ravel()
+    )
     b = np.asarray(js.random_scores(jax.random.PRNGKey(1), tree)["w"]).ravel()
     assert np.mean(a == b) < 1e-3
     counts, _ = np.histogram(a, bins=20, range=(0.0, 1.0))

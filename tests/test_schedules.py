@@ -3,15 +3,21 @@
 import math
 
 import jax
-import jax.numpy as jnp
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jaxsparse as js
 
 
-@given(st.floats(0.0, 0.5), st.floats(0.5, 0.99), st.integers(0, 100), st.integers(1, 50), st.integers(1, 20))
+@given(
+    st.floats(0.0, 0.5),
+    st.floats(0.5, 0.99),
+    st.integers(0, 100),
+    st.integers(1, 50),
+    st.integers(1, 20),
+)
 def test_polynomial_sparsity_closed_form(s_i, s_f, t0, n, dt):
     t1 = t0 + n * dt
     sched = jax.jit(js.polynomial_sparsity(s_f, t0, t1, dt, s_i))
@@ -21,7 +27,9 @@ def test_polynomial_sparsity_closed_form(s_i, s_f, t0, n, dt):
         expected = s_f + (s_i - s_f) * (1 - (tq - t0) / (n * dt)) ** 3
         assert float(sched(t)) == pytest.approx(expected, abs=1e-6)
         # Identical to optax.polynomial_schedule evaluated on the grid (the spec's equivalence).
-        ref = optax.polynomial_schedule(s_i, s_f, 3, transition_steps=n * dt, transition_begin=t0)(tq)
+        ref = optax.polynomial_schedule(s_i, s_f, 3, transition_steps=n * dt, transition_begin=t0)(
+            tq
+        )
         assert float(sched(t)) == pytest.approx(float(ref), abs=1e-6)
 
 
@@ -41,7 +49,10 @@ def test_update_gate():
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: js.polynomial_sparsity(0.9, 100, 50), "`end_step` \\(50\\) must be >= `begin_step` \\(100\\)"),
+        (
+            lambda: js.polynomial_sparsity(0.9, 100, 50),
+            "`end_step` \\(50\\) must be >= `begin_step` \\(100\\)",
+        ),
         (lambda: js.polynomial_sparsity(0.9, 0, 50, frequency=0), "`frequency` must be >= 1"),
         (lambda: js.polynomial_sparsity(1.2, 0, 50), "`final_sparsity` must be in"),
         (lambda: js.update_gate(0), "`frequency` must be >= 1"),

@@ -8,7 +8,10 @@ from jaxsparse.stats import flops, global_sparsity, sparsity_summary
 
 
 def test_summary_counts_exact_nonzeros():
-    params = {"conv": {"kernel": jnp.zeros((3, 3, 2, 4)).at[0, 0, 0, 0].set(1.0)}, "bias": jnp.array([0.0, 2.0])}
+    params = {
+        "conv": {"kernel": jnp.zeros((3, 3, 2, 4)).at[0, 0, 0, 0].set(1.0)},
+        "bias": jnp.array([0.0, 2.0]),
+    }
     s = sparsity_summary(params)
     assert s["conv/kernel"].size == 72 and s["conv/kernel"].nnz == 1 and s["bias"].nnz == 1
     assert global_sparsity(params) == pytest.approx(71 / 72)

@@ -51,7 +51,20 @@ from jaxsparse.flax.train import (
 )
 
 __all__ = [
-    "BlockSparseLinear", "NMLinear", "SparsePattern", "BlockSparseDense", "NMDense",
-    "block_gmp_step", "block_magnitude_masks", "block_masks", "block_sparse_weights", "repack",
-    "repack_blocks", "take_slots", "compress", "decompress", "to_sparse_nnx", "to_dense_nnx",
+    "BlockSparseLinear",
+    "NMLinear",
+    "SparsePattern",
+    "BlockSparseDense",
+    "NMDense",
+    "block_gmp_step",
+    "block_magnitude_masks",
+    "block_masks",
+    "block_sparse_weights",
+    "repack",
+    "repack_blocks",
+    "take_slots",
+    "compress",
+    "decompress",
+    "to_sparse_nnx",
+    "to_dense_nnx",
 ]

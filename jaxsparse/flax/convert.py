@@ -58,11 +58,23 @@ from jaxsparse import checkpoint as _ckpt
 from jaxsparse.flax import _core
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear
 from jaxsparse.flax.train import _names
-from pallas_kernels.block_sparse import block_mask_of, block_sparse_from_dense, block_sparse_to_dense
+from pallas_kernels.block_sparse import (
+    block_mask_of,
+    block_sparse_from_dense,
+    block_sparse_to_dense,
+)
 from pallas_kernels.nm import index_bits, pack_nm, unpack_indices, unpack_nm
 
-__all__ = ["compress", "decompress", "to_sparse_nnx", "to_dense_nnx", "layout", "save", "restore",
-           "LAYOUT_VERSION"]
+__all__ = [
+    "compress",
+    "decompress",
+    "to_sparse_nnx",
+    "to_dense_nnx",
+    "layout",
+    "save",
+    "restore",
+    "LAYOUT_VERSION",
+]
 
 LAYOUT_VERSION = 1
 _COLLECTIONS = ("params", _core.PATTERN_COLLECTION)
@@ -70,298 +82,401 @@ _COLLECTIONS = ("params", _core.PATTERN_COLLECTION)
 
 # ----------------------------------------------------------------------------------------- tree helpers
 def _flat(tree: PyTree, keep_none: bool = False) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=(lambda x: x is None) if keep_none else None)[0]
-  return {"/".join(_names(p)): leaf for p, leaf in leaves}
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=(lambda x: x is None) if keep_none else None
+    )[0]
+    return {"/".join(_names(p)): leaf for p, leaf in leaves}
 
 
 def _set(d: dict, path: list[str], value: Any) -> None:
-  for k in path[:-1]:
-    d = d.setdefault(k, {})
-  d[path[-1]] = value
+    for k in path[:-1]:
+        d = d.setdefault(k, {})
+    d[path[-1]] = value
 
 
 def _pure(tree: PyTree) -> dict:
-  """Nested plain dicts (string keys) of a dict / FrozenDict / nnx.State tree."""
-  out: dict = {}
-  for name, leaf in _flat(tree).items():
-    _set(out, name.split("/"), leaf)
-  return out
+    """Nested plain dicts (string keys) of a dict / FrozenDict / nnx.State tree."""
+    out: dict = {}
+    for name, leaf in _flat(tree).items():
+        _set(out, name.split("/"), leaf)
+    return out
 
 
 def _block_mask_of_elementwise(name: str, mask: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-  k, n = mask.shape
-  bk, bn = block
-  if k % bk or n % bn:
-    raise ValueError(f"'{name}': block={block} does not divide the kernel shape {mask.shape}.")
-  tiles = mask.reshape(k // bk, bk, n // bn, bn)
-  any_, all_ = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
-  if (any_ != all_).any():
-    i, j = np.argwhere(any_ != all_)[0]
-    raise ValueError(f"'{name}': the mask is not block-structured for block={block}: block ({i}, {j}) "
-                     f"(rows {i * bk}..{i * bk + bk - 1}, cols {j * bn}..{j * bn + bn - 1}) is partly kept.")
-  return all_
+    k, n = mask.shape
+    bk, bn = block
+    if k % bk or n % bn:
+        raise ValueError(f"'{name}': block={block} does not divide the kernel shape {mask.shape}.")
+    tiles = mask.reshape(k // bk, bk, n // bn, bn)
+    any_, all_ = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
+    if (any_ != all_).any():
+        i, j = np.argwhere(any_ != all_)[0]
+        raise ValueError(
+            f"'{name}': the mask is not block-structured for block={block}: block ({i}, {j}) "
+            f"(rows {i * bk}..{i * bk + bk - 1}, cols {j * bn}..{j * bn + bn - 1}) is partly kept."
+        )
+    return all_
 
 
 # ----------------------------------------------------------------------------------------- compress
-def compress(params: PyTree, masks: PyTree, *, format: str, block: tuple[int, int] | None = None,
-             capacity: int | Mapping[str, int] | None = None, n: int = 2, m: int = 4,
-             pack_tile: int | None = None) -> tuple[dict, dict]:
-  """Masked dense params -> ``(params, pattern)`` in the layers' compressed layout (eager; masks concrete).
+def compress(
+    params: PyTree,
+    masks: PyTree,
+    *,
+    format: str,
+    block: tuple[int, int] | None = None,
+    capacity: int | Mapping[str, int] | None = None,
+    n: int = 2,
+    m: int = 4,
+    pack_tile: int | None = None,
+) -> tuple[dict, dict]:
+    """Masked dense params -> ``(params, pattern)`` in the layers' compressed layout (eager; masks concrete).
 
-  Args:
-    params: a params tree whose layers are nodes ``{"kernel": (K, N), "bias": ...}`` (Linen ``params``,
-      ``nnx.state(model, nnx.Param)``, plain dicts).
-    masks: same paths as ``params`` (bool arrays; ``None`` or absent for dense leaves), e.g. the
-      ``masks`` of a jaxsparse ``SparseState``. Only ``kernel`` leaves with a mask are compressed.
-    format: ``"block"`` or ``"nm"``.
-    block: ``(bk, bn)`` for ``"block"``; the mask must be constant on every block.
-    capacity: block slots per layer (int, or ``{layer path: int}``); default the mask's block count.
-    n, m, pack_tile: for ``"nm"``; the mask must keep at most ``n`` of every ``m`` rows per column.
+    Args:
+      params: a params tree whose layers are nodes ``{"kernel": (K, N), "bias": ...}`` (Linen ``params``,
+        ``nnx.state(model, nnx.Param)``, plain dicts).
+      masks: same paths as ``params`` (bool arrays; ``None`` or absent for dense leaves), e.g. the
+        ``masks`` of a jaxsparse ``SparseState``. Only ``kernel`` leaves with a mask are compressed.
+      format: ``"block"`` or ``"nm"``.
+      block: ``(bk, bn)`` for ``"block"``; the mask must be constant on every block.
+      capacity: block slots per layer (int, or ``{layer path: int}``); default the mask's block count.
+      n, m, pack_tile: for ``"nm"``; the mask must keep at most ``n`` of every ``m`` rows per column.
 
-  Returns:
-    ``(params, pattern)`` as nested dicts: compressed layers hold ``kernel_blocks``/``kernel_values``
-    instead of ``kernel``; ``pattern`` holds their index leaves at the same layer paths.
-  """
-  if format not in ("block", "nm"):
-    raise ValueError(f"format must be 'block' or 'nm'; got {format!r}.")
-  flat_p, flat_m = _flat(params), {k: v for k, v in _flat(masks, keep_none=True).items() if v is not None}
-  unknown = sorted(set(flat_m) - set(flat_p))
-  if unknown:
-    raise ValueError(f"masks name leaves that are not in params: {unknown}.")
-  out_p: dict = {}
-  pattern: dict = {}
-  for name, leaf in flat_p.items():
-    path = name.split("/")
-    if name not in flat_m:
-      _set(out_p, path, leaf)
-      continue
-    if path[-1] != "kernel" or jnp.ndim(leaf) != 2:
-      raise ValueError(f"'{name}': only 2-D 'kernel' leaves of linear layers can be compressed; got "
-                       f"shape {jnp.shape(leaf)}. Give it a None mask to keep it dense.")
-    mask = np.asarray(flat_m[name])
-    if mask.shape != leaf.shape or mask.dtype != np.bool_:
-      raise ValueError(f"'{name}': mask must be bool {leaf.shape}; got {mask.dtype} {mask.shape}.")
-    layer = "/".join(path[:-1])
-    if format == "block":
-      if block is None:
-        raise ValueError("format='block' needs block=(bk, bn).")
-      bmask = _block_mask_of_elementwise(name, mask, tuple(block))
-      cap = capacity.get(layer) if isinstance(capacity, Mapping) else capacity
-      count = int(bmask.sum())
-      cap = max(1, count) if cap is None else cap
-      if cap < count:
-        raise ValueError(f"'{name}': capacity={cap} is below the mask's block count {count}.")
-      w = block_sparse_from_dense(leaf, jnp.asarray(bmask), block=tuple(block), capacity=cap)
-      _set(out_p, path[:-1] + [_core.BLOCK_PARAM], w.data)
-      fields = _core.block_pattern(w)
-    else:
-      counts = mask.reshape(mask.shape[0] // m, m, -1).sum(1) if mask.shape[0] % m == 0 else None
-      if counts is None or (counts > n).any():
-        where = "K is not a multiple of m" if counts is None else (
-            "group {} of column {} keeps {} > n".format(*np.argwhere(counts > n)[0], counts.max()))
-        raise ValueError(f"'{name}': the mask is not {n}:{m} along the input axis ({where}).")
-      w = pack_nm(leaf, jnp.asarray(mask), n=n, m=m, pack_tile=pack_tile)
-      _set(out_p, path[:-1] + [_core.NM_PARAM], w.values)
-      fields = _core.nm_pattern(w)
-    for f, value in fields.items():
-      _set(pattern, path[:-1] + [f], value)
-  return out_p, pattern
+    Returns:
+      ``(params, pattern)`` as nested dicts: compressed layers hold ``kernel_blocks``/``kernel_values``
+      instead of ``kernel``; ``pattern`` holds their index leaves at the same layer paths.
+    """
+    if format not in ("block", "nm"):
+        raise ValueError(f"format must be 'block' or 'nm'; got {format!r}.")
+    flat_p, flat_m = (
+        _flat(params),
+        {k: v for k, v in _flat(masks, keep_none=True).items() if v is not None},
+    )
+    unknown = sorted(set(flat_m) - set(flat_p))
+    if unknown:
+        raise ValueError(f"masks name leaves that are not in params: {unknown}.")
+    out_p: dict = {}
+    pattern: dict = {}
+    for name, leaf in flat_p.items():
+        path = name.split("/")
+        if name not in flat_m:
+            _set(out_p, path, leaf)
+            continue
+        if path[-1] != "kernel" or jnp.ndim(leaf) != 2:
+            raise ValueError(
+                f"'{name}': only 2-D 'kernel' leaves of linear layers can be compressed; got "
+                f"shape {jnp.shape(leaf)}. Give it a None mask to keep it dense."
+            )
+        mask = np.asarray(flat_m[name])
+        if mask.shape != leaf.shape or mask.dtype != np.bool_:
+            raise ValueError(
+                f"'{name}': mask must be bool {leaf.shape}; got {mask.dtype} {mask.shape}."
+            )
+        layer = "/".join(path[:-1])
+        if format == "block":
+            if block is None:
+                raise ValueError("format='block' needs block=(bk, bn).")
+            bmask = _block_mask_of_elementwise(name, mask, tuple(block))
+            cap = capacity.get(layer) if isinstance(capacity, Mapping) else capacity
+            count = int(bmask.sum())
+            cap = max(1, count) if cap is None else cap
+            if cap < count:
+                raise ValueError(
+                    f"'{name}': capacity={cap} is below the mask's block count {count}."
+                )
+            w = block_sparse_from_dense(leaf, jnp.asarray(bmask), block=tuple(block), capacity=cap)
+            _set(out_p, path[:-1] + [_core.BLOCK_PARAM], w.data)
+            fields = _core.block_pattern(w)
+        else:
+            counts = (
+                mask.reshape(mask.shape[0] // m, m, -1).sum(1) if mask.shape[0] % m == 0 else None
+            )
+            if counts is None or (counts > n).any():
+                where = (
+                    "K is not a multiple of m"
+                    if counts is None
+                    else (
+                        "group {} of column {} keeps {} > n".format(
+                            *np.argwhere(counts > n)[0], counts.max()
+                        )
+                    )
+                )
+                raise ValueError(
+                    f"'{name}': the mask is not {n}:{m} along the input axis ({where})."
+                )
+            w = pack_nm(leaf, jnp.asarray(mask), n=n, m=m, pack_tile=pack_tile)
+            _set(out_p, path[:-1] + [_core.NM_PARAM], w.values)
+            fields = _core.nm_pattern(w)
+        for f, value in fields.items():
+            _set(pattern, path[:-1] + [f], value)
+    return out_p, pattern
 
 
 def decompress(params: PyTree, pattern: PyTree) -> tuple[dict, dict]:
-  """Inverse of :func:`compress`: ``(dense params, masks)`` with ``kernel`` back in every compressed layer.
+    """Inverse of :func:`compress`: ``(dense params, masks)`` with ``kernel`` back in every compressed layer.
 
-  ``masks`` holds the stored positions (bool ``(K, N)``; for N:M, positions padded into under-full groups
-  are included) and ``None`` for every other leaf, ready for jaxsparse's ``fixed_masks``.
-  """
-  flat_p, flat_s = _flat(params), _flat(pattern)
-  out_p: dict = {}
-  masks: dict = {}
-  for name, leaf in flat_p.items():
-    path = name.split("/")
-    layer = "/".join(path[:-1])
-    get = lambda f: flat_s.get(f"{layer}/{f}" if layer else f)  # noqa: E731
-    if path[-1] == _core.BLOCK_PARAM:
-      fields = {f: get(f) for f in _core.BLOCK_PATTERN_FIELDS}
-      if any(v is None for v in fields.values()):
-        raise ValueError(f"'{name}': the pattern tree lacks the block indices of layer '{layer}'.")
-      w = _core.block_weight(leaf, fields)
-      kernel = block_sparse_to_dense(w)
-      bk, bn = w.block
-      mask = jnp.repeat(jnp.repeat(block_mask_of(w), bk, 0), bn, 1)
-    elif path[-1] == _core.NM_PARAM:
-      meta, cfg = get("meta"), get("nm_config")
-      if meta is None or cfg is None:
-        raise ValueError(f"'{name}': the pattern tree lacks 'meta'/'nm_config' of layer '{layer}'.")
-      n, m, tile = _core.static_nm_config(cfg, f"'{name}'")
-      w = _core.nm_weight(leaf, meta, n=n, m=m, pack_tile=tile)
-      kernel = unpack_nm(w)
-      idx = unpack_indices(w)
-      hit = idx[:, :, None, :] == jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
-      mask = hit.any(0).reshape(w.shape)
-    else:
-      _set(out_p, path, leaf)
-      _set(masks, path, None)
-      continue
-    _set(out_p, path[:-1] + ["kernel"], kernel)
-    _set(masks, path[:-1] + ["kernel"], mask)
-  return out_p, masks
+    ``masks`` holds the stored positions (bool ``(K, N)``; for N:M, positions padded into under-full groups
+    are included) and ``None`` for every other leaf, ready for jaxsparse's ``fixed_masks``.
+    """
+    flat_p, flat_s = _flat(params), _flat(pattern)
+    out_p: dict = {}
+    masks: dict = {}
+    for name, leaf in flat_p.items():
+        path = name.split("/")
+        layer = "/".join(path[:-1])
+        get = lambda f: flat_s.get(f"{layer}/{f}" if layer else f)  # noqa: E731
+        if path[-1] == _core.BLOCK_PARAM:
+            fields = {f: get(f) for f in _core.BLOCK_PATTERN_FIELDS}
+            if any(v is None for v in fields.values()):
+                raise ValueError(
+                    f"'{name}': the pattern tree lacks the block indices of layer '{layer}'."
+                )
+            w = _core.block_weight(leaf, fields)
+            kernel = block_sparse_to_dense(w)
+            bk, bn = w.block
+            mask = jnp.repeat(jnp.repeat(block_mask_of(w), bk, 0), bn, 1)
+        elif path[-1] == _core.NM_PARAM:
+            meta, cfg = get("meta"), get("nm_config")
+            if meta is None or cfg is None:
+                raise ValueError(
+                    f"'{name}': the pattern tree lacks 'meta'/'nm_config' of layer '{layer}'."
+                )
+            n, m, tile = _core.static_nm_config(cfg, f"'{name}'")
+            w = _core.nm_weight(leaf, meta, n=n, m=m, pack_tile=tile)
+            kernel = unpack_nm(w)
+            idx = unpack_indices(w)
+            hit = idx[:, :, None, :] == jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
+            mask = hit.any(0).reshape(w.shape)
+        else:
+            _set(out_p, path, leaf)
+            _set(masks, path, None)
+            continue
+        _set(out_p, path[:-1] + ["kernel"], kernel)
+        _set(masks, path[:-1] + ["kernel"], mask)
+    return out_p, masks
 
 
 # ----------------------------------------------------------------------------------------- NNX models
 def _swap(model: nnx.Module, make) -> nnx.Module:
-  model = nnx.clone(model)
-  todo = [(path, node) for path, node in nnx.iter_graph(model) if path and make(path, node) is not None]
-  for path, node in todo:
-    parent = model
-    for k in path[:-1]:
-      parent = parent[k] if isinstance(k, int) else getattr(parent, k)
-    new = make(path, node)
-    if isinstance(path[-1], int):
-      parent[path[-1]] = new
-    else:
-      setattr(parent, path[-1], new)
-  return model
+    model = nnx.clone(model)
+    todo = [
+        (path, node)
+        for path, node in nnx.iter_graph(model)
+        if path and make(path, node) is not None
+    ]
+    for path, node in todo:
+        parent = model
+        for k in path[:-1]:
+            parent = parent[k] if isinstance(k, int) else getattr(parent, k)
+        new = make(path, node)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = new
+        else:
+            setattr(parent, path[-1], new)
+    return model
 
 
-def to_sparse_nnx(model: nnx.Module, masks: PyTree, *, format: str, block: tuple[int, int] | None = None,
-                  capacity: int | Mapping[str, int] | None = None, n: int = 2, m: int = 4,
-                  impl: str = "auto") -> nnx.Module:
-  """A copy of ``model`` with every ``nnx.Linear`` whose ``kernel`` has a mask replaced by a sparse layer.
+def to_sparse_nnx(
+    model: nnx.Module,
+    masks: PyTree,
+    *,
+    format: str,
+    block: tuple[int, int] | None = None,
+    capacity: int | Mapping[str, int] | None = None,
+    n: int = 2,
+    m: int = 4,
+    impl: str = "auto",
+) -> nnx.Module:
+    """A copy of ``model`` with every ``nnx.Linear`` whose ``kernel`` has a mask replaced by a sparse layer.
 
-  ``masks`` follows ``nnx.state(model, nnx.Param)`` (e.g. a jaxsparse ``SparseState.masks`` over it).
-  Values, bias, dtype, param_dtype and precision carry over; errors name the offending leaf.
-  """
-  params = nnx.state(model, nnx.Param)
-  cparams, pattern = compress(params, masks, format=format, block=block, capacity=capacity, n=n, m=m)
-  flat_c, flat_s = _flat(cparams), _flat(pattern)
+    ``masks`` follows ``nnx.state(model, nnx.Param)`` (e.g. a jaxsparse ``SparseState.masks`` over it).
+    Values, bias, dtype, param_dtype and precision carry over; errors name the offending leaf.
+    """
+    params = nnx.state(model, nnx.Param)
+    cparams, pattern = compress(
+        params, masks, format=format, block=block, capacity=capacity, n=n, m=m
+    )
+    flat_c, flat_s = _flat(cparams), _flat(pattern)
 
-  def make(path, node):
-    layer = "/".join(str(k) for k in path)
-    key = f"{layer}/{_core.BLOCK_PARAM if format == 'block' else _core.NM_PARAM}"
-    if not isinstance(node, nnx.Linear) or key not in flat_c:
-      return None
-    common = dict(use_bias=node.bias is not None, dtype=node.dtype, param_dtype=node.param_dtype,
-                  precision=node.precision, impl=impl, rngs=nnx.Rngs(0))
-    if format == "block":
-      w = _core.block_weight(flat_c[key], {f: flat_s[f"{layer}/{f}"] for f in _core.BLOCK_PATTERN_FIELDS})
-      new = BlockSparseLinear(node.in_features, node.out_features, block=w.block, capacity=w.capacity,
-                              block_mask=block_mask_of(w), **common)
-      new.kernel_blocks[...] = w.data
-      for f in _core.BLOCK_PATTERN_FIELDS:
-        getattr(new, f)[...] = getattr(w, f)
-    else:
-      cfg = np.asarray(flat_s[f"{layer}/nm_config"])
-      new = NMLinear(node.in_features, node.out_features, n=int(cfg[0]), m=int(cfg[1]), pack_tile=int(cfg[2]),
-                     **common)
-      new.kernel_values[...] = flat_c[key]
-      new.meta[...] = flat_s[f"{layer}/meta"]
-    if node.bias is not None:
-      new.bias[...] = node.bias[...]
-    return new
+    def make(path, node):
+        layer = "/".join(str(k) for k in path)
+        key = f"{layer}/{_core.BLOCK_PARAM if format == 'block' else _core.NM_PARAM}"
+        if not isinstance(node, nnx.Linear) or key not in flat_c:
+            return None
+        common = dict(
+            use_bias=node.bias is not None,
+            dtype=node.dtype,
+            param_dtype=node.param_dtype,
+            precision=node.precision,
+            impl=impl,
+            rngs=nnx.Rngs(0),
+        )
+        if format == "block":
+            w = _core.block_weight(
+                flat_c[key], {f: flat_s[f"{layer}/{f}"] for f in _core.BLOCK_PATTERN_FIELDS}
+            )
+            new = BlockSparseLinear(
+                node.in_features,
+                node.out_features,
+                block=w.block,
+                capacity=w.capacity,
+                block_mask=block_mask_of(w),
+                **common,
+            )
+            new.kernel_blocks[...] = w.data
+            for f in _core.BLOCK_PATTERN_FIELDS:
+                getattr(new, f)[...] = getattr(w, f)
+        else:
+            cfg = np.asarray(flat_s[f"{layer}/nm_config"])
+            new = NMLinear(
+                node.in_features,
+                node.out_features,
+                n=int(cfg[0]),
+                m=int(cfg[1]),
+                pack_tile=int(cfg[2]),
+                **common,
+            )
+            new.kernel_values[...] = flat_c[key]
+            new.meta[...] = flat_s[f"{layer}/meta"]
+        if node.bias is not None:
+            new.bias[...] = node.bias[...]
+        return new
 
-  return _swap(model, make)
+    return _swap(model, make)
 
 
 def to_dense_nnx(model: nnx.Module) -> nnx.Module:
-  """A copy of ``model`` with every sparse layer replaced by an ``nnx.Linear`` holding its dense kernel."""
-  def make(path, node):
-    if not isinstance(node, (BlockSparseLinear, NMLinear)):
-      return None
-    new = nnx.Linear(node.in_features, node.out_features, use_bias=node.use_bias, dtype=node.dtype,
-                     param_dtype=node.param_dtype, precision=node.precision, rngs=nnx.Rngs(0))
-    new.kernel[...] = node.todense()
-    if node.use_bias:
-      new.bias[...] = node.bias[...]
-    return new
+    """A copy of ``model`` with every sparse layer replaced by an ``nnx.Linear`` holding its dense kernel."""
 
-  return _swap(model, make)
+    def make(path, node):
+        if not isinstance(node, (BlockSparseLinear, NMLinear)):
+            return None
+        new = nnx.Linear(
+            node.in_features,
+            node.out_features,
+            use_bias=node.use_bias,
+            dtype=node.dtype,
+            param_dtype=node.param_dtype,
+            precision=node.precision,
+            rngs=nnx.Rngs(0),
+        )
+        new.kernel[...] = node.todense()
+        if node.use_bias:
+            new.bias[...] = node.bias[...]
+        return new
+
+    return _swap(model, make)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
 def layout(tree: PyTree) -> dict:
-  """The JSON-able description of ``tree``: every compressed layer's format metadata and every leaf's
-  shape and dtype (``tree`` may hold ``jax.ShapeDtypeStruct`` leaves)."""
-  flat = _flat(tree)
-  leaves = {k: {"shape": list(np.shape(v)), "dtype": str(jnp.dtype(v.dtype))} for k, v in flat.items()}
+    """The JSON-able description of ``tree``: every compressed layer's format metadata and every leaf's
+    shape and dtype (``tree`` may hold ``jax.ShapeDtypeStruct`` leaves)."""
+    flat = _flat(tree)
+    leaves = {
+        k: {"shape": list(np.shape(v)), "dtype": str(jnp.dtype(v.dtype))} for k, v in flat.items()
+    }
 
-  # A layer's values and indices share its path, either exactly (an NNX model state) or below different
-  # top-level keys (Linen {"params", "sparse_pattern"}, a training state {"params": ..., "pattern": ...}).
-  full: dict[str, dict[str, str]] = {}
-  below: dict[str, dict[str, str]] = {}
-  for name in flat:
-    parts = name.split("/")
-    full.setdefault("/".join(parts[:-1]), {})[parts[-1]] = name
-    if len(parts) > 2:
-      below.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = name
-  by_layer: dict[str, dict[str, str]] = {}
-  claimed: set[str] = set()
-  for candidates in (full, below):
-    for layer, fields in candidates.items():
-      for value, needed in ((_core.BLOCK_PARAM, _core.BLOCK_PATTERN_FIELDS), (_core.NM_PARAM, _core.NM_PATTERN_FIELDS)):
-        if value in fields and fields[value] not in claimed and all(f in fields for f in needed):
-          by_layer[layer] = fields
-          claimed.add(fields[value])
-  layers = {}
-  for layer, fields in by_layer.items():
-    if _core.BLOCK_PARAM in fields and all(f in fields for f in _core.BLOCK_PATTERN_FIELDS):
-      cap, bk, bn = flat[fields[_core.BLOCK_PARAM]].shape
-      kb = flat[fields["row_ptr"]].shape[0] - 1
-      nb = flat[fields["col_ptr"]].shape[0] - 1
-      layers[layer] = {"format": "block_sparse", "shape": [kb * bk, nb * bn], "block": [bk, bn],
-                       "capacity": cap, "dtype": leaves[fields[_core.BLOCK_PARAM]]["dtype"],
-                       "arrays": {f: fields[f] for f in (_core.BLOCK_PARAM, *_core.BLOCK_PATTERN_FIELDS)}}
-    elif _core.NM_PARAM in fields and all(f in fields for f in _core.NM_PATTERN_FIELDS):
-      n, g, cols = flat[fields[_core.NM_PARAM]].shape
-      layers[layer] = {"format": "nm", "n": n, "groups": g, "out_features": cols,
-                       "dtype": leaves[fields[_core.NM_PARAM]]["dtype"],
-                       "arrays": {f: fields[f] for f in (_core.NM_PARAM, *_core.NM_PATTERN_FIELDS)}}
-      cfg = flat[fields["nm_config"]]
-      if not isinstance(cfg, (jax.ShapeDtypeStruct, jax.core.Tracer)):
-        n_, m, tile = (int(v) for v in np.asarray(cfg))
-        layers[layer].update(m=m, pack_tile=tile, bits=int(index_bits(m)), shape=[g * m, cols])
-  return {"version": LAYOUT_VERSION, "layers": layers, "leaves": leaves}
+    # A layer's values and indices share its path, either exactly (an NNX model state) or below different
+    # top-level keys (Linen {"params", "sparse_pattern"}, a training state {"params": ..., "pattern": ...}).
+    full: dict[str, dict[str, str]] = {}
+    below: dict[str, dict[str, str]] = {}
+    for name in flat:
+        parts = name.split("/")
+        full.setdefault("/".join(parts[:-1]), {})[parts[-1]] = name
+        if len(parts) > 2:
+            below.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = name
+    by_layer: dict[str, dict[str, str]] = {}
+    claimed: set[str] = set()
+    for candidates in (full, below):
+        for layer, fields in candidates.items():
+            for value, needed in (
+                (_core.BLOCK_PARAM, _core.BLOCK_PATTERN_FIELDS),
+                (_core.NM_PARAM, _core.NM_PATTERN_FIELDS),
+            ):
+                if (
+                    value in fields
+                    and fields[value] not in claimed
+                    and all(f in fields for f in needed)
+                ):
+                    by_layer[layer] = fields
+                    claimed.add(fields[value])
+    layers = {}
+    for layer, fields in by_layer.items():
+        if _core.BLOCK_PARAM in fields and all(f in fields for f in _core.BLOCK_PATTERN_FIELDS):
+            cap, bk, bn = flat[fields[_core.BLOCK_PARAM]].shape
+            kb = flat[fields["row_ptr"]].shape[0] - 1
+            nb = flat[fields["col_ptr"]].shape[0] - 1
+            layers[layer] = {
+                "format": "block_sparse",
+                "shape": [kb * bk, nb * bn],
+                "block": [bk, bn],
+                "capacity": cap,
+                "dtype": leaves[fields[_core.BLOCK_PARAM]]["dtype"],
+                "arrays": {f: fields[f] for f in (_core.BLOCK_PARAM, *_core.BLOCK_PATTERN_FIELDS)},
+            }
+        elif _core.NM_PARAM in fields and all(f in fields for f in _core.NM_PATTERN_FIELDS):
+            n, g, cols = flat[fields[_core.NM_PARAM]].shape
+            layers[layer] = {
+                "format": "nm",
+                "n": n,
+                "groups": g,
+                "out_features": cols,
+                "dtype": leaves[fields[_core.NM_PARAM]]["dtype"],
+                "arrays": {f: fields[f] for f in (_core.NM_PARAM, *_core.NM_PATTERN_FIELDS)},
+            }
+            cfg = flat[fields["nm_config"]]
+            if not isinstance(cfg, (jax.ShapeDtypeStruct, jax.core.Tracer)):
+                n_, m, tile = (int(v) for v in np.asarray(cfg))
+                layers[layer].update(
+                    m=m, pack_tile=tile, bits=int(index_bits(m)), shape=[g * m, cols]
+                )
+    return {"version": LAYOUT_VERSION, "layers": layers, "leaves": leaves}
 
 
 def save(directory: str | os.PathLike, tree: PyTree) -> None:
-  """Writes ``tree`` (a compressed model's state, or a whole training state) to ``directory`` (new).
+    """Writes ``tree`` (a compressed model's state, or a whole training state) to ``directory`` (new).
 
-  ``<dir>/arrays``: orbax (:func:`jaxsparse.checkpoint.save`); ``<dir>/layout.json``: :func:`layout`.
-  """
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory):
-    raise ValueError(f"checkpoint directory {directory} already exists.")
-  desc = layout(tree)
-  os.makedirs(directory)
-  _ckpt.save(os.path.join(directory, "arrays"), tree)
-  with open(os.path.join(directory, "layout.json"), "w") as f:
-    json.dump(desc, f, indent=1, sort_keys=True)
+    ``<dir>/arrays``: orbax (:func:`jaxsparse.checkpoint.save`); ``<dir>/layout.json``: :func:`layout`.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        raise ValueError(f"checkpoint directory {directory} already exists.")
+    desc = layout(tree)
+    os.makedirs(directory)
+    _ckpt.save(os.path.join(directory, "arrays"), tree)
+    with open(os.path.join(directory, "layout.json"), "w") as f:
+        json.dump(desc, f, indent=1, sort_keys=True)
 
 
 def restore(directory: str | os.PathLike, target: PyTree) -> PyTree:
-  """Reads a tree written by :func:`save`, laid out like ``target`` (arrays or ``jax.ShapeDtypeStruct``).
+    """Reads a tree written by :func:`save`, laid out like ``target`` (arrays or ``jax.ShapeDtypeStruct``).
 
-  Before any array is read, the stored layout is compared with ``target``'s: a layer whose format, shape,
-  block, capacity, N:M or dtype differs, or any leaf whose path, shape or dtype differs, raises
-  ``ValueError`` naming it. ``target`` is never modified.
-  """
-  directory = os.path.abspath(directory)
-  path = os.path.join(directory, "layout.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{directory} is not a jaxsparse.flax checkpoint (no layout.json).")
-  with open(path) as f:
-    stored = json.load(f)
-  want = layout(target)
-  for layer in sorted(set(stored["layers"]) | set(want["layers"])):
-    a, b = stored["layers"].get(layer), want["layers"].get(layer)
-    if a is None or b is None:
-      raise ValueError(f"layer '{layer}' is compressed in the {'target' if a is None else 'checkpoint'} "
-                       f"but not in the {'checkpoint' if a is None else 'target'}.")
-    for key in sorted(set(a) & set(b) - {"arrays"}):
-      if a[key] != b[key]:
-        raise ValueError(f"layer '{layer}': checkpoint has {key}={a[key]}, the target layer has {key}={b[key]}.")
-  for name in sorted(set(stored["leaves"]) | set(want["leaves"])):
-    a, b = stored["leaves"].get(name), want["leaves"].get(name)
-    if a != b:
-      raise ValueError(f"leaf '{name}': checkpoint has {a}, target has {b}.")
-  return _ckpt.restore(os.path.join(directory, "arrays"), target)
+    Before any array is read, the stored layout is compared with ``target``'s: a layer whose format, shape,
+    block, capacity, N:M or dtype differs, or any leaf whose path, shape or dtype differs, raises
+    ``ValueError`` naming it. ``target`` is never modified.
+    """
+    directory = os.path.abspath(directory)
+    path = os.path.join(directory, "layout.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{directory} is not a jaxsparse.flax checkpoint (no layout.json).")
+    with open(path) as f:
+        stored = json.load(f)
+    want = layout(target)
+    for layer in sorted(set(stored["layers"]) | set(want["layers"])):
+        a, b = stored["layers"].get(layer), want["layers"].get(layer)
+        if a is None or b is None:
+            raise ValueError(
+                f"layer '{layer}' is compressed in the {'target' if a is None else 'checkpoint'} "
+                f"but not in the {'checkpoint' if a is None else 'target'}."
+            )
+        for key in sorted(set(a) & set(b) - {"arrays"}):
+            if a[key] != b[key]:
+                raise ValueError(
+                    f"layer '{layer}': checkpoint has {key}={a[key]}, the target layer has {key}={b[key]}."
+                )
+    for name in sorted(set(stored["leaves"]) | set(want["leaves"])):
+        a, b = stored["leaves"].get(name), want["leaves"].get(name)
+        if a != b:
+            raise ValueError(f"leaf '{name}': checkpoint has {a}, target has {b}.")
+    return _ckpt.restore(os.path.join(directory, "arrays"), target)

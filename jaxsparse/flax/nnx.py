@@ -40,128 +40,182 @@ __all__ = ["SparsePattern", "BlockSparseLinear", "NMLinear"]
 
 
 class SparsePattern(nnx.Variable):
-  """Non-trainable index metadata of a compressed kernel (block indices, N:M positions)."""
+    """Non-trainable index metadata of a compressed kernel (block indices, N:M positions)."""
 
 
 class BlockSparseLinear(nnx.Module):
-  """``y = x @ W + b`` with ``W`` stored as at most ``capacity`` non-zero ``(bk, bn)`` blocks.
+    """``y = x @ W + b`` with ``W`` stored as at most ``capacity`` non-zero ``(bk, bn)`` blocks.
 
-  Args:
-    in_features, out_features: as :class:`flax.nnx.Linear`.
-    block: ``(bk, bn)`` block shape; must divide ``(in_features, out_features)``.
-    capacity: stored block slots (static). Or give ``density`` (fraction of blocks, rounded up) or just
-      ``block_mask`` (capacity = its block count).
-    block_mask: optional initial ``(Kb, Nb)`` bool mask; default: the ``capacity`` blocks of largest L2 norm
-      of the initial dense kernel.
-    impl, interpret: passed to :func:`~pallas_kernels.block_sparse.bsr_matmul`.
-    use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as :class:`flax.nnx.Linear`.
-  """
-
-  def __init__(self, in_features: int, out_features: int, *, block: tuple[int, int],
-               capacity: int | None = None, density: float | None = None,
-               block_mask: Bool[ArrayLike, "Kb Nb"] | None = None, use_bias: bool = True,
-               dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
-               kernel_init: Any = default_kernel_init, bias_init: Any = nnx.initializers.zeros_init(),
-               impl: str = "auto", interpret: str | None = None, rngs: nnx.Rngs):
-    where = f"BlockSparseLinear({in_features}, {out_features})"
-    self.block = _core.check_block(block, in_features, out_features, where)
-    grid = (in_features // self.block[0], out_features // self.block[1])
-    self.capacity = _core.resolve_capacity(capacity, density, block_mask, grid, where)
-    if block_mask is not None:
-      block_mask = _core.check_block_mask(block_mask, grid, self.capacity, where)
-    kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
-    w = _core.init_block_sparse(kernel, self.block, self.capacity, block_mask)
-    self.kernel_blocks = nnx.Param(w.data)
-    for f, value in _core.block_pattern(w).items():
-      setattr(self, f, SparsePattern(value))
-    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else nnx.data(None)
-    self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
-    self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
-    self.impl, self.interpret = impl, interpret
-
-  def _pattern(self) -> dict[str, Array]:
-    return {f: getattr(self, f)[...] for f in _core.BLOCK_PATTERN_FIELDS}
-
-  @property
-  def weight(self) -> BlockSparseWeight:
-    """The kernel as a :class:`~pallas_kernels.block_sparse.BlockSparseWeight`."""
-    return _core.block_weight(self.kernel_blocks[...], self._pattern())
-
-  def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
-    bias = self.bias[...] if self.bias is not None else None
-    return _core.block_sparse_apply(inputs, self.kernel_blocks[...], self._pattern(), bias, dtype=self.dtype,
-                                    precision=self.precision, impl=self.impl, interpret=self.interpret)
-
-  def block_mask(self) -> Bool[Array, "Kb Nb"]:
-    """``(Kb, Nb)`` bool mask of the stored blocks."""
-    return block_mask_of(self.weight)
-
-  def todense(self) -> Float[Array, "K N"]:
-    """The dense ``(in_features, out_features)`` kernel (zeros outside the stored blocks)."""
-    return block_sparse_to_dense(self.weight)
-
-  def set_block_mask(self, block_mask: Bool[ArrayLike, "Kb Nb"]) -> Int[Array, " cap"]:
-    """Re-packs in place to ``block_mask`` (same capacity, works under ``nnx.jit``); returns the slot sources.
-
-    Kept blocks keep their values, new blocks start at zero. Move slot-shaped optimizer state with
-    :func:`jaxsparse.flax.train.take_slots` and the returned sources.
+    Args:
+      in_features, out_features: as :class:`flax.nnx.Linear`.
+      block: ``(bk, bn)`` block shape; must divide ``(in_features, out_features)``.
+      capacity: stored block slots (static). Or give ``density`` (fraction of blocks, rounded up) or just
+        ``block_mask`` (capacity = its block count).
+      block_mask: optional initial ``(Kb, Nb)`` bool mask; default: the ``capacity`` blocks of largest L2 norm
+        of the initial dense kernel.
+      impl, interpret: passed to :func:`~pallas_kernels.block_sparse.bsr_matmul`.
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as :class:`flax.nnx.Linear`.
     """
-    grid = self.weight.grid_shape
-    mask = _core.check_block_mask(block_mask, grid, self.capacity, type(self).__name__)
-    w, src = _core.repack(self.weight, mask)
-    self.kernel_blocks[...] = w.data
-    for f, value in _core.block_pattern(w).items():
-      getattr(self, f)[...] = value
-    return src
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        block: tuple[int, int],
+        capacity: int | None = None,
+        density: float | None = None,
+        block_mask: Bool[ArrayLike, "Kb Nb"] | None = None,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = nnx.initializers.zeros_init(),
+        impl: str = "auto",
+        interpret: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        where = f"BlockSparseLinear({in_features}, {out_features})"
+        self.block = _core.check_block(block, in_features, out_features, where)
+        grid = (in_features // self.block[0], out_features // self.block[1])
+        self.capacity = _core.resolve_capacity(capacity, density, block_mask, grid, where)
+        if block_mask is not None:
+            block_mask = _core.check_block_mask(block_mask, grid, self.capacity, where)
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        w = _core.init_block_sparse(kernel, self.block, self.capacity, block_mask)
+        self.kernel_blocks = nnx.Param(w.data)
+        for f, value in _core.block_pattern(w).items():
+            setattr(self, f, SparsePattern(value))
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+            if use_bias
+            else nnx.data(None)
+        )
+        self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        self.impl, self.interpret = impl, interpret
+
+    def _pattern(self) -> dict[str, Array]:
+        return {f: getattr(self, f)[...] for f in _core.BLOCK_PATTERN_FIELDS}
+
+    @property
+    def weight(self) -> BlockSparseWeight:
+        """The kernel as a :class:`~pallas_kernels.block_sparse.BlockSparseWeight`."""
+        return _core.block_weight(self.kernel_blocks[...], self._pattern())
+
+    def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
+        bias = self.bias[...] if self.bias is not None else None
+        return _core.block_sparse_apply(
+            inputs,
+            self.kernel_blocks[...],
+            self._pattern(),
+            bias,
+            dtype=self.dtype,
+            precision=self.precision,
+            impl=self.impl,
+            interpret=self.interpret,
+        )
+
+    def block_mask(self) -> Bool[Array, "Kb Nb"]:
+        """``(Kb, Nb)`` bool mask of the stored blocks."""
+        return block_mask_of(self.weight)
+
+    def todense(self) -> Float[Array, "K N"]:
+        """The dense ``(in_features, out_features)`` kernel (zeros outside the stored blocks)."""
+        return block_sparse_to_dense(self.weight)
+
+    def set_block_mask(self, block_mask: Bool[ArrayLike, "Kb Nb"]) -> Int[Array, " cap"]:
+        """Re-packs in place to ``block_mask`` (same capacity, works under ``nnx.jit``); returns the slot sources.
+
+        Kept blocks keep their values, new blocks start at zero. Move slot-shaped optimizer state with
+        :func:`jaxsparse.flax.train.take_slots` and the returned sources.
+        """
+        grid = self.weight.grid_shape
+        mask = _core.check_block_mask(block_mask, grid, self.capacity, type(self).__name__)
+        w, src = _core.repack(self.weight, mask)
+        self.kernel_blocks[...] = w.data
+        for f, value in _core.block_pattern(w).items():
+            getattr(self, f)[...] = value
+        return src
 
 
 class NMLinear(nnx.Module):
-  """``y = x @ W + b`` with ``W`` stored N:M-sparse along the contraction axis (``n`` of every ``m`` inputs).
+    """``y = x @ W + b`` with ``W`` stored N:M-sparse along the contraction axis (``n`` of every ``m`` inputs).
 
-  Args:
-    in_features, out_features: as :class:`flax.nnx.Linear`; ``in_features % m == 0``.
-    n, m: keep ``n`` of every ``m`` consecutive inputs per output (``1 <= n <= m <= 16``).
-    mask: optional initial ``(in, out)`` bool N:M mask; default: N:M magnitude mask of the initial kernel.
-    pack_tile: metadata packing tile (see :func:`pallas_kernels.nm.pack_nm`).
-    impl, interpret: passed to :func:`~pallas_kernels.nm.nm_matmul`.
-    use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as :class:`flax.nnx.Linear`.
+    Args:
+      in_features, out_features: as :class:`flax.nnx.Linear`; ``in_features % m == 0``.
+      n, m: keep ``n`` of every ``m`` consecutive inputs per output (``1 <= n <= m <= 16``).
+      mask: optional initial ``(in, out)`` bool N:M mask; default: N:M magnitude mask of the initial kernel.
+      pack_tile: metadata packing tile (see :func:`pallas_kernels.nm.pack_nm`).
+      impl, interpret: passed to :func:`~pallas_kernels.nm.nm_matmul`.
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as :class:`flax.nnx.Linear`.
 
-  Example:
-    >>> from flax import nnx
-    >>> layer = NMLinear(16, 4, n=2, m=4, rngs=nnx.Rngs(0))
-    >>> layer.kernel_values.shape, int((layer.todense() != 0).sum())
-    ((2, 4, 4), 32)
-  """
+    Example:
+      >>> from flax import nnx
+      >>> layer = NMLinear(16, 4, n=2, m=4, rngs=nnx.Rngs(0))
+      >>> layer.kernel_values.shape, int((layer.todense() != 0).sum())
+      ((2, 4, 4), 32)
+    """
 
-  def __init__(self, in_features: int, out_features: int, *, n: int = 2, m: int = 4,
-               mask: Bool[ArrayLike, "K N"] | None = None, pack_tile: int | None = None,
-               use_bias: bool = True, dtype: Any = None, param_dtype: Any = jnp.float32,
-               precision: Any = None, kernel_init: Any = default_kernel_init,
-               bias_init: Any = nnx.initializers.zeros_init(), impl: str = "auto",
-               interpret: str | None = None, rngs: nnx.Rngs):
-    check_nm(n, m, k=in_features)
-    kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
-    w = _core.init_nm(kernel, n, m, mask, pack_tile)
-    self.kernel_values = nnx.Param(w.values)
-    self.meta = SparsePattern(w.meta)
-    self.nm_config = SparsePattern(_core.nm_pattern(w)["nm_config"])
-    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else nnx.data(None)
-    self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
-    self.n, self.m, self.pack_tile = n, m, w.pack_tile
-    self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
-    self.impl, self.interpret = impl, interpret
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        n: int = 2,
+        m: int = 4,
+        mask: Bool[ArrayLike, "K N"] | None = None,
+        pack_tile: int | None = None,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = nnx.initializers.zeros_init(),
+        impl: str = "auto",
+        interpret: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        check_nm(n, m, k=in_features)
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        w = _core.init_nm(kernel, n, m, mask, pack_tile)
+        self.kernel_values = nnx.Param(w.values)
+        self.meta = SparsePattern(w.meta)
+        self.nm_config = SparsePattern(_core.nm_pattern(w)["nm_config"])
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+            if use_bias
+            else nnx.data(None)
+        )
+        self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
+        self.n, self.m, self.pack_tile = n, m, w.pack_tile
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        self.impl, self.interpret = impl, interpret
 
-  @property
-  def weight(self) -> NMWeight:
-    """The kernel as a :class:`~pallas_kernels.nm.NMWeight`."""
-    return _core.nm_weight(self.kernel_values[...], self.meta[...], n=self.n, m=self.m, pack_tile=self.pack_tile)
+    @property
+    def weight(self) -> NMWeight:
+        """The kernel as a :class:`~pallas_kernels.nm.NMWeight`."""
+        return _core.nm_weight(
+            self.kernel_values[...], self.meta[...], n=self.n, m=self.m, pack_tile=self.pack_tile
+        )
 
-  def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
-    bias = self.bias[...] if self.bias is not None else None
-    return _core.nm_apply(inputs, self.kernel_values[...], self.meta[...], bias, n=self.n, m=self.m,
-                          pack_tile=self.pack_tile, dtype=self.dtype, precision=self.precision, impl=self.impl,
-                          interpret=self.interpret)
+    def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
+        bias = self.bias[...] if self.bias is not None else None
+        return _core.nm_apply(
+            inputs,
+            self.kernel_values[...],
+            self.meta[...],
+            bias,
+            n=self.n,
+            m=self.m,
+            pack_tile=self.pack_tile,
+            dtype=self.dtype,
+            precision=self.precision,
+            impl=self.impl,
+            interpret=self.interpret,
+        )
 
-  def todense(self) -> Float[Array, "K N"]:
-    """The dense ``(in_features, out_features)`` kernel (zeros at dropped positions)."""
-    return unpack_nm(self.weight)
+    def todense(self) -> Float[Array, "K N"]:
+        """The dense ``(in_features, out_features)`` kernel (zeros at dropped positions)."""
+        return unpack_nm(self.weight)

@@ -8,7 +8,7 @@ sums become all-reduces under ``jit``), gives the same result. Everything is acc
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,12 @@ class ActivationStats(NamedTuple):
     count: Float[Array, ""]  # number of tokens seen
     sum: Float[Array, " d"]  # sum_t x_t
     sq_sum: Float[Array, " d"]  # sum_t x_t**2, i.e. ||X_j||^2
-    xtx: Optional[Float[Array, "d d"]]  # sum_t x_t x_t^T, or None when not requested
+    xtx: Float[Array, "d d"] | None  # sum_t x_t x_t^T, or None when not requested
 
 
-def init_activation_stats(features: int, *, hessian: bool = True, dtype=jnp.float32) -> ActivationStats:
+def init_activation_stats(
+    features: int, *, hessian: bool = True, dtype=jnp.float32
+) -> ActivationStats:
     """Empty statistics for inputs with ``features`` channels; ``hessian=False`` skips the ``(d, d)`` sum.
 
     >>> s = init_activation_stats(3, hessian=False)
@@ -54,7 +56,9 @@ def init_activation_stats(features: int, *, hessian: bool = True, dtype=jnp.floa
     )
 
 
-def update_activation_stats(stats: ActivationStats, x: Float[ArrayLike, "... d"]) -> ActivationStats:
+def update_activation_stats(
+    stats: ActivationStats, x: Float[ArrayLike, "... d"]
+) -> ActivationStats:
     """Adds the tokens of ``x`` (all leading axes are tokens) to ``stats``; pure and jittable.
 
     >>> import jax.numpy as jnp
@@ -98,7 +102,9 @@ def activation_var(stats: ActivationStats) -> Float[Array, " d"]:
 def hessian_from_stats(stats: ActivationStats) -> Float[Array, "d d"]:
     """SparseGPT's ``H = (2/n) X^T X`` (the layer-wise squared-error Hessian)."""
     if stats.xtx is None:
-        raise ValueError("`stats` has no X^T X sum; create it with init_activation_stats(..., hessian=True).")
+        raise ValueError(
+            "`stats` has no X^T X sum; create it with init_activation_stats(..., hessian=True)."
+        )
     return stats.xtx * (2.0 / jnp.maximum(stats.count, 1.0))
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,11 +86,18 @@ def prune_layer(
         warn_if_ill_conditioned(h, int(stats.count), damp, name=name)
         return sparsegpt_prune(kernel, h, sparsity, blocksize=blocksize, damp=damp)
     v.check_choice("dsnot_init", dsnot_init, ("magnitude", "wanda", "sparsegpt"))
-    _, mask = prune_layer(dsnot_init, kernel, stats, sparsity, blocksize=blocksize, damp=damp, name=name)
+    _, mask = prune_layer(
+        dsnot_init, kernel, stats, sparsity, blocksize=blocksize, damp=damp, name=name
+    )
     pattern = parse_sparsity(sparsity)
     return dsnot_prune(
-        kernel, mask, activation_mean(stats), activation_var(stats), stats.sq_sum,
-        nm_group_size=pattern.m if pattern.is_nm else None, **(dsnot_options or {}),
+        kernel,
+        mask,
+        activation_mean(stats),
+        activation_var(stats),
+        stats.sq_sum,
+        nm_group_size=pattern.m if pattern.is_nm else None,
+        **(dsnot_options or {}),
     )
 
 
@@ -120,12 +128,24 @@ def _progress(stages: list, enabled: bool):
 
 
 def _run(
-    names, kernels_in, collect_fn, get_kernel, set_kernel, batches, method, sparsity, groups, progress, opts
+    names,
+    kernels_in,
+    collect_fn,
+    get_kernel,
+    set_kernel,
+    batches,
+    method,
+    sparsity,
+    groups,
+    progress,
+    opts,
 ):
     pattern = parse_sparsity(sparsity)
     for name in names:
         check_nm_fits(f"kernel of layer {name!r}", kernels_in[name], pattern)
-    need_hessian = method == "sparsegpt" or (method == "dsnot" and opts["dsnot_init"] == "sparsegpt")
+    need_hessian = method == "sparsegpt" or (
+        method == "dsnot" and opts["dsnot_init"] == "sparsegpt"
+    )
     masks, report = {}, {}
     stages = _stages(names, groups)
     bar = _progress(stages, bool(progress))
@@ -133,13 +153,16 @@ def _run(
         t0 = time.perf_counter()
         stats = None
         if method != "magnitude":
-            stats = {n: init_activation_stats(kernels_in[n][0], hessian=need_hessian) for n in stage}
+            stats = {
+                n: init_activation_stats(kernels_in[n][0], hessian=need_hessian) for n in stage
+            }
             collect = collect_fn(tuple(stage))
             for batch in batches:
                 stats = collect(stats, batch)
         for n in stage:
-            kernel, mask = prune_layer(method, get_kernel(n), None if stats is None else stats[n], sparsity,
-                                       name=n, **opts)
+            kernel, mask = prune_layer(
+                method, get_kernel(n), None if stats is None else stats[n], sparsity, name=n, **opts
+            )
             set_kernel(n, kernel)
             masks[n] = mask
             report[n] = {
@@ -151,7 +174,9 @@ def _run(
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(stage[-1])
         elif progress:
-            print(f"pruned {', '.join(stage)} ({method}, {time.perf_counter() - t0:.2f}s)", flush=True)
+            print(
+                f"pruned {', '.join(stage)} ({method}, {time.perf_counter() - t0:.2f}s)", flush=True
+            )
     return masks, report
 
 
@@ -169,14 +194,18 @@ def _check_common(method, batches, layers_filter):
 def _select(found: list[str], layers_filter) -> list[str]:
     names = [n for n in found if layers_filter is None or layers_filter(n)]
     if not names:
-        raise ValueError(f"no prunable Dense layers selected; the model's 2-D Dense kernels are {found}.")
+        raise ValueError(
+            f"no prunable Dense layers selected; the model's 2-D Dense kernels are {found}."
+        )
     return names
 
 
 def _trace_first_batch(fn, params, batch) -> None:
     try:
         jax.eval_shape(fn, params, batch)
-    except Exception as e:  # a model that cannot consume the calibration data: say which argument is wrong
+    except (
+        Exception
+    ) as e:  # a model that cannot consume the calibration data: say which argument is wrong
         shapes = jax.tree.map(lambda a: getattr(a, "shape", type(a).__name__), batch)
         raise ValueError(
             f"`batches[0]` (shapes {shapes}) could not be run through the model: {type(e).__name__}: {e}. "
@@ -218,6 +247,7 @@ def _nnx_collect(st, stats, batch, graphdef, stage, forward):
     mm = nnx.merge(graphdef, st)
     nodes = _nnx_linear_nodes(mm)
     for name in stage:
+
         def on_input(x, name=name):
             stats[name] = update_activation_stats(stats[name], x)
 
@@ -265,6 +295,7 @@ def prune_nnx(
     work = nnx.merge(graphdef, state, copy=True)
 
     linear_nodes = _nnx_linear_nodes
+
     def call_order(st, batch):
         order = []
         mm = nnx.merge(graphdef, st)
@@ -291,8 +322,19 @@ def prune_nnx(
         nodes[name].kernel[...] = value
 
     opts = dict(blocksize=blocksize, damp=damp, dsnot_init=dsnot_init, dsnot_options=dsnot_options)
-    masks, report = _run(names, shapes, collect_fn, lambda n: nodes[n].kernel[...], set_kernel, batches,
-                         method, sparsity, groups, progress, opts)
+    masks, report = _run(
+        names,
+        shapes,
+        collect_fn,
+        lambda n: nodes[n].kernel[...],
+        set_kernel,
+        batches,
+        method,
+        sparsity,
+        groups,
+        progress,
+        opts,
+    )
     return PruneResult(work, masks, report)
 
 
@@ -357,7 +399,11 @@ def prune_linen(
         _trace_first_batch(run_recording, variables, batches[0])
     found = list(dict.fromkeys(order))
     if not found:  # magnitude without batches: every 2-D kernel
-        found = ["/".join(k[1:-1]) for k, a in flat.items() if k[0] == "params" and k[-1] == "kernel" and a.ndim == 2]
+        found = [
+            "/".join(k[1:-1])
+            for k, a in flat.items()
+            if k[0] == "params" and k[-1] == "kernel" and a.ndim == 2
+        ]
     names = _select(found, layers)
     key = lambda n: ("params", *n.split("/"), "kernel")
     shapes = {n: tuple(flat[key(n)].shape) for n in names}
@@ -384,6 +430,17 @@ def prune_linen(
         flat[key(name)] = value
 
     opts = dict(blocksize=blocksize, damp=damp, dsnot_init=dsnot_init, dsnot_options=dsnot_options)
-    masks, report = _run(names, shapes, collect_fn, lambda n: flat[key(n)], set_kernel, batches,
-                         method, sparsity, groups, progress, opts)
+    masks, report = _run(
+        names,
+        shapes,
+        collect_fn,
+        lambda n: flat[key(n)],
+        set_kernel,
+        batches,
+        method,
+        sparsity,
+        groups,
+        progress,
+        opts,
+    )
     return PruneResult(traverse_util.unflatten_dict(flat), masks, report)

@@ -42,7 +42,9 @@ def _dsnot(w, keep, mean, var, sq_norm, threshold, group, max_cycles, var_power,
     c = wt * mean[None, :].astype(jnp.float32)
     eps0 = jnp.sum(jnp.where(keep0, 0.0, c), axis=1)
     g = c / jnp.power(jnp.maximum(var, 1e-12), var_power)[None, :]
-    grow_order = jnp.argsort(jnp.where(keep0, jnp.inf, g), axis=1, stable=True)  # pruned first, ascending
+    grow_order = jnp.argsort(
+        jnp.where(keep0, jnp.inf, g), axis=1, stable=True
+    )  # pruned first, ascending
     n_pruned = jnp.sum(~keep0, axis=1)
     wanda = jnp.abs(wt) * jnp.sqrt(jnp.maximum(sq_norm, 0.0))[None, :]
     neg, pos = keep0 & (c < 0), keep0 & (c > 0)
@@ -150,6 +152,14 @@ def dsnot_prune(
     if same_sign is None:
         same_sign = bool(group)
     return _dsnot(
-        weight, mask, act_mean, act_var, act_sq_norm, jnp.asarray(threshold, jnp.float32),
-        group, max_cycles, float(var_power), bool(same_sign),
+        weight,
+        mask,
+        act_mean,
+        act_var,
+        act_sq_norm,
+        jnp.asarray(threshold, jnp.float32),
+        group,
+        max_cycles,
+        float(var_power),
+        bool(same_sign),
     )

@@ -54,7 +54,14 @@ def sparsegpt_inverse_hessian_factor(
 
 
 @functools.partial(jax.jit, static_argnames=("nm", "blocksize"))
-def _sparsegpt(weight: Array, hessian: Array, prune_counts: Array, damp: Array, nm: tuple[int, int], blocksize: int):
+def _sparsegpt(
+    weight: Array,
+    hessian: Array,
+    prune_counts: Array,
+    damp: Array,
+    nm: tuple[int, int],
+    blocksize: int,
+):
     out_dtype = weight.dtype
     w = weight.T.astype(jnp.float32)  # (rows = out, cols = in), as in the reference
     rows, cols = w.shape
@@ -66,7 +73,9 @@ def _sparsegpt(weight: Array, hessian: Array, prune_counts: Array, damp: Array, 
     padded = nblocks * bs
     pad = padded - cols
     w = jnp.pad(w, ((0, 0), (0, pad)))
-    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag((jnp.arange(padded) >= cols).astype(jnp.float32))
+    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(
+        (jnp.arange(padded) >= cols).astype(jnp.float32)
+    )
     col_idx = jnp.arange(padded)
     n, m = nm
 
@@ -97,7 +106,9 @@ def _sparsegpt(weight: Array, hessian: Array, prune_counts: Array, damp: Array, 
             dii = u1[i, i]
             ei = (wi - qi) / dii
             loss = loss + jnp.sum(jnp.square(wi - qi)) / dii**2 / 2
-            w1 = w1 - ei[:, None] * u1[i][None, :]  # U is upper triangular: only columns >= i change
+            w1 = (
+                w1 - ei[:, None] * u1[i][None, :]
+            )  # U is upper triangular: only columns >= i change
             q1 = q1.at[:, i].set(qi)
             err1 = err1.at[:, i].set(ei)
             return w1, q1, keep1, err1, loss
@@ -159,7 +170,9 @@ def sparsegpt_prune(
     check_nm_fits("weight", weight.shape, pattern)
     blocksize = v.check_int("blocksize", blocksize, 1)
     if pattern.is_nm and blocksize % pattern.m:
-        raise ValueError(f"`blocksize` must be a multiple of m={pattern.m} for N:M; got blocksize={blocksize}.")
+        raise ValueError(
+            f"`blocksize` must be a multiple of m={pattern.m} for N:M; got blocksize={blocksize}."
+        )
     try:
         damp = float(damp)
     except (TypeError, ValueError):
@@ -180,7 +193,9 @@ def sparsegpt_prune(
     rows, nblocks = weight.shape[1], -(-d // bs)
     cum = [0] + [num_pruned(pattern.sparsity, rows * min((b + 1) * bs, d)) for b in range(nblocks)]
     counts = jnp.asarray([cum[b + 1] - cum[b] for b in range(nblocks)], jnp.int32)
-    q, keep, loss = _sparsegpt(weight, hessian, counts, jnp.float32(damp), (pattern.n, pattern.m), bs)
+    q, keep, loss = _sparsegpt(
+        weight, hessian, counts, jnp.float32(damp), (pattern.n, pattern.m), bs
+    )
     return (q, keep, loss) if return_loss else (q, keep)
 
 

@@ -20,7 +20,8 @@ The whole step, update steps included, is one compiled function.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ class MaskAlgorithm(NamedTuple):
     init: Callable[[PyTree, Array], tuple[PyTree, Any]]
     update: Callable[[MaskContext], tuple[PyTree, Any]]
     is_update: Callable[[Array], Array]
-    observe: Optional[Callable[[MaskContext], Any]] = None
+    observe: Callable[[MaskContext], Any] | None = None
     grows: bool = False
     skip_step_on_update: bool = False
 
@@ -79,7 +80,9 @@ def _as_transformation(inner: Any) -> optax.GradientTransformationExtraArgs:
     if isinstance(inner, optax.MultiSteps):
         inner = inner.gradient_transformation()
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
-        raise TypeError(f"`inner` must be an optax GradientTransformation or optax.MultiSteps; got {type(inner).__name__}.")
+        raise TypeError(
+            f"`inner` must be an optax GradientTransformation or optax.MultiSteps; got {type(inner).__name__}."
+        )
     return optax.with_extra_args_support(inner)
 
 
@@ -89,9 +92,13 @@ def _check_params(params: PyTree) -> None:
         raise ValueError("`params` is an empty pytree; expected at least one array leaf.")
 
 
-def _zero_moments(inner: optax.GradientTransformation, state: optax.OptState, grown: PyTree, params: PyTree) -> optax.OptState:
+def _zero_moments(
+    inner: optax.GradientTransformation, state: optax.OptState, grown: PyTree, params: PyTree
+) -> optax.OptState:
     """Zeroes every param-shaped leaf of ``state`` where ``grown`` is True (any optax optimizer)."""
-    full = jax.tree.map(lambda g, p: jnp.zeros((), bool) if g is None else g, grown, params, is_leaf=is_none)
+    full = jax.tree.map(
+        lambda g, p: jnp.zeros((), bool) if g is None else g, grown, params, is_leaf=is_none
+    )
 
     def zero(s, g):
         if jnp.ndim(g) and jnp.shape(s) != jnp.shape(g):
@@ -101,7 +108,9 @@ def _zero_moments(inner: optax.GradientTransformation, state: optax.OptState, gr
     return optax.tree_map_params(inner, zero, state, full, transform_non_params=lambda x: x)
 
 
-def sparse_training(inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array = 0) -> optax.GradientTransformationExtraArgs:
+def sparse_training(
+    inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array = 0
+) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that training follows ``algorithm``'s masks; ``params`` must be passed to ``update``.
 
     ``seed`` (an int, possibly traced under ``vmap``) seeds the PRNG key kept in the state; each update step uses
@@ -142,24 +151,50 @@ def sparse_training(inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array =
         if params is None:
             raise ValueError("sparse_training needs `params` in update(grads, state, params).")
         check_same_structure("grads", grads, "params", params)
-        ctx = MaskContext(state.masks, params, grads, state.step, jax.random.fold_in(state.key, state.step), state.extra)
+        ctx = MaskContext(
+            state.masks,
+            params,
+            grads,
+            state.step,
+            jax.random.fold_in(state.key, state.step),
+            state.extra,
+        )
         extra = algorithm.observe(ctx) if algorithm.observe is not None else state.extra
         ctx = ctx._replace(extra=extra)
         do_update = algorithm.is_update(state.step)
 
         masks, extra = lax.cond(do_update, algorithm.update, lambda c: (c.masks, c.extra), ctx)
         inner_state, grad_masks = state.inner_state, masks
-        if algorithm.grows:  # elementwise and fused with the inner update; the optimizer state stays out of the cond
-            grown = jax.tree.map(lambda new, old: None if new is None else new & ~old, masks, state.masks, is_leaf=is_none)
+        if (
+            algorithm.grows
+        ):  # elementwise and fused with the inner update; the optimizer state stays out of the cond
+            grown = jax.tree.map(
+                lambda new, old: None if new is None else new & ~old,
+                masks,
+                state.masks,
+                is_leaf=is_none,
+            )
             inner_state = _zero_moments(inner, inner_state, grown, params)
-            if algorithm.skip_step_on_update:  # grown weights see no gradient on the skipped step: moments stay 0
-                grad_masks = jax.tree.map(lambda m, g: None if m is None else m & ~g, masks, grown, is_leaf=is_none)
-        masked_grads = map_masked(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, grad_masks)
+            if (
+                algorithm.skip_step_on_update
+            ):  # grown weights see no gradient on the skipped step: moments stay 0
+                grad_masks = jax.tree.map(
+                    lambda m, g: None if m is None else m & ~g, masks, grown, is_leaf=is_none
+                )
+        masked_grads = map_masked(
+            lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, grad_masks
+        )
         updates, new_inner = inner.update(masked_grads, inner_state, params, **extra_args)
         if algorithm.skip_step_on_update:
-            updates = jax.tree.map(lambda u: jnp.where(do_update, jnp.zeros((), u.dtype), u), updates)
+            updates = jax.tree.map(
+                lambda u: jnp.where(do_update, jnp.zeros((), u.dtype), u), updates
+            )
         updates = jax.tree.map(
-            lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype), masks, updates, params, is_leaf=is_none
+            lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
+            masks,
+            updates,
+            params,
+            is_leaf=is_none,
         )
         return updates, SparseState(new_inner, masks, state.step + 1, state.key, extra)
 

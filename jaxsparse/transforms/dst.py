@@ -29,7 +29,8 @@ The drop fraction ``f(t)`` is ``drop_fraction`` decayed by ``decay``: ``"cosine"
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +41,9 @@ from jaxtyping import Array, ArrayLike, Float, PyTree
 from jaxsparse import _validation as v
 from jaxsparse._tree import is_none, path_name
 from jaxsparse.allocation import Budget, keep_count
-from jaxsparse.masks import topk_mask
+from jaxsparse.masks import random_scores, topk_mask
 from jaxsparse.oneshot import leaf_sparsities, random_masks
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, sparse_training
-from jaxsparse.masks import random_scores
 from jaxsparse.transforms.growth import drop_and_grow, drop_scores, prune_and_regrow
 from jaxsparse.transforms.pruning import gmp_algorithm
 
@@ -73,21 +73,31 @@ END_FRACTION = 0.75  # RigL: mask updates stop at 75% of training by default
 # ------------------------------------------------------------------------------------------------ validation
 def _check_sparsity_arg(sparsity: Any) -> None:
     if isinstance(sparsity, bool):
-        raise TypeError(f"`sparsity` must be a float in [0, 1), a budget or a per-leaf pytree; got {sparsity!r}.")
+        raise TypeError(
+            f"`sparsity` must be a float in [0, 1), a budget or a per-leaf pytree; got {sparsity!r}."
+        )
     if isinstance(sparsity, (int, float)):
         v.check_sparsity("sparsity", sparsity)
 
 
 def _check_fraction(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a float in [0, 1]; got {value!r} of type {type(value).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a float in [0, 1]; got {value!r} of type {type(value).__name__}."
+        )
     if math.isnan(value):
         raise ValueError(f"`{name}` must be in [0, 1]; got {value!r}.")
     return v.check_fraction(name, value)
 
 
-def _resolve_end(name: str, end_step: Optional[int], total_steps: Optional[int], begin_step: int, default_fraction: float,
-                 required: bool = True) -> Optional[int]:
+def _resolve_end(
+    name: str,
+    end_step: int | None,
+    total_steps: int | None,
+    begin_step: int,
+    default_fraction: float,
+    required: bool = True,
+) -> int | None:
     """``end_step`` if given, else ``default_fraction * total_steps``; checks both and the window."""
     v.check_int("begin_step", begin_step, 0)
     if total_steps is not None:
@@ -121,7 +131,9 @@ def _check_layers(params: PyTree, sparsities: PyTree) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ schedules
-def drop_fraction_schedule(drop_fraction: float, end_step: Optional[int], decay: str = "cosine") -> Callable[[ArrayLike], Float[Array, ""]]:
+def drop_fraction_schedule(
+    drop_fraction: float, end_step: int | None, decay: str = "cosine"
+) -> Callable[[ArrayLike], Float[Array, ""]]:
     """``step -> f(t)``: ``drop_fraction`` decayed to 0 at ``end_step`` (``"cosine"``, ``"linear"``) or constant.
 
     >>> f = drop_fraction_schedule(0.3, 100)
@@ -131,7 +143,9 @@ def drop_fraction_schedule(drop_fraction: float, end_step: Optional[int], decay:
     alpha = _check_fraction("drop_fraction", drop_fraction)
     v.check_choice("decay", decay, DECAYS)
     if decay != "constant" and end_step is None:
-        raise ValueError(f"decay={decay!r} needs an `end_step` (or `total_steps`); only decay='constant' runs without one.")
+        raise ValueError(
+            f"decay={decay!r} needs an `end_step` (or `total_steps`); only decay='constant' runs without one."
+        )
     span = float(max(end_step or 1, 1))
 
     def schedule(step):
@@ -145,7 +159,9 @@ def drop_fraction_schedule(drop_fraction: float, end_step: Optional[int], decay:
     return schedule
 
 
-def _dst_gate(update_every: int, begin_step: int, end_step: Optional[int]) -> Callable[[ArrayLike], Array]:
+def _dst_gate(
+    update_every: int, begin_step: int, end_step: int | None
+) -> Callable[[ArrayLike], Array]:
     """True at ``begin_step + k * update_every`` for ``k >= 1`` while ``<= end_step``."""
 
     def gate(step):
@@ -167,13 +183,20 @@ def _init_random(sparsity: Any) -> Callable[[PyTree, Array], PyTree]:
 
 
 def _ema_init(masks: PyTree, params: PyTree) -> PyTree:
-    return jax.tree.map(lambda m, p: None if m is None else jnp.zeros(p.shape, jnp.float32), masks, params, is_leaf=is_none)
+    return jax.tree.map(
+        lambda m, p: None if m is None else jnp.zeros(p.shape, jnp.float32),
+        masks,
+        params,
+        is_leaf=is_none,
+    )
 
 
 def _ema_observe(beta: float) -> Callable[[MaskContext], PyTree]:
     def observe(ctx: MaskContext):
         return jax.tree.map(
-            lambda e, g: None if e is None else beta * e + (1.0 - beta) * g.astype(jnp.float32), ctx.extra, ctx.grads,
+            lambda e, g: None if e is None else beta * e + (1.0 - beta) * g.astype(jnp.float32),
+            ctx.extra,
+            ctx.grads,
             is_leaf=is_none,
         )
 
@@ -181,7 +204,12 @@ def _ema_observe(beta: float) -> Callable[[MaskContext], PyTree]:
 
 
 def _abs_scores(masks: PyTree, tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda m, x: None if m is None else jnp.abs(x).astype(jnp.float32), masks, tree, is_leaf=is_none)
+    return jax.tree.map(
+        lambda m, x: None if m is None else jnp.abs(x).astype(jnp.float32),
+        masks,
+        tree,
+        is_leaf=is_none,
+    )
 
 
 def _grow_scores(grow: str, ctx: MaskContext, key: Array) -> PyTree:
@@ -192,7 +220,9 @@ def _grow_scores(grow: str, ctx: MaskContext, key: Array) -> PyTree:
     return _abs_scores(ctx.masks, ctx.grads)
 
 
-def _redistributed_counts(masks: PyTree, momentum: PyTree, fraction: Array, iterations: int) -> tuple[PyTree, PyTree]:
+def _redistributed_counts(
+    masks: PyTree, momentum: PyTree, fraction: Array, iterations: int
+) -> tuple[PyTree, PyTree]:
     """SNFS: per-leaf (n_keep, n_grow); the total dropped is regrown across leaves in proportion to each leaf's
     mean ``|momentum|`` over its active weights, each leaf capped at ``max(0.99 * free, own drop)`` positions.
 
@@ -209,8 +239,12 @@ def _redistributed_counts(masks: PyTree, momentum: PyTree, fraction: Array, iter
     n_keep = n_active - n_drop
     sizes = jnp.array([m.size for m in ms], jnp.int32)
     free = sizes - n_keep  # positions growth may use (not kept)
-    share = jnp.stack([jnp.sum(jnp.where(m, jnp.abs(x), 0.0)) for m, x in zip(ms, moms)]) / jnp.maximum(n_active, 1)
-    share = jnp.where(jnp.sum(share) > 0, share, n_drop.astype(jnp.float32))  # all-zero momentum: keep own drops
+    share = jnp.stack(
+        [jnp.sum(jnp.where(m, jnp.abs(x), 0.0)) for m, x in zip(ms, moms)]
+    ) / jnp.maximum(n_active, 1)
+    share = jnp.where(
+        jnp.sum(share) > 0, share, n_drop.astype(jnp.float32)
+    )  # all-zero momentum: keep own drops
     total = jnp.sum(n_drop)
     limit = jnp.maximum(0.99 * free.astype(jnp.float32), n_drop.astype(jnp.float32))
 
@@ -247,7 +281,7 @@ def dst_algorithm(
     drop_fraction: float = 0.3,
     decay: str = "cosine",
     begin_step: int = 0,
-    end_step: Optional[int] = None,
+    end_step: int | None = None,
     drop_noise: float = 0.0,
     momentum: float = 0.9,
     redistribute: bool = False,
@@ -267,10 +301,18 @@ def dst_algorithm(
         v.check_int("end_step", end_step, 0)
         v.check_schedule_window("begin_step", begin_step, "end_step", end_step)
     schedule = drop_fraction_schedule(drop_fraction, end_step, decay)
-    if isinstance(drop_noise, bool) or not isinstance(drop_noise, (int, float)) or not drop_noise >= 0:
+    if (
+        isinstance(drop_noise, bool)
+        or not isinstance(drop_noise, (int, float))
+        or not drop_noise >= 0
+    ):
         raise ValueError(f"`drop_noise` must be a float >= 0; got {drop_noise!r}.")
     if grow == "momentum":
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, (int, float))
+            or not 0.0 <= momentum < 1.0
+        ):
             raise ValueError(f"`momentum` must be a float in [0, 1); got {momentum!r}.")
     if redistribute and grow != "momentum":
         raise ValueError(f"`redistribute=True` needs grow='momentum' (SNFS); got grow={grow!r}.")
@@ -287,7 +329,13 @@ def dst_algorithm(
         if redistribute:
             n_live = sum(m is not None for m in jax.tree.leaves(ctx.masks, is_leaf=is_none))
             n_keep, n_grow = _redistributed_counts(ctx.masks, ctx.extra, fraction, n_live + 1)
-            masks, _ = prune_and_regrow(ctx.masks, drop_scores(ctx.params, ctx.masks, k_drop, drop_noise), n_keep, scores, n_grow)
+            masks, _ = prune_and_regrow(
+                ctx.masks,
+                drop_scores(ctx.params, ctx.masks, k_drop, drop_noise),
+                n_keep,
+                scores,
+                n_grow,
+            )
         else:
             masks = drop_and_grow(ctx.masks, ctx.params, scores, fraction, k_drop, drop_noise)
         return masks, ctx.extra
@@ -314,7 +362,9 @@ def static_sparse_algorithm(sparsity: float | Budget | PyTree) -> MaskAlgorithm:
     )
 
 
-def static_sparse(inner: Any, sparsity: float | Budget | PyTree, *, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+def static_sparse(
+    inner: Any, sparsity: float | Budget | PyTree, *, seed: int = 0
+) -> optax.GradientTransformationExtraArgs:
     """Static sparse training (random pruning at initialisation): a random mask drawn once from ``seed``.
 
     >>> import jax, jax.numpy as jnp, optax, jaxsparse
@@ -334,17 +384,30 @@ def set_algorithm(
     update_every: int = 100,
     drop_fraction: float = 0.3,
     decay: str = "cosine",
-    total_steps: Optional[int] = None,
-    end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    end_step: int | None = None,
     begin_step: int = 0,
     skip_step_on_update: bool = True,
 ) -> MaskAlgorithm:
     """SET's rule (drop smallest ``|w|``, regrow uniformly at random); see :func:`set_training`."""
     v.check_choice("decay", decay, DECAYS)
-    end = _resolve_end("set_training", end_step, total_steps, begin_step, END_FRACTION, required=decay != "constant")
+    end = _resolve_end(
+        "set_training",
+        end_step,
+        total_steps,
+        begin_step,
+        END_FRACTION,
+        required=decay != "constant",
+    )
     return dst_algorithm(
-        sparsity, grow="random", update_every=update_every, drop_fraction=drop_fraction, decay=decay,
-        begin_step=begin_step, end_step=end, skip_step_on_update=skip_step_on_update,
+        sparsity,
+        grow="random",
+        update_every=update_every,
+        drop_fraction=drop_fraction,
+        decay=decay,
+        begin_step=begin_step,
+        end_step=end,
+        skip_step_on_update=skip_step_on_update,
     )
 
 
@@ -355,8 +418,8 @@ def set_training(
     update_every: int = 100,
     drop_fraction: float = 0.3,
     decay: str = "cosine",
-    total_steps: Optional[int] = None,
-    end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    end_step: int | None = None,
     begin_step: int = 0,
     skip_step_on_update: bool = True,
     seed: int = 0,
@@ -378,8 +441,14 @@ def set_training(
     (16, True)
     """
     algo = set_algorithm(
-        sparsity, update_every=update_every, drop_fraction=drop_fraction, decay=decay, total_steps=total_steps,
-        end_step=end_step, begin_step=begin_step, skip_step_on_update=skip_step_on_update,
+        sparsity,
+        update_every=update_every,
+        drop_fraction=drop_fraction,
+        decay=decay,
+        total_steps=total_steps,
+        end_step=end_step,
+        begin_step=begin_step,
+        skip_step_on_update=skip_step_on_update,
     )
     return sparse_training(inner, algo, seed=seed)
 
@@ -394,8 +463,8 @@ def rigl_algorithm(
     update_every: int = 100,
     drop_fraction: float = 0.3,
     decay: str = "cosine",
-    total_steps: Optional[int] = None,
-    end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    end_step: int | None = None,
     begin_step: int = 0,
     drop_noise: float = 1e-5,
     skip_step_on_update: bool = True,
@@ -404,8 +473,15 @@ def rigl_algorithm(
     v.check_choice("decay", decay, DECAYS)
     end = _resolve_end("rigl", end_step, total_steps, begin_step, END_FRACTION)
     return dst_algorithm(
-        sparsity, grow="gradient", update_every=update_every, drop_fraction=drop_fraction, decay=decay,
-        begin_step=begin_step, end_step=end, drop_noise=drop_noise, skip_step_on_update=skip_step_on_update,
+        sparsity,
+        grow="gradient",
+        update_every=update_every,
+        drop_fraction=drop_fraction,
+        decay=decay,
+        begin_step=begin_step,
+        end_step=end,
+        drop_noise=drop_noise,
+        skip_step_on_update=skip_step_on_update,
     )
 
 
@@ -416,8 +492,8 @@ def rigl(
     update_every: int = 100,
     drop_fraction: float = 0.3,
     decay: str = "cosine",
-    total_steps: Optional[int] = None,
-    end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    end_step: int | None = None,
     begin_step: int = 0,
     drop_noise: float = 1e-5,
     skip_step_on_update: bool = True,
@@ -444,8 +520,15 @@ def rigl(
     (52, True)
     """
     algo = rigl_algorithm(
-        sparsity, update_every=update_every, drop_fraction=drop_fraction, decay=decay, total_steps=total_steps,
-        end_step=end_step, begin_step=begin_step, drop_noise=drop_noise, skip_step_on_update=skip_step_on_update,
+        sparsity,
+        update_every=update_every,
+        drop_fraction=drop_fraction,
+        decay=decay,
+        total_steps=total_steps,
+        end_step=end_step,
+        begin_step=begin_step,
+        drop_noise=drop_noise,
+        skip_step_on_update=skip_step_on_update,
     )
     return sparse_training(inner, algo, seed=seed)
 
@@ -457,8 +540,8 @@ def snfs_algorithm(
     update_every: int = 100,
     drop_fraction: float = 0.5,
     decay: str = "cosine",
-    total_steps: Optional[int] = None,
-    end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    end_step: int | None = None,
     begin_step: int = 0,
     momentum: float = 0.9,
     redistribute: bool = True,
@@ -468,8 +551,15 @@ def snfs_algorithm(
     v.check_choice("decay", decay, DECAYS)
     end = _resolve_end("snfs", end_step, total_steps, begin_step, 1.0)
     return dst_algorithm(
-        sparsity, grow="momentum", update_every=update_every, drop_fraction=drop_fraction, decay=decay,
-        begin_step=begin_step, end_step=end, momentum=momentum, redistribute=redistribute,
+        sparsity,
+        grow="momentum",
+        update_every=update_every,
+        drop_fraction=drop_fraction,
+        decay=decay,
+        begin_step=begin_step,
+        end_step=end,
+        momentum=momentum,
+        redistribute=redistribute,
         skip_step_on_update=skip_step_on_update,
     )
 
@@ -481,8 +571,8 @@ def snfs(
     update_every: int = 100,
     drop_fraction: float = 0.5,
     decay: str = "cosine",
-    total_steps: Optional[int] = None,
-    end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    end_step: int | None = None,
     begin_step: int = 0,
     momentum: float = 0.9,
     redistribute: bool = True,
@@ -510,8 +600,15 @@ def snfs(
     48
     """
     algo = snfs_algorithm(
-        sparsity, update_every=update_every, drop_fraction=drop_fraction, decay=decay, total_steps=total_steps,
-        end_step=end_step, begin_step=begin_step, momentum=momentum, redistribute=redistribute,
+        sparsity,
+        update_every=update_every,
+        drop_fraction=drop_fraction,
+        decay=decay,
+        total_steps=total_steps,
+        end_step=end_step,
+        begin_step=begin_step,
+        momentum=momentum,
+        redistribute=redistribute,
         skip_step_on_update=skip_step_on_update,
     )
     return sparse_training(inner, algo, seed=seed)
@@ -521,9 +618,9 @@ def snfs(
 def granet_algorithm(
     sparsity: float | Budget | PyTree,
     *,
-    total_steps: Optional[int] = None,
-    prune_end_step: Optional[int] = None,
-    regrow_end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    prune_end_step: int | None = None,
+    regrow_end_step: int | None = None,
     begin_step: int = 0,
     update_every: int = 100,
     drop_fraction: float = 0.5,
@@ -538,15 +635,21 @@ def granet_algorithm(
     v.check_choice("decay", decay, DECAYS)
     if prune_end_step is None or regrow_end_step is None:
         if total_steps is None:
-            raise ValueError("granet needs `total_steps` or both `prune_end_step` and `regrow_end_step`; got neither.")
+            raise ValueError(
+                "granet needs `total_steps` or both `prune_end_step` and `regrow_end_step`; got neither."
+            )
     prune_end = _resolve_end("granet", prune_end_step, total_steps, begin_step, END_FRACTION)
     regrow_end = _resolve_end("granet", regrow_end_step, total_steps, begin_step, 1.0)
     v.check_schedule_window("begin_step", begin_step, "regrow_end_step", regrow_end)
     v.check_int("update_every", update_every, 1)
     initial_sparsity = v.check_sparsity("initial_sparsity", initial_sparsity)
     if isinstance(sparsity, (int, float)) and initial_sparsity > sparsity:
-        raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must be <= `sparsity` ({sparsity}).")
-    prune = gmp_algorithm(sparsity, begin_step, prune_end, update_every, initial_sparsity, scope, power)
+        raise ValueError(
+            f"`initial_sparsity` ({initial_sparsity}) must be <= `sparsity` ({sparsity})."
+        )
+    prune = gmp_algorithm(
+        sparsity, begin_step, prune_end, update_every, initial_sparsity, scope, power
+    )
     schedule = drop_fraction_schedule(drop_fraction, regrow_end, decay)
 
     def init(params, key):
@@ -554,13 +657,28 @@ def granet_algorithm(
         _check_layers(params, finals)
         if initial_sparsity == 0.0:
             return prune.init(params, key)
-        pairs = [(s, p.size) for s, p in zip(jax.tree.leaves(finals), jax.tree.leaves(
-            jax.tree.map(lambda s, p: None if s is None else p, finals, params, is_leaf=is_none)))]
+        pairs = [
+            (s, p.size)
+            for s, p in zip(
+                jax.tree.leaves(finals),
+                jax.tree.leaves(
+                    jax.tree.map(
+                        lambda s, p: None if s is None else p, finals, params, is_leaf=is_none
+                    )
+                ),
+            )
+        ]
         final = sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
         if initial_sparsity > final:
-            raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g}).")
+            raise ValueError(
+                f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g})."
+            )
         ratio = initial_sparsity / final
-        return random_masks(key, params, jax.tree.map(lambda s: None if s is None else s * ratio, finals, is_leaf=is_none)), ()
+        return random_masks(
+            key,
+            params,
+            jax.tree.map(lambda s: None if s is None else s * ratio, finals, is_leaf=is_none),
+        ), ()
 
     def update(ctx: MaskContext):
         masks, _ = prune.update(ctx)
@@ -569,18 +687,26 @@ def granet_algorithm(
 
     def gate(step):
         step = jnp.asarray(step, jnp.int32)
-        return (step >= begin_step) & ((step - begin_step) % update_every == 0) & (step <= regrow_end)
+        return (
+            (step >= begin_step) & ((step - begin_step) % update_every == 0) & (step <= regrow_end)
+        )
 
-    return MaskAlgorithm(init=init, update=update, is_update=gate, grows=True, skip_step_on_update=bool(skip_step_on_update))
+    return MaskAlgorithm(
+        init=init,
+        update=update,
+        is_update=gate,
+        grows=True,
+        skip_step_on_update=bool(skip_step_on_update),
+    )
 
 
 def granet(
     inner: Any,
     sparsity: float | Budget | PyTree,
     *,
-    total_steps: Optional[int] = None,
-    prune_end_step: Optional[int] = None,
-    regrow_end_step: Optional[int] = None,
+    total_steps: int | None = None,
+    prune_end_step: int | None = None,
+    regrow_end_step: int | None = None,
     begin_step: int = 0,
     update_every: int = 100,
     drop_fraction: float = 0.5,
@@ -612,8 +738,17 @@ def granet(
     10
     """
     algo = granet_algorithm(
-        sparsity, total_steps=total_steps, prune_end_step=prune_end_step, regrow_end_step=regrow_end_step,
-        begin_step=begin_step, update_every=update_every, drop_fraction=drop_fraction, decay=decay,
-        initial_sparsity=initial_sparsity, scope=scope, power=power, skip_step_on_update=skip_step_on_update,
+        sparsity,
+        total_steps=total_steps,
+        prune_end_step=prune_end_step,
+        regrow_end_step=regrow_end_step,
+        begin_step=begin_step,
+        update_every=update_every,
+        drop_fraction=drop_fraction,
+        decay=decay,
+        initial_sparsity=initial_sparsity,
+        scope=scope,
+        power=power,
+        skip_step_on_update=skip_step_on_update,
     )
     return sparse_training(inner, algo, seed=seed)

@@ -38,7 +38,9 @@ def active_counts(masks: PyTree) -> PyTree:
     >>> active_counts({"w": jnp.array([True, False, True]), "b": None})["w"].item()
     2
     """
-    return jax.tree.map(lambda m: None if m is None else jnp.sum(m, dtype=jnp.int32), masks, is_leaf=is_none)
+    return jax.tree.map(
+        lambda m: None if m is None else jnp.sum(m, dtype=jnp.int32), masks, is_leaf=is_none
+    )
 
 
 def drop_counts(masks: PyTree, fraction: Float[ArrayLike, ""]) -> PyTree:
@@ -56,7 +58,9 @@ def drop_counts(masks: PyTree, fraction: Float[ArrayLike, ""]) -> PyTree:
     )
 
 
-def drop_scores(params: PyTree, masks: PyTree, key: PRNGKeyArray | None = None, noise: float = 0.0) -> PyTree:
+def drop_scores(
+    params: PyTree, masks: PyTree, key: PRNGKeyArray | None = None, noise: float = 0.0
+) -> PyTree:
     """``|w| (+ noise * N(0, 1))`` at active positions and ``-inf`` at inactive ones (float32).
 
     The small Gaussian noise (RigL uses ``1e-5``) breaks ties among equal magnitudes at random; with
@@ -67,18 +71,30 @@ def drop_scores(params: PyTree, masks: PyTree, key: PRNGKeyArray | None = None, 
     [2.0, -inf]
     """
     check_same_structure("params", params, "masks", masks)
-    mags = jax.tree.map(lambda m, p: None if m is None else jnp.abs(p).astype(jnp.float32), masks, params, is_leaf=is_none)
+    mags = jax.tree.map(
+        lambda m, p: None if m is None else jnp.abs(p).astype(jnp.float32),
+        masks,
+        params,
+        is_leaf=is_none,
+    )
     if noise and key is not None:
         mags = jax.tree.map(
-            lambda s, z: None if s is None else s + noise * z, mags, _normal_scores(key, masks), is_leaf=is_none
+            lambda s, z: None if s is None else s + noise * z,
+            mags,
+            _normal_scores(key, masks),
+            is_leaf=is_none,
         )
-    return jax.tree.map(lambda m, s: None if m is None else jnp.where(m, s, -jnp.inf), masks, mags, is_leaf=is_none)
+    return jax.tree.map(
+        lambda m, s: None if m is None else jnp.where(m, s, -jnp.inf), masks, mags, is_leaf=is_none
+    )
 
 
 def _normal_scores(key: PRNGKeyArray, masks: PyTree) -> PyTree:
     """Standard normal scores by the inverse CDF of :func:`random_scores` (same cheap hash, no threefry)."""
     uniform = random_scores(key, masks)
-    return jax.tree.map(lambda u: None if u is None else ndtri(u + 0.5 / (1 << 24)), uniform, is_leaf=is_none)
+    return jax.tree.map(
+        lambda u: None if u is None else ndtri(u + 0.5 / (1 << 24)), uniform, is_leaf=is_none
+    )
 
 
 def prune_and_regrow(
@@ -102,7 +118,9 @@ def prune_and_regrow(
     check_same_structure("masks", masks, "grow_score", grow_score)
     kept = topk_masks(_live(masks, drop_score), _live(masks, n_keep))
     candidates = jax.tree.map(
-        lambda k, s: None if k is None else jnp.where(k, -jnp.inf, s.astype(jnp.float32)), kept, _live(masks, grow_score),
+        lambda k, s: None if k is None else jnp.where(k, -jnp.inf, s.astype(jnp.float32)),
+        kept,
+        _live(masks, grow_score),
         is_leaf=is_none,
     )
     grown = topk_masks(candidates, _live(masks, n_grow))
@@ -130,7 +148,10 @@ def drop_and_grow(
     [True, False, False, True]
     """
     n_drop = drop_counts(masks, fraction)
-    n_keep = jax.tree.map(lambda a, d: None if a is None else a - d, active_counts(masks), n_drop, is_leaf=is_none)
-    new, _ = prune_and_regrow(masks, drop_scores(params, masks, key, noise), n_keep, grow_score, n_drop)
+    n_keep = jax.tree.map(
+        lambda a, d: None if a is None else a - d, active_counts(masks), n_drop, is_leaf=is_none
+    )
+    new, _ = prune_and_regrow(
+        masks, drop_scores(params, masks, key, noise), n_keep, grow_score, n_drop
+    )
     return new
-

@@ -48,7 +48,9 @@ def sr_ste_decay(
     """
     n, m = v.check_nm(n, m)
     if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(f"`decay` must be a float >= 0; got {decay!r} of type {type(decay).__name__}.")
+        raise TypeError(
+            f"`decay` must be a float >= 0; got {decay!r} of type {type(decay).__name__}."
+        )
     decay = float(decay)
     if not decay >= 0 or not math.isfinite(decay):
         raise ValueError(f"`decay` (SR-STE's lambda) must be a finite float >= 0; got {decay}.")
@@ -65,7 +67,11 @@ def sr_ste_decay(
         check_same_structure("updates", updates, "params", params)
         masks = nm_masks(params, n, m, axis=axis, transposable=transposable, where=where)
         out = jax.tree.map(
-            lambda mk, u, p: u if mk is None else (u + decay * jnp.where(mk, jnp.zeros((), p.dtype), p)).astype(u.dtype),
+            lambda mk, u, p: (
+                u
+                if mk is None
+                else (u + decay * jnp.where(mk, jnp.zeros((), p.dtype), p)).astype(u.dtype)
+            ),
             masks,
             updates,
             params,

@@ -40,7 +40,12 @@ def _never(step):
 
 
 def _ones_like_budget(params: PyTree, sparsities: PyTree) -> PyTree:
-    return jax.tree.map(lambda s, p: None if s is None else jnp.ones(p.shape, bool), sparsities, params, is_leaf=is_none)
+    return jax.tree.map(
+        lambda s, p: None if s is None else jnp.ones(p.shape, bool),
+        sparsities,
+        params,
+        is_leaf=is_none,
+    )
 
 
 def fixed_masks_algorithm(masks: PyTree) -> MaskAlgorithm:
@@ -57,8 +62,12 @@ def fixed_masks_algorithm(masks: PyTree) -> MaskAlgorithm:
             if m is not None and m.shape != p.shape
         ]
         if bad:
-            raise ValueError(f"`masks` leaves must have their params' shapes; got mask/param shapes {bad}.")
-        return jax.tree.map(lambda m: None if m is None else jnp.asarray(m, bool), masks, is_leaf=is_none), ()
+            raise ValueError(
+                f"`masks` leaves must have their params' shapes; got mask/param shapes {bad}."
+            )
+        return jax.tree.map(
+            lambda m: None if m is None else jnp.asarray(m, bool), masks, is_leaf=is_none
+        ), ()
 
     return MaskAlgorithm(init=init, update=lambda ctx: (ctx.masks, ctx.extra), is_update=_never)
 
@@ -77,7 +86,10 @@ def fixed_masks(inner: Any, masks: PyTree) -> optax.GradientTransformationExtraA
 
 
 def one_shot_algorithm(
-    sparsity: float | Budget | PyTree, method: str = "magnitude", scope: str = "layer", step: int = 0
+    sparsity: float | Budget | PyTree,
+    method: str = "magnitude",
+    scope: str = "layer",
+    step: int = 0,
 ) -> MaskAlgorithm:
     """Prunes once, at ``step``, by ``method`` (``"magnitude"``, ``"random"`` or ``"snip"`` on that step's gradient)."""
     v.check_choice("method", method, ONE_SHOT_METHODS)
@@ -93,7 +105,9 @@ def one_shot_algorithm(
         if method == "magnitude":
             scores = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), ctx.params)
         elif method == "snip":
-            scores = jax.tree.map(lambda p, g: jnp.abs(p * g).astype(jnp.float32), ctx.params, ctx.grads)
+            scores = jax.tree.map(
+                lambda p, g: jnp.abs(p * g).astype(jnp.float32), ctx.params, ctx.grads
+            )
         else:
             scores = random_scores(ctx.key, ctx.params)
         return masks_from_scores(scores, sparsities, scope), ctx.extra
@@ -102,7 +116,12 @@ def one_shot_algorithm(
 
 
 def one_shot_pruning(
-    inner: Any, sparsity: float | Budget | PyTree, method: str = "magnitude", scope: str = "layer", step: int = 0, seed: int = 0
+    inner: Any,
+    sparsity: float | Budget | PyTree,
+    method: str = "magnitude",
+    scope: str = "layer",
+    step: int = 0,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Dense training until ``step``, then a one-shot prune by ``method``, then training inside the mask.
 
@@ -122,8 +141,17 @@ def _check_sparsity_arg(sparsity: Any) -> None:
 
 
 def _overall(sparsities: PyTree, params: PyTree) -> float:
-    pairs = [(s, p.size) for s, p in zip(jax.tree.leaves(sparsities), jax.tree.leaves(
-        jax.tree.map(lambda s, p: None if s is None else p, sparsities, params, is_leaf=is_none)))]
+    pairs = [
+        (s, p.size)
+        for s, p in zip(
+            jax.tree.leaves(sparsities),
+            jax.tree.leaves(
+                jax.tree.map(
+                    lambda s, p: None if s is None else p, sparsities, params, is_leaf=is_none
+                )
+            ),
+        )
+    ]
     return sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
 
 
@@ -142,17 +170,25 @@ def gmp_algorithm(
     _check_sparsity_arg(sparsity)
     v.check_choice("scope", scope, SCOPES)
     gate = update_gate(frequency, begin_step, end_step)
-    polynomial_sparsity(0.5, begin_step, end_step, frequency, 0.0, power)  # validates the window eagerly
+    polynomial_sparsity(
+        0.5, begin_step, end_step, frequency, 0.0, power
+    )  # validates the window eagerly
     initial_sparsity = v.check_sparsity("initial_sparsity", initial_sparsity)
 
     def targets(params, step):
         finals = leaf_sparsities(sparsity, params)
         final = _overall(finals, params)
         if initial_sparsity > final:
-            raise ValueError(f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g}).")
-        s_t = polynomial_sparsity(final, begin_step, end_step, frequency, initial_sparsity, power)(step)
+            raise ValueError(
+                f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g})."
+            )
+        s_t = polynomial_sparsity(final, begin_step, end_step, frequency, initial_sparsity, power)(
+            step
+        )
         # the ratio in Python doubles: exactly 1.0 for a uniform budget, so every leaf follows s_t exactly
-        return jax.tree.map(lambda s: None if s is None else s_t * (s / final), finals, is_leaf=is_none)
+        return jax.tree.map(
+            lambda s: None if s is None else s_t * (s / final), finals, is_leaf=is_none
+        )
 
     def init(params, key):
         finals = leaf_sparsities(sparsity, params)
@@ -161,7 +197,9 @@ def gmp_algorithm(
         return magnitude_masks(params, targets(params, 0), scope), ()
 
     def update(ctx: MaskContext):
-        return magnitude_masks(ctx.params, targets(ctx.params, ctx.step), scope, ctx.masks), ctx.extra
+        return magnitude_masks(
+            ctx.params, targets(ctx.params, ctx.step), scope, ctx.masks
+        ), ctx.extra
 
     return MaskAlgorithm(init=init, update=update, is_update=gate)
 
@@ -188,4 +226,7 @@ def gradual_magnitude_pruning(
     >>> int((params["w"] == 0).sum())
     48
     """
-    return sparse_training(inner, gmp_algorithm(sparsity, begin_step, end_step, frequency, initial_sparsity, scope, power))
+    return sparse_training(
+        inner,
+        gmp_algorithm(sparsity, begin_step, end_step, frequency, initial_sparsity, scope, power),
+    )

@@ -9,7 +9,14 @@ Example::
   (1, 64)
 """
 
-from pallas_kernels.nm.api import nm_cost_model, nm_matmul, nm_problem, plan, use_nm_kernel, validate_nm_weight
+from pallas_kernels.nm.api import (
+    nm_cost_model,
+    nm_matmul,
+    nm_problem,
+    plan,
+    use_nm_kernel,
+    validate_nm_weight,
+)
 from pallas_kernels.nm.format import (
     NMWeight,
     check_nm,
@@ -24,7 +31,20 @@ from pallas_kernels.nm.format import (
 )
 
 __all__ = [
-    "NMWeight", "check_nm", "default_pack_tile", "index_bits", "is_nm_mask", "nm_cost_model",
-    "nm_mask", "nm_matmul", "nm_nbytes", "nm_problem", "plan", "pack_nm", "unpack_indices", "unpack_nm", "use_nm_kernel",
+    "NMWeight",
+    "check_nm",
+    "default_pack_tile",
+    "index_bits",
+    "is_nm_mask",
+    "nm_cost_model",
+    "nm_mask",
+    "nm_matmul",
+    "nm_nbytes",
+    "nm_problem",
+    "plan",
+    "pack_nm",
+    "unpack_indices",
+    "unpack_nm",
+    "use_nm_kernel",
     "validate_nm_weight",
 ]

@@ -52,47 +52,47 @@ MAX_M = 16
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NMWeight:
-  """An N:M-sparse ``(K, N)`` weight: kept ``values (n, K//m, N)`` + packed positions ``meta``.
+    """An N:M-sparse ``(K, N)`` weight: kept ``values (n, K//m, N)`` + packed positions ``meta``.
 
-  Only ``values`` is meant to be trained; ``meta`` is an int32 leaf (its cotangent is ``None``/float0) and
-  ``n``, ``m``, ``shape``, ``pack_tile`` are static pytree metadata.
+    Only ``values`` is meant to be trained; ``meta`` is an int32 leaf (its cotangent is ``None``/float0) and
+    ``n``, ``m``, ``shape``, ``pack_tile`` are static pytree metadata.
 
-  Example::
+    Example::
 
-    >>> import jax.numpy as jnp
-    >>> from pallas_kernels.nm import pack_nm, unpack_nm
-    >>> w = jnp.arange(32.0).reshape(8, 4)
-    >>> w_nm = pack_nm(w, n=2, m=4)          # keeps the 2 largest |w| of every 4 rows
-    >>> w_nm.values.shape, w_nm.n, w_nm.m, w_nm.shape
-    ((2, 2, 4), 2, 4, (8, 4))
-    >>> bool((unpack_nm(w_nm) == jnp.where(jnp.arange(8)[:, None] % 4 >= 2, w, 0)).all())
-    True
-  """
+      >>> import jax.numpy as jnp
+      >>> from pallas_kernels.nm import pack_nm, unpack_nm
+      >>> w = jnp.arange(32.0).reshape(8, 4)
+      >>> w_nm = pack_nm(w, n=2, m=4)          # keeps the 2 largest |w| of every 4 rows
+      >>> w_nm.values.shape, w_nm.n, w_nm.m, w_nm.shape
+      ((2, 2, 4), 2, 4, (8, 4))
+      >>> bool((unpack_nm(w_nm) == jnp.where(jnp.arange(8)[:, None] % 4 >= 2, w, 0)).all())
+      True
+    """
 
-  values: Float[Array, "n G N"]
-  meta: Int[Array, "n W N"]
-  n: int = dataclasses.field(metadata=dict(static=True))
-  m: int = dataclasses.field(metadata=dict(static=True))
-  shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
-  pack_tile: int = dataclasses.field(metadata=dict(static=True))
+    values: Float[Array, "n G N"]
+    meta: Int[Array, "n W N"]
+    n: int = dataclasses.field(metadata=dict(static=True))
+    m: int = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+    pack_tile: int = dataclasses.field(metadata=dict(static=True))
 
-  @property
-  def dtype(self):
-    return self.values.dtype
+    @property
+    def dtype(self):
+        return self.values.dtype
 
-  @property
-  def groups(self) -> int:
-    return self.shape[0] // self.m
+    @property
+    def groups(self) -> int:
+        return self.shape[0] // self.m
 
-  @property
-  def bits(self) -> int:
-    return index_bits(self.m)
+    @property
+    def bits(self) -> int:
+        return index_bits(self.m)
 
-  def replace(self, **kwargs) -> "NMWeight":
-    return dataclasses.replace(self, **kwargs)
+    def replace(self, **kwargs) -> NMWeight:
+        return dataclasses.replace(self, **kwargs)
 
-  def todense(self) -> Float[Array, "K N"]:
-    return unpack_nm(self)
+    def todense(self) -> Float[Array, "K N"]:
+        return unpack_nm(self)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,45 +100,55 @@ class NMWeight:
 
 
 def check_nm(n, m, *, k: int | None = None) -> None:
-  """Raises ``TypeError``/``ValueError`` unless ``1 <= n <= m <= 16`` (ints) and ``k % m == 0``."""
-  for name, val in (("n", n), ("m", m)):
-    if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
-      raise TypeError(f"{name} must be a Python int, got {name}={val!r} of type {type(val).__name__}")
-  if not 1 <= m <= MAX_M:
-    raise ValueError(f"m={m} is not supported: the group size m must satisfy 1 <= m <= {MAX_M}")
-  if not 1 <= n <= m:
-    raise ValueError(f"n={n} is not allowed for m={m}: the kept count n must satisfy 1 <= n <= m")
-  if k is not None and k % m:
-    raise ValueError(
-        f"contraction length K={k} (w.shape[0]) is not divisible by m={m}: groups of m run along axis 0 of "
-        f"the (K, N) weight, so K must be a multiple of m")
+    """Raises ``TypeError``/``ValueError`` unless ``1 <= n <= m <= 16`` (ints) and ``k % m == 0``."""
+    for name, val in (("n", n), ("m", m)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+            raise TypeError(
+                f"{name} must be a Python int, got {name}={val!r} of type {type(val).__name__}"
+            )
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"m={m} is not supported: the group size m must satisfy 1 <= m <= {MAX_M}")
+    if not 1 <= n <= m:
+        raise ValueError(
+            f"n={n} is not allowed for m={m}: the kept count n must satisfy 1 <= n <= m"
+        )
+    if k is not None and k % m:
+        raise ValueError(
+            f"contraction length K={k} (w.shape[0]) is not divisible by m={m}: groups of m run along axis 0 of "
+            f"the (K, N) weight, so K must be a multiple of m"
+        )
 
 
 def index_bits(m: int) -> int:
-  """Bits stored per kept position: 1 for m <= 2, 2 for m <= 4, 4 for m <= 16 (a divisor of 32)."""
-  need = max(1, math.ceil(math.log2(m))) if m > 1 else 1
-  for b in (1, 2, 4):
-    if need <= b:
-      return b
-  raise ValueError(f"m={m} is not supported: the group size m must satisfy 1 <= m <= {MAX_M}")
+    """Bits stored per kept position: 1 for m <= 2, 2 for m <= 4, 4 for m <= 16 (a divisor of 32)."""
+    need = max(1, math.ceil(math.log2(m))) if m > 1 else 1
+    for b in (1, 2, 4):
+        if need <= b:
+            return b
+    raise ValueError(f"m={m} is not supported: the group size m must satisfy 1 <= m <= {MAX_M}")
 
 
 def default_pack_tile(groups: int, m: int) -> int:
-  """Groups per packing tile: 64 (a multiple of every ``F``; the Mosaic-GPU K tile), or all groups if fewer.
+    """Groups per packing tile: 64 (a multiple of every ``F``; the Mosaic-GPU K tile), or all groups if fewer.
 
-  Kernels walk ``K`` in multiples of it: the TPU kernel in tiles of 128+ groups, the Mosaic-GPU one in 64.
-  """
-  f = 32 // index_bits(m)
-  return min(64, -(-groups // f) * f)
+    Kernels walk ``K`` in multiples of it: the TPU kernel in tiles of 128+ groups, the Mosaic-GPU one in 64.
+    """
+    f = 32 // index_bits(m)
+    return min(64, -(-groups // f) * f)
 
 
 def _check_pack_tile(pack_tile, m):
-  f = 32 // index_bits(m)
-  if isinstance(pack_tile, bool) or not isinstance(pack_tile, (int, np.integer)) or pack_tile <= 0 \
-      or pack_tile % f:
-    raise ValueError(
-        f"pack_tile={pack_tile!r} is not allowed for m={m}: it must be a positive multiple of {f} "
-        f"(positions per int32 word at {32 // f} bits each)")
+    f = 32 // index_bits(m)
+    if (
+        isinstance(pack_tile, bool)
+        or not isinstance(pack_tile, (int, np.integer))
+        or pack_tile <= 0
+        or pack_tile % f
+    ):
+        raise ValueError(
+            f"pack_tile={pack_tile!r} is not allowed for m={m}: it must be a positive multiple of {f} "
+            f"(positions per int32 word at {32 // f} bits each)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,40 +156,42 @@ def _check_pack_tile(pack_tile, m):
 
 
 def nm_mask(w: Float[ArrayLike, "K N"], n: int, m: int) -> Bool[Array, "K N"]:
-  """The N:M magnitude mask: ``True`` at the ``n`` largest ``|w|`` of every ``m`` rows (ties: lower row).
+    """The N:M magnitude mask: ``True`` at the ``n`` largest ``|w|`` of every ``m`` rows (ties: lower row).
 
-  Example::
+    Example::
 
-    >>> import jax.numpy as jnp
-    >>> nm_mask(jnp.array([[1.], [-4.], [3.], [2.]]), 2, 4)[:, 0].tolist()
-    [False, True, True, False]
-  """
-  w = jnp.asarray(w)
-  check_nm(n, m, k=w.shape[0])
-  idx = _top_positions(jnp.abs(w).astype(jnp.float32), n, m)
-  return _positions_to_mask(idx, m, w.shape)
+      >>> import jax.numpy as jnp
+      >>> nm_mask(jnp.array([[1.], [-4.], [3.], [2.]]), 2, 4)[:, 0].tolist()
+      [False, True, True, False]
+    """
+    w = jnp.asarray(w)
+    check_nm(n, m, k=w.shape[0])
+    idx = _top_positions(jnp.abs(w).astype(jnp.float32), n, m)
+    return _positions_to_mask(idx, m, w.shape)
 
 
 def is_nm_mask(mask: Bool[ArrayLike, "K N"], n: int, m: int) -> Bool[Array, ""]:
-  """True iff every group of ``m`` rows (per column) has at most ``n`` ``True`` entries."""
-  mask = jnp.asarray(mask)
-  check_nm(n, m, k=mask.shape[0])
-  counts = mask.reshape(mask.shape[0] // m, m, *mask.shape[1:]).sum(axis=1)
-  return jnp.all(counts <= n)
+    """True iff every group of ``m`` rows (per column) has at most ``n`` ``True`` entries."""
+    mask = jnp.asarray(mask)
+    check_nm(n, m, k=mask.shape[0])
+    counts = mask.reshape(mask.shape[0] // m, m, *mask.shape[1:]).sum(axis=1)
+    return jnp.all(counts <= n)
 
 
 def _top_positions(score, n, m):
-  """Sorted positions (n, G, N) of the n largest scores per group (lax.top_k: ties -> lower index)."""
-  k, cols = score.shape
-  g = score.reshape(k // m, m, cols).transpose(0, 2, 1)         # (G, N, m)
-  _, pos = jax.lax.top_k(g, n)                                  # (G, N, n)
-  pos = jnp.sort(pos, axis=-1)
-  return pos.transpose(2, 0, 1).astype(jnp.int32)              # (n, G, N)
+    """Sorted positions (n, G, N) of the n largest scores per group (lax.top_k: ties -> lower index)."""
+    k, cols = score.shape
+    g = score.reshape(k // m, m, cols).transpose(0, 2, 1)  # (G, N, m)
+    _, pos = jax.lax.top_k(g, n)  # (G, N, n)
+    pos = jnp.sort(pos, axis=-1)
+    return pos.transpose(2, 0, 1).astype(jnp.int32)  # (n, G, N)
 
 
 def _positions_to_mask(idx, m, shape):
-  onehot = idx[:, :, None, :] == jnp.arange(m, dtype=jnp.int32)[None, None, :, None]  # (n, G, m, N)
-  return jnp.any(onehot, axis=0).reshape(shape)
+    onehot = (
+        idx[:, :, None, :] == jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
+    )  # (n, G, m, N)
+    return jnp.any(onehot, axis=0).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,28 +199,30 @@ def _positions_to_mask(idx, m, shape):
 
 
 def _pack_indices(idx, m, pack_tile):
-  """(n, G, N) int positions -> (n, Gp // F, N) int32 words, chunk-strided within each tile."""
-  bits = index_bits(m)
-  f = 32 // bits
-  n, g, cols = idx.shape
-  gp = -(-g // pack_tile) * pack_tile
-  idx = jnp.pad(idx.astype(jnp.uint32), ((0, 0), (0, gp - g), (0, 0)))
-  idx = idx.reshape(n, gp // pack_tile, f, pack_tile // f, cols)      # (n, T, field c, row r, N)
-  shifts = (jnp.arange(f, dtype=jnp.uint32) * bits)[None, None, :, None, None]
-  words = jnp.sum(idx << shifts, axis=2, dtype=jnp.uint32)          # fields are disjoint: sum == or
-  return jax.lax.bitcast_convert_type(words, jnp.int32).reshape(n, gp // f, cols)
+    """(n, G, N) int positions -> (n, Gp // F, N) int32 words, chunk-strided within each tile."""
+    bits = index_bits(m)
+    f = 32 // bits
+    n, g, cols = idx.shape
+    gp = -(-g // pack_tile) * pack_tile
+    idx = jnp.pad(idx.astype(jnp.uint32), ((0, 0), (0, gp - g), (0, 0)))
+    idx = idx.reshape(n, gp // pack_tile, f, pack_tile // f, cols)  # (n, T, field c, row r, N)
+    shifts = (jnp.arange(f, dtype=jnp.uint32) * bits)[None, None, :, None, None]
+    words = jnp.sum(idx << shifts, axis=2, dtype=jnp.uint32)  # fields are disjoint: sum == or
+    return jax.lax.bitcast_convert_type(words, jnp.int32).reshape(n, gp // f, cols)
 
 
 def unpack_indices(w: NMWeight) -> Int[Array, "n G N"]:
-  """Positions ``(n, G, N)`` int32 (``0 <= p < m``, increasing along the slot axis) of the kept values."""
-  bits = index_bits(w.m)
-  f = 32 // bits
-  n, nwords, cols = w.meta.shape
-  t = nwords * f // w.pack_tile
-  words = jax.lax.bitcast_convert_type(w.meta, jnp.uint32).reshape(n, t, 1, w.pack_tile // f, cols)
-  shifts = (jnp.arange(f, dtype=jnp.uint32) * bits)[None, None, :, None, None]
-  idx = (words >> shifts) & jnp.uint32((1 << bits) - 1)               # (n, T, F, R, N)
-  return idx.reshape(n, t * w.pack_tile, cols)[:, : w.groups].astype(jnp.int32)
+    """Positions ``(n, G, N)`` int32 (``0 <= p < m``, increasing along the slot axis) of the kept values."""
+    bits = index_bits(w.m)
+    f = 32 // bits
+    n, nwords, cols = w.meta.shape
+    t = nwords * f // w.pack_tile
+    words = jax.lax.bitcast_convert_type(w.meta, jnp.uint32).reshape(
+        n, t, 1, w.pack_tile // f, cols
+    )
+    shifts = (jnp.arange(f, dtype=jnp.uint32) * bits)[None, None, :, None, None]
+    idx = (words >> shifts) & jnp.uint32((1 << bits) - 1)  # (n, T, F, R, N)
+    return idx.reshape(n, t * w.pack_tile, cols)[:, : w.groups].astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,92 +237,95 @@ def pack_nm(
     m: int = 4,
     pack_tile: int | None = None,
 ) -> NMWeight:
-  """Compresses a dense ``(K, N)`` weight into an :class:`NMWeight` (works inside ``jit``).
+    """Compresses a dense ``(K, N)`` weight into an :class:`NMWeight` (works inside ``jit``).
 
-  Args:
-    w: dense weight, contraction axis first (Flax ``Dense`` kernel layout ``(in, out)``).
-    mask: optional bool ``(K, N)`` N:M mask (at most ``n`` ``True`` per group of ``m`` rows per column).
-      When omitted, the ``n`` largest ``|w|`` of every group are kept (:func:`nm_mask`). Outside ``jit`` a
-      mask that is not N:M raises ``ValueError``; under ``jit`` it cannot be checked and the first ``n``
-      masked positions of an over-full group are kept.
-    n, m: keep ``n`` of every ``m`` (``1 <= n <= m <= 16``); ``K`` must be divisible by ``m``.
-    pack_tile: groups per metadata packing tile (multiple of ``32 // index_bits(m)``); default
-      :func:`default_pack_tile`. Kernels walk ``K`` in multiples of it.
+    Args:
+      w: dense weight, contraction axis first (Flax ``Dense`` kernel layout ``(in, out)``).
+      mask: optional bool ``(K, N)`` N:M mask (at most ``n`` ``True`` per group of ``m`` rows per column).
+        When omitted, the ``n`` largest ``|w|`` of every group are kept (:func:`nm_mask`). Outside ``jit`` a
+        mask that is not N:M raises ``ValueError``; under ``jit`` it cannot be checked and the first ``n``
+        masked positions of an over-full group are kept.
+      n, m: keep ``n`` of every ``m`` (``1 <= n <= m <= 16``); ``K`` must be divisible by ``m``.
+      pack_tile: groups per metadata packing tile (multiple of ``32 // index_bits(m)``); default
+        :func:`default_pack_tile`. Kernels walk ``K`` in multiples of it.
 
-  Returns:
-    ``NMWeight`` with ``unpack_nm(result) == where(mask, w, 0)`` exactly. A group with fewer than ``n``
-    masked entries gets padding slots (value 0 at the lowest unmasked positions); like every stored value
-    they receive gradients from :func:`pallas_kernels.nm.nm_matmul`, so training can make them non-zero
-    (the result stays N:M). Zero their updates if the mask must stay fixed.
+    Returns:
+      ``NMWeight`` with ``unpack_nm(result) == where(mask, w, 0)`` exactly. A group with fewer than ``n``
+      masked entries gets padding slots (value 0 at the lowest unmasked positions); like every stored value
+      they receive gradients from :func:`pallas_kernels.nm.nm_matmul`, so training can make them non-zero
+      (the result stays N:M). Zero their updates if the mask must stay fixed.
 
-  Example::
+    Example::
 
-    >>> import jax, jax.numpy as jnp
-    >>> w = jax.random.normal(jax.random.key(0), (64, 8))
-    >>> w_nm = jax.jit(lambda w: pack_nm(w, n=2, m=4))(w)
-    >>> bool((unpack_nm(w_nm) == jnp.where(nm_mask(w, 2, 4), w, 0)).all())
-    True
-  """
-  w = jnp.asarray(w)
-  if w.ndim != 2:
-    raise ValueError(f"w must be a 2-D (K, N) weight, got w.shape={w.shape}")
-  check_nm(n, m, k=w.shape[0])
-  k, cols = w.shape
-  groups = k // m
-  if pack_tile is None:
-    pack_tile = default_pack_tile(groups, m)
-  _check_pack_tile(pack_tile, m)
+      >>> import jax, jax.numpy as jnp
+      >>> w = jax.random.normal(jax.random.key(0), (64, 8))
+      >>> w_nm = jax.jit(lambda w: pack_nm(w, n=2, m=4))(w)
+      >>> bool((unpack_nm(w_nm) == jnp.where(nm_mask(w, 2, 4), w, 0)).all())
+      True
+    """
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"w must be a 2-D (K, N) weight, got w.shape={w.shape}")
+    check_nm(n, m, k=w.shape[0])
+    k, cols = w.shape
+    groups = k // m
+    if pack_tile is None:
+        pack_tile = default_pack_tile(groups, m)
+    _check_pack_tile(pack_tile, m)
 
-  if mask is None:
-    score = jnp.abs(w).astype(jnp.float32)
-    keep = None
-  else:
-    mask = jnp.asarray(mask)
-    if mask.shape != w.shape:
-      raise ValueError(f"mask.shape={mask.shape} must equal w.shape={w.shape}")
-    if mask.dtype != jnp.bool_:
-      raise TypeError(f"mask must be a bool array, got mask.dtype={mask.dtype}")
-    if not isinstance(mask, jax.core.Tracer):
-      counts = np.asarray(mask).reshape(groups, m, cols).sum(axis=1)
-      if (counts > n).any():
-        g, j = np.argwhere(counts > n)[0]
-        raise ValueError(
-            f"mask is not {n}:{m}: group {g} (rows {g * m}..{g * m + m - 1}) of column {j} keeps "
-            f"{counts[g, j]} > n={n} entries; allowed: at most n={n} True per group of m={m} rows along K")
-    keep = mask
-    # masked positions first, then the lowest unmasked ones (top_k ties -> lower index) as zero padding
-    score = mask.astype(jnp.float32)
+    if mask is None:
+        score = jnp.abs(w).astype(jnp.float32)
+        keep = None
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != w.shape:
+            raise ValueError(f"mask.shape={mask.shape} must equal w.shape={w.shape}")
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"mask must be a bool array, got mask.dtype={mask.dtype}")
+        if not isinstance(mask, jax.core.Tracer):
+            counts = np.asarray(mask).reshape(groups, m, cols).sum(axis=1)
+            if (counts > n).any():
+                g, j = np.argwhere(counts > n)[0]
+                raise ValueError(
+                    f"mask is not {n}:{m}: group {g} (rows {g * m}..{g * m + m - 1}) of column {j} keeps "
+                    f"{counts[g, j]} > n={n} entries; allowed: at most n={n} True per group of m={m} rows along K"
+                )
+        keep = mask
+        # masked positions first, then the lowest unmasked ones (top_k ties -> lower index) as zero padding
+        score = mask.astype(jnp.float32)
 
-  idx = _top_positions(score, n, m)                                       # (n, G, N)
-  grouped = w.reshape(groups, m, cols)
-  vals = jnp.take_along_axis(grouped, idx.transpose(1, 0, 2), axis=1).transpose(1, 0, 2)  # (n, G, N)
-  if keep is not None:
-    kept = jnp.take_along_axis(keep.reshape(groups, m, cols), idx.transpose(1, 0, 2), axis=1)
-    vals = jnp.where(kept.transpose(1, 0, 2), vals, jnp.zeros((), vals.dtype))
-  meta = _pack_indices(idx, m, pack_tile)
-  return NMWeight(values=vals, meta=meta, n=n, m=m, shape=(k, cols), pack_tile=pack_tile)
+    idx = _top_positions(score, n, m)  # (n, G, N)
+    grouped = w.reshape(groups, m, cols)
+    vals = jnp.take_along_axis(grouped, idx.transpose(1, 0, 2), axis=1).transpose(
+        1, 0, 2
+    )  # (n, G, N)
+    if keep is not None:
+        kept = jnp.take_along_axis(keep.reshape(groups, m, cols), idx.transpose(1, 0, 2), axis=1)
+        vals = jnp.where(kept.transpose(1, 0, 2), vals, jnp.zeros((), vals.dtype))
+    meta = _pack_indices(idx, m, pack_tile)
+    return NMWeight(values=vals, meta=meta, n=n, m=m, shape=(k, cols), pack_tile=pack_tile)
 
 
 def unpack_nm(w: NMWeight) -> Float[Array, "K N"]:
-  """Dense ``(K, N)`` weight with zeros at dropped positions (exact; differentiable w.r.t. ``w.values``).
+    """Dense ``(K, N)`` weight with zeros at dropped positions (exact; differentiable w.r.t. ``w.values``).
 
-  Example::
+    Example::
 
-    >>> import jax.numpy as jnp
-    >>> w = jnp.array([[1.], [-4.], [3.], [2.]])
-    >>> unpack_nm(pack_nm(w, n=2, m=4))[:, 0].tolist()
-    [0.0, -4.0, 3.0, 0.0]
-  """
-  idx = unpack_indices(w)                                                   # (n, G, N)
-  pos = jnp.arange(w.m, dtype=jnp.int32)[None, None, :, None]
-  hit = idx[:, :, None, :] == pos                                           # (n, G, m, N)
-  zero = jnp.zeros((), w.values.dtype)
-  dense = jnp.where(hit[0], w.values[0][:, None, :], zero)
-  for s in range(1, w.n):   # positions within a group are distinct: at most one slot hits each row
-    dense = jnp.where(hit[s], w.values[s][:, None, :], dense)
-  return dense.reshape(w.shape)
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[1.], [-4.], [3.], [2.]])
+      >>> unpack_nm(pack_nm(w, n=2, m=4))[:, 0].tolist()
+      [0.0, -4.0, 3.0, 0.0]
+    """
+    idx = unpack_indices(w)  # (n, G, N)
+    pos = jnp.arange(w.m, dtype=jnp.int32)[None, None, :, None]
+    hit = idx[:, :, None, :] == pos  # (n, G, m, N)
+    zero = jnp.zeros((), w.values.dtype)
+    dense = jnp.where(hit[0], w.values[0][:, None, :], zero)
+    for s in range(1, w.n):  # positions within a group are distinct: at most one slot hits each row
+        dense = jnp.where(hit[s], w.values[s][:, None, :], dense)
+    return dense.reshape(w.shape)
 
 
 def nm_nbytes(w: NMWeight) -> int:
-  """Bytes held by ``values`` + ``meta``."""
-  return int(w.values.size * w.values.dtype.itemsize + w.meta.size * w.meta.dtype.itemsize)
+    """Bytes held by ``values`` + ``meta``."""
+    return int(w.values.size * w.values.dtype.itemsize + w.meta.size * w.meta.dtype.itemsize)

@@ -8,7 +8,12 @@ from flax import nnx
 
 from jaxsparse.flax.linen import BlockSparseDense, NMDense
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear, SparsePattern
-from pallas_kernels.block_sparse import block_sparse_from_dense, block_mask_of, block_sparse_to_dense, with_data
+from pallas_kernels.block_sparse import (
+    block_mask_of,
+    block_sparse_from_dense,
+    block_sparse_to_dense,
+    with_data,
+)
 from pallas_kernels.nm import unpack_nm
 
 K, N, BLOCK = 16, 8, (4, 4)
@@ -16,136 +21,186 @@ IMPLS = [dict(impl="xla"), dict(impl="dense"), dict(impl="pallas", interpret="hl
 
 
 def _x(shape=(2, 3, K), seed=1):
-  return jax.random.normal(jax.random.key(seed), shape)
+    return jax.random.normal(jax.random.key(seed), shape)
 
 
 def _dense_reference(x, kernel, bias):
-  return jnp.matmul(x, kernel, precision="highest") + bias
+    return jnp.matmul(x, kernel, precision="highest") + bias
 
 
 def _check_block_layer(apply, data, pattern_w, bias, x):
-  """apply(data, bias, x) vs the dense masked product; grads at stored blocks equal the dense grads."""
-  def loss(fn):
-    return lambda *a: jnp.sum(jnp.sin(fn(*a)))
-  apply = jax.jit(apply)
-  y = apply(data, bias, x)
-  dense = lambda d, b, xx: _dense_reference(xx, block_sparse_to_dense(with_data(pattern_w, d)), b)
-  np.testing.assert_allclose(y, dense(data, bias, x), rtol=1e-5, atol=1e-5)
-  g = jax.jit(jax.grad(loss(apply), argnums=(0, 1, 2)))(data, bias, x)
-  g_ref = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(data, bias, x)
-  for a, b in zip(g, g_ref):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  # The stored-block gradient is the dense kernel gradient sampled at the mask.
-  kernel = block_sparse_to_dense(pattern_w)
-  gk = jax.grad(lambda k: jnp.sum(jnp.sin(_dense_reference(x, k, bias))))(kernel)
-  mask = block_mask_of(pattern_w)
-  expect = block_sparse_from_dense(gk, mask, block=pattern_w.block, capacity=pattern_w.capacity).data
-  live = np.arange(pattern_w.capacity) < int(pattern_w.nnz)
-  np.testing.assert_allclose(np.asarray(g[0])[live], np.asarray(expect)[live], rtol=1e-5, atol=1e-5)
-  assert not np.asarray(g[0])[~live].any()
+    """apply(data, bias, x) vs the dense masked product; grads at stored blocks equal the dense grads."""
+
+    def loss(fn):
+        return lambda *a: jnp.sum(jnp.sin(fn(*a)))
+
+    apply = jax.jit(apply)
+    y = apply(data, bias, x)
+    dense = lambda d, b, xx: _dense_reference(xx, block_sparse_to_dense(with_data(pattern_w, d)), b)
+    np.testing.assert_allclose(y, dense(data, bias, x), rtol=1e-5, atol=1e-5)
+    g = jax.jit(jax.grad(loss(apply), argnums=(0, 1, 2)))(data, bias, x)
+    g_ref = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(data, bias, x)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # The stored-block gradient is the dense kernel gradient sampled at the mask.
+    kernel = block_sparse_to_dense(pattern_w)
+    gk = jax.grad(lambda k: jnp.sum(jnp.sin(_dense_reference(x, k, bias))))(kernel)
+    mask = block_mask_of(pattern_w)
+    expect = block_sparse_from_dense(
+        gk, mask, block=pattern_w.block, capacity=pattern_w.capacity
+    ).data
+    live = np.arange(pattern_w.capacity) < int(pattern_w.nnz)
+    np.testing.assert_allclose(
+        np.asarray(g[0])[live], np.asarray(expect)[live], rtol=1e-5, atol=1e-5
+    )
+    assert not np.asarray(g[0])[~live].any()
 
 
 @pytest.mark.parametrize("kw", IMPLS, ids=lambda kw: "-".join(kw.values()))
 def test_nnx_block_sparse_matches_masked_dense(kw):
-  layer = BlockSparseLinear(K, N, block=BLOCK, capacity=5, block_mask=None, rngs=nnx.Rngs(0), **kw)
-  layer.bias[...] = jax.random.normal(jax.random.key(3), (N,))
-  graphdef, params, pattern = nnx.split(layer, nnx.Param, SparsePattern)
+    layer = BlockSparseLinear(
+        K, N, block=BLOCK, capacity=5, block_mask=None, rngs=nnx.Rngs(0), **kw
+    )
+    layer.bias[...] = jax.random.normal(jax.random.key(3), (N,))
+    graphdef, params, pattern = nnx.split(layer, nnx.Param, SparsePattern)
 
-  def apply(data, bias, x):
-    p = jax.tree.map(lambda v: v, params)
-    p["kernel_blocks"][...] = data
-    p["bias"][...] = bias
-    return nnx.merge(graphdef, p, pattern)(x)
+    def apply(data, bias, x):
+        p = jax.tree.map(lambda v: v, params)
+        p["kernel_blocks"][...] = data
+        p["bias"][...] = bias
+        return nnx.merge(graphdef, p, pattern)(x)
 
-  _check_block_layer(apply, layer.kernel_blocks[...], layer.weight, layer.bias[...], _x())
+    _check_block_layer(apply, layer.kernel_blocks[...], layer.weight, layer.bias[...], _x())
 
 
 @pytest.mark.parametrize("kw", [IMPLS[0], IMPLS[2]], ids=lambda kw: "-".join(kw.values()))
 def test_linen_block_sparse_matches_masked_dense(kw):
-  model = BlockSparseDense(N, block=BLOCK, density=0.4, **kw)
-  v = model.init(jax.random.key(0), jnp.ones((1, K)))
-  v["params"]["bias"] = jax.random.normal(jax.random.key(3), (N,))
-  from jaxsparse.flax.train import block_sparse_weights
-  (w,) = block_sparse_weights(v["params"], v["sparse_pattern"]).values()
-  assert w.capacity == 4  # ceil(0.4 * 8)
+    model = BlockSparseDense(N, block=BLOCK, density=0.4, **kw)
+    v = model.init(jax.random.key(0), jnp.ones((1, K)))
+    v["params"]["bias"] = jax.random.normal(jax.random.key(3), (N,))
+    from jaxsparse.flax.train import block_sparse_weights
 
-  def apply(data, bias, x):
-    return model.apply({"params": {"kernel_blocks": data, "bias": bias}, "sparse_pattern": v["sparse_pattern"]}, x)
+    (w,) = block_sparse_weights(v["params"], v["sparse_pattern"]).values()
+    assert w.capacity == 4  # ceil(0.4 * 8)
 
-  _check_block_layer(apply, v["params"]["kernel_blocks"], w, v["params"]["bias"], _x())
+    def apply(data, bias, x):
+        return model.apply(
+            {
+                "params": {"kernel_blocks": data, "bias": bias},
+                "sparse_pattern": v["sparse_pattern"],
+            },
+            x,
+        )
+
+    _check_block_layer(apply, v["params"]["kernel_blocks"], w, v["params"]["bias"], _x())
 
 
 def test_block_layer_init_matches_nnx_linear_and_dtypes():
-  dense = nnx.Linear(K, N, rngs=nnx.Rngs(7))
-  full = BlockSparseLinear(K, N, block=BLOCK, block_mask=jnp.ones((4, 2), bool), rngs=nnx.Rngs(7))
-  assert full.capacity == 8
-  np.testing.assert_array_equal(full.todense(), dense.kernel[...])
-  np.testing.assert_array_equal(full.bias[...], dense.bias[...])
-  x = _x()
-  np.testing.assert_allclose(full(x), dense(x), rtol=1e-5, atol=1e-5)
-  half = BlockSparseLinear(K, N, block=BLOCK, capacity=4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                           use_bias=False, precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
-  assert half.bias is None and half.kernel_blocks.dtype == jnp.bfloat16
-  assert half(x).dtype == jnp.bfloat16
-  assert BlockSparseLinear(K, N, block=BLOCK, capacity=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x).dtype == jnp.bfloat16
-  v = BlockSparseDense(N, block=BLOCK, capacity=2, use_bias=False, param_dtype=jnp.bfloat16).init(
-      jax.random.key(0), x)
-  assert "bias" not in v["params"] and v["params"]["kernel_blocks"].dtype == jnp.bfloat16
+    dense = nnx.Linear(K, N, rngs=nnx.Rngs(7))
+    full = BlockSparseLinear(K, N, block=BLOCK, block_mask=jnp.ones((4, 2), bool), rngs=nnx.Rngs(7))
+    assert full.capacity == 8
+    np.testing.assert_array_equal(full.todense(), dense.kernel[...])
+    np.testing.assert_array_equal(full.bias[...], dense.bias[...])
+    x = _x()
+    np.testing.assert_allclose(full(x), dense(x), rtol=1e-5, atol=1e-5)
+    half = BlockSparseLinear(
+        K,
+        N,
+        block=BLOCK,
+        capacity=4,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        use_bias=False,
+        precision=jax.lax.Precision.HIGHEST,
+        rngs=nnx.Rngs(0),
+    )
+    assert half.bias is None and half.kernel_blocks.dtype == jnp.bfloat16
+    assert half(x).dtype == jnp.bfloat16
+    assert (
+        BlockSparseLinear(K, N, block=BLOCK, capacity=4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(
+            x
+        ).dtype
+        == jnp.bfloat16
+    )
+    v = BlockSparseDense(N, block=BLOCK, capacity=2, use_bias=False, param_dtype=jnp.bfloat16).init(
+        jax.random.key(0), x
+    )
+    assert "bias" not in v["params"] and v["params"]["kernel_blocks"].dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("framework", ["nnx", "linen"])
 def test_nm_layers_match_masked_dense(framework):
-  x = _x()
-  if framework == "nnx":
-    layer = NMLinear(K, N, n=2, m=4, impl="xla", rngs=nnx.Rngs(0))
-    layer.bias[...] = jnp.arange(N, dtype=jnp.float32)
-    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-    values, bias, meta = layer.kernel_values[...], layer.bias[...], layer.meta[...]
-    pack_tile = layer.pack_tile
+    x = _x()
+    if framework == "nnx":
+        layer = NMLinear(K, N, n=2, m=4, impl="xla", rngs=nnx.Rngs(0))
+        layer.bias[...] = jnp.arange(N, dtype=jnp.float32)
+        graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+        values, bias, meta = layer.kernel_values[...], layer.bias[...], layer.meta[...]
+        pack_tile = layer.pack_tile
 
-    def apply(values, bias, x):
-      p = jax.tree.map(lambda v: v, params)
-      p["kernel_values"][...] = values
-      p["bias"][...] = bias
-      return nnx.merge(graphdef, p, rest)(x)
-  else:
-    model = NMDense(N, n=2, m=4, impl="xla")
-    v = model.init(jax.random.key(0), x)
-    values, meta = v["params"]["kernel_values"], v["sparse_pattern"]["meta"]
-    bias = jnp.arange(N, dtype=jnp.float32)
-    pack_tile = int(v["sparse_pattern"]["nm_config"][2])
+        def apply(values, bias, x):
+            p = jax.tree.map(lambda v: v, params)
+            p["kernel_values"][...] = values
+            p["bias"][...] = bias
+            return nnx.merge(graphdef, p, rest)(x)
+    else:
+        model = NMDense(N, n=2, m=4, impl="xla")
+        v = model.init(jax.random.key(0), x)
+        values, meta = v["params"]["kernel_values"], v["sparse_pattern"]["meta"]
+        bias = jnp.arange(N, dtype=jnp.float32)
+        pack_tile = int(v["sparse_pattern"]["nm_config"][2])
 
-    def apply(values, bias, x):
-      return model.apply({"params": {"kernel_values": values, "bias": bias}, "sparse_pattern": v["sparse_pattern"]}, x)
+        def apply(values, bias, x):
+            return model.apply(
+                {
+                    "params": {"kernel_values": values, "bias": bias},
+                    "sparse_pattern": v["sparse_pattern"],
+                },
+                x,
+            )
 
-  from pallas_kernels.nm import NMWeight
-  def dense(values, bias, x):
-    w = NMWeight(values=values, meta=meta, n=2, m=4, shape=(K, N), pack_tile=pack_tile)
-    return _dense_reference(x, unpack_nm(w), bias)
+    from pallas_kernels.nm import NMWeight
 
-  kernel = dense(values, jnp.zeros(N), jnp.eye(K))
-  assert int((kernel != 0).sum()) == K * N // 2
-  np.testing.assert_allclose(apply(values, bias, x), dense(values, bias, x), rtol=1e-5, atol=1e-5)
-  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
-  for a, b in zip(jax.grad(loss(apply), (0, 1, 2))(values, bias, x), jax.grad(loss(dense), (0, 1, 2))(values, bias, x)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    def dense(values, bias, x):
+        w = NMWeight(values=values, meta=meta, n=2, m=4, shape=(K, N), pack_tile=pack_tile)
+        return _dense_reference(x, unpack_nm(w), bias)
+
+    kernel = dense(values, jnp.zeros(N), jnp.eye(K))
+    assert int((kernel != 0).sum()) == K * N // 2
+    np.testing.assert_allclose(apply(values, bias, x), dense(values, bias, x), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    for a, b in zip(
+        jax.grad(loss(apply), (0, 1, 2))(values, bias, x),
+        jax.grad(loss(dense), (0, 1, 2))(values, bias, x),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_layer_arguments():
-  with pytest.raises(ValueError, match=r"capacity=2 is below the block count of its block_mask \(4\)"):
-    BlockSparseLinear(K, N, block=BLOCK, capacity=2, block_mask=jnp.eye(4, 2, dtype=bool) | jnp.eye(4, 2, -1, dtype=bool),
-                      rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="capacity=2 is below"):
-    BlockSparseDense(N, block=BLOCK, capacity=2, block_mask=np.ones((4, 2), bool)).init(jax.random.key(0), _x())
-  with pytest.raises(ValueError, match="must divide"):
-    BlockSparseLinear(K, N, block=(3, 4), capacity=1, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="capacity= .* density= .* block_mask="):
-    BlockSparseLinear(K, N, block=BLOCK, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="block_mask must be a bool array of shape"):
-    BlockSparseLinear(K, N, block=BLOCK, block_mask=jnp.ones((2, 2), bool), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="not divisible by m"):
-    NMLinear(10, N, n=2, m=4, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="sparse_pattern/row_idx' is missing"):
-    model = BlockSparseDense(N, block=BLOCK, capacity=2)
-    v = model.init(jax.random.key(0), _x())
-    model.apply({"params": v["params"]}, _x())
+    with pytest.raises(
+        ValueError, match=r"capacity=2 is below the block count of its block_mask \(4\)"
+    ):
+        BlockSparseLinear(
+            K,
+            N,
+            block=BLOCK,
+            capacity=2,
+            block_mask=jnp.eye(4, 2, dtype=bool) | jnp.eye(4, 2, -1, dtype=bool),
+            rngs=nnx.Rngs(0),
+        )
+    with pytest.raises(ValueError, match="capacity=2 is below"):
+        BlockSparseDense(N, block=BLOCK, capacity=2, block_mask=np.ones((4, 2), bool)).init(
+            jax.random.key(0), _x()
+        )
+    with pytest.raises(ValueError, match="must divide"):
+        BlockSparseLinear(K, N, block=(3, 4), capacity=1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="capacity= .* density= .* block_mask="):
+        BlockSparseLinear(K, N, block=BLOCK, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="block_mask must be a bool array of shape"):
+        BlockSparseLinear(K, N, block=BLOCK, block_mask=jnp.ones((2, 2), bool), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="not divisible by m"):
+        NMLinear(10, N, n=2, m=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="sparse_pattern/row_idx' is missing"):
+        model = BlockSparseDense(N, block=BLOCK, capacity=2)
+        v = model.init(jax.random.key(0), _x())
+        model.apply({"params": v["params"]}, _x())

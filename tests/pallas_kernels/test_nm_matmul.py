@@ -17,26 +17,29 @@ K, N = 256, 128
 
 
 def _tol(dtype):
-  return 1e-4 if dtype == jnp.float32 else 2e-2
+    return 1e-4 if dtype == jnp.float32 else 2e-2
 
 
 def _close(a, b, dtype, scale=None):
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  scale = scale if scale is not None else max(1.0, float(np.abs(b).max()))
-  np.testing.assert_allclose(a, b, rtol=_tol(dtype), atol=_tol(dtype) * scale)
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    scale = scale if scale is not None else max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, rtol=_tol(dtype), atol=_tol(dtype) * scale)
 
 
 def _problem(n, m, dtype, batch, k=K, cols=N, seed=0):
-  rng = np.random.default_rng(seed)
-  w_nm = pack_nm(jnp.asarray(rng.standard_normal((k, cols)), dtype), n=n, m=m)
-  x = jnp.asarray(rng.standard_normal((*batch, k)), dtype)
-  return x, w_nm
+    rng = np.random.default_rng(seed)
+    w_nm = pack_nm(jnp.asarray(rng.standard_normal((k, cols)), dtype), n=n, m=m)
+    x = jnp.asarray(rng.standard_normal((*batch, k)), dtype)
+    return x, w_nm
 
 
 def _ref(x, w_nm):
-  """Dense masked reference in f32 (inputs already rounded to their dtype)."""
-  return jnp.matmul(x.astype(jnp.float32), unpack_nm(w_nm).astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+    """Dense masked reference in f32 (inputs already rounded to their dtype)."""
+    return jnp.matmul(
+        x.astype(jnp.float32),
+        unpack_nm(w_nm).astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 # ------------------------------------------------------------------------------------ forward, interpret
@@ -44,209 +47,260 @@ def _ref(x, w_nm):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("nm", NMS, ids=lambda nm: f"{nm[0]}of{nm[1]}")
 def test_forward_pallas_interpret(nm, dtype, batch):
-  x, w_nm = _problem(*nm, dtype, batch)
-  y = nm_matmul(x, w_nm, impl="pallas", interpret="hlo")
-  assert y.shape == (*batch, N) and y.dtype == dtype
-  _close(y, _ref(x, w_nm), dtype)
+    x, w_nm = _problem(*nm, dtype, batch)
+    y = nm_matmul(x, w_nm, impl="pallas", interpret="hlo")
+    assert y.shape == (*batch, N) and y.dtype == dtype
+    _close(y, _ref(x, w_nm), dtype)
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (4, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
 def test_multi_tile_grid_with_padding(nm):
-  """Several K / N / row tiles (accumulation across grid steps) on shapes that need zero padding."""
-  n, m = nm
-  rng = np.random.default_rng(1)
-  w_nm = pack_nm(jnp.asarray(rng.standard_normal((m * 40, 72)), jnp.float32), n=n, m=m, pack_tile=16)
-  x = jnp.asarray(rng.standard_normal((13, m * 40)), jnp.float32)
-  blocks = (8, 16, 32)                   # grid 2 x 3 x 3; G=40 -> 48, N=72 -> 96, rows 13 -> 16 padded
-  y = nm_matmul_tpu(x, w_nm, interpret=True, blocks=blocks)
-  _close(y, _ref(x, w_nm), jnp.float32)
-  dy = jnp.asarray(np.random.default_rng(2).standard_normal((13, 72)), jnp.float32)
-  dx = nm_dx_tpu(dy, w_nm, interpret=True, blocks=blocks)
-  _close(dx, dy @ unpack_nm(w_nm).T, jnp.float32)
+    """Several K / N / row tiles (accumulation across grid steps) on shapes that need zero padding."""
+    n, m = nm
+    rng = np.random.default_rng(1)
+    w_nm = pack_nm(
+        jnp.asarray(rng.standard_normal((m * 40, 72)), jnp.float32), n=n, m=m, pack_tile=16
+    )
+    x = jnp.asarray(rng.standard_normal((13, m * 40)), jnp.float32)
+    blocks = (8, 16, 32)  # grid 2 x 3 x 3; G=40 -> 48, N=72 -> 96, rows 13 -> 16 padded
+    y = nm_matmul_tpu(x, w_nm, interpret=True, blocks=blocks)
+    _close(y, _ref(x, w_nm), jnp.float32)
+    dy = jnp.asarray(np.random.default_rng(2).standard_normal((13, 72)), jnp.float32)
+    dx = nm_dx_tpu(dy, w_nm, interpret=True, blocks=blocks)
+    _close(dx, dy @ unpack_nm(w_nm).T, jnp.float32)
 
 
 # ---------------------------------------------------------------------------------- gradients, interpret
 def _loss_grads(fn, x, w_nm, dy):
-  def loss(x, values):
-    return jnp.sum(fn(x, w_nm.replace(values=values)).astype(jnp.float32) * dy)
-  return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w_nm.values)
+    def loss(x, values):
+        return jnp.sum(fn(x, w_nm.replace(values=values)).astype(jnp.float32) * dy)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w_nm.values)
 
 
-@pytest.mark.parametrize("case", [((2, 4), jnp.float32), ((1, 4), jnp.float32), ((2, 8), jnp.float32),
-                                  ((4, 8), jnp.float32), ((2, 4), jnp.bfloat16)],
-                         ids=["2of4-f32", "1of4-f32", "2of8-f32", "4of8-f32", "2of4-bf16"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ((2, 4), jnp.float32),
+        ((1, 4), jnp.float32),
+        ((2, 8), jnp.float32),
+        ((4, 8), jnp.float32),
+        ((2, 4), jnp.bfloat16),
+    ],
+    ids=["2of4-f32", "1of4-f32", "2of8-f32", "4of8-f32", "2of4-bf16"],
+)
 def test_gradients_pallas_interpret(case):
-  (n, m), dtype = case
-  x, w_nm = _problem(n, m, dtype, (2, 5), seed=3)
-  dy = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, N)), jnp.float32)
-  gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="hlo"), x, w_nm, dy)
-  rx, rv = _loss_grads(lambda x, w: nm_matmul_dense_masked(x.astype(jnp.float32), w), x.astype(jnp.float32),
-                       w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
-  assert gx.dtype == x.dtype and gv.dtype == w_nm.values.dtype and gv.shape == w_nm.values.shape
-  _close(gx, rx, dtype)
-  _close(gv, rv, dtype)
+    (n, m), dtype = case
+    x, w_nm = _problem(n, m, dtype, (2, 5), seed=3)
+    dy = jnp.asarray(np.random.default_rng(4).standard_normal((2, 5, N)), jnp.float32)
+    gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="hlo"), x, w_nm, dy)
+    rx, rv = _loss_grads(
+        lambda x, w: nm_matmul_dense_masked(x.astype(jnp.float32), w),
+        x.astype(jnp.float32),
+        w_nm.replace(values=w_nm.values.astype(jnp.float32)),
+        dy,
+    )
+    assert gx.dtype == x.dtype and gv.dtype == w_nm.values.dtype and gv.shape == w_nm.values.shape
+    _close(gx, rx, dtype)
+    _close(gv, rv, dtype)
 
 
 def test_xla_path_forward_and_gradients_exact():
-  """impl='auto' on CPU runs the XLA branch: same as the plain dense masked product."""
-  x, w_nm = _problem(2, 4, jnp.float32, (3, 4), seed=5)
-  dy = jnp.asarray(np.random.default_rng(6).standard_normal((3, 4, N)), jnp.float32)
-  for impl in ("auto", "xla", "dense"):
-    y = jax.jit(lambda x, w: nm_matmul(x, w, impl=impl))(x, w_nm)
-    _close(y, _ref(x, w_nm), jnp.float32)
-    g = _loss_grads(lambda x, w: nm_matmul(x, w, impl=impl), x, w_nm, dy)
-    r = _loss_grads(nm_matmul_dense_masked, x, w_nm, dy)
-    for a, b in zip(g, r):
-      _close(a, b, jnp.float32)
+    """impl='auto' on CPU runs the XLA branch: same as the plain dense masked product."""
+    x, w_nm = _problem(2, 4, jnp.float32, (3, 4), seed=5)
+    dy = jnp.asarray(np.random.default_rng(6).standard_normal((3, 4, N)), jnp.float32)
+    for impl in ("auto", "xla", "dense"):
+        y = jax.jit(lambda x, w: nm_matmul(x, w, impl=impl))(x, w_nm)
+        _close(y, _ref(x, w_nm), jnp.float32)
+        g = _loss_grads(lambda x, w: nm_matmul(x, w, impl=impl), x, w_nm, dy)
+        r = _loss_grads(nm_matmul_dense_masked, x, w_nm, dy)
+        for a, b in zip(g, r):
+            _close(a, b, jnp.float32)
 
 
 def test_1d_input_and_preferred_element_type():
-  x, w_nm = _problem(2, 4, jnp.bfloat16, (), seed=7)
-  y = nm_matmul(x, w_nm, impl="pallas", interpret="hlo", preferred_element_type=jnp.float32)
-  assert y.shape == (N,) and y.dtype == jnp.float32
-  _close(y, _ref(x, w_nm), jnp.bfloat16)
+    x, w_nm = _problem(2, 4, jnp.bfloat16, (), seed=7)
+    y = nm_matmul(x, w_nm, impl="pallas", interpret="hlo", preferred_element_type=jnp.float32)
+    assert y.shape == (N,) and y.dtype == jnp.float32
+    _close(y, _ref(x, w_nm), jnp.bfloat16)
 
 
 # ------------------------------------------------------------------------------------ TPU interpret mode
 def test_tpu_interpret_mode_forward_and_dx():
-  """TPU interpret mode also catches out-of-bounds block reads and non-consecutive output revisits."""
-  rng = np.random.default_rng(8)
-  w_nm = pack_nm(jnp.asarray(rng.standard_normal((4 * 64, 256)), jnp.float32), n=2, m=4, pack_tile=32)
-  x = jnp.asarray(rng.standard_normal((16, 4 * 64)), jnp.float32)
-  blocks = (8, 32, 128)                             # grid 2 x 2 x 2 (fwd) and 2 x 2 x 2 (dx)
-  dy = jnp.asarray(np.random.default_rng(9).standard_normal((16, 256)), jnp.float32)
-  with compat.tpu_interpret_guard():
-    y = nm_matmul_tpu(x, w_nm, interpret="tpu", blocks=blocks)
-    dx = nm_dx_tpu(dy, w_nm, interpret="tpu", blocks=blocks)
-  _close(y, _ref(x, w_nm), jnp.float32)
-  _close(dx, dy @ unpack_nm(w_nm).T, jnp.float32)
+    """TPU interpret mode also catches out-of-bounds block reads and non-consecutive output revisits."""
+    rng = np.random.default_rng(8)
+    w_nm = pack_nm(
+        jnp.asarray(rng.standard_normal((4 * 64, 256)), jnp.float32), n=2, m=4, pack_tile=32
+    )
+    x = jnp.asarray(rng.standard_normal((16, 4 * 64)), jnp.float32)
+    blocks = (8, 32, 128)  # grid 2 x 2 x 2 (fwd) and 2 x 2 x 2 (dx)
+    dy = jnp.asarray(np.random.default_rng(9).standard_normal((16, 256)), jnp.float32)
+    with compat.tpu_interpret_guard():
+        y = nm_matmul_tpu(x, w_nm, interpret="tpu", blocks=blocks)
+        dx = nm_dx_tpu(dy, w_nm, interpret="tpu", blocks=blocks)
+    _close(y, _ref(x, w_nm), jnp.float32)
+    _close(dx, dy @ unpack_nm(w_nm).T, jnp.float32)
 
 
 def test_tpu_interpret_mode_gradients_bf16():
-  x, w_nm = _problem(2, 4, jnp.bfloat16, (4,), seed=10)
-  dy = jnp.asarray(np.random.default_rng(11).standard_normal((4, N)), jnp.float32)
-  with compat.tpu_interpret_guard():
-    gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="tpu"), x, w_nm, dy)
-  rx, rv = _loss_grads(nm_matmul_dense_masked, x.astype(jnp.float32),
-                       w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
-  _close(gx, rx, jnp.bfloat16)
-  _close(gv, rv, jnp.bfloat16)
+    x, w_nm = _problem(2, 4, jnp.bfloat16, (4,), seed=10)
+    dy = jnp.asarray(np.random.default_rng(11).standard_normal((4, N)), jnp.float32)
+    with compat.tpu_interpret_guard():
+        gx, gv = _loss_grads(
+            lambda x, w: nm_matmul(x, w, impl="pallas", interpret="tpu"), x, w_nm, dy
+        )
+    rx, rv = _loss_grads(
+        nm_matmul_dense_masked,
+        x.astype(jnp.float32),
+        w_nm.replace(values=w_nm.values.astype(jnp.float32)),
+        dy,
+    )
+    _close(gx, rx, jnp.bfloat16)
+    _close(gv, rv, jnp.bfloat16)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_rule_memory_bound_only():
-  """Cost model: the kernel only saves weight bytes, so it is picked for few rows and dense at >= 256 rows."""
-  kw = dict(k=4096, n_out=4096, n=2, m=4, dtype=jnp.bfloat16)
-  assert use_nm_kernel("tpu", rows=1, **kw) and use_nm_kernel("tpu", rows=16, **kw)
-  assert not use_nm_kernel("tpu", rows=256, **kw) and not use_nm_kernel("tpu", rows=4096, **kw)
-  for platform in ("tpu", "cuda"):
-    t1, t16 = (nm_cost_model(platform, rows=r, **kw) for r in (1, 16))
-    t256, t4k = (nm_cost_model(platform, rows=r, **kw) for r in (256, 4096))
-    assert t1["kernel"] < t1["dense"] and t16["kernel"] < t16["dense"]     # fewer bytes to read
-    assert t256["kernel"] > t256["dense"] and t4k["kernel"] > t4k["dense"]  # no FLOP savings
-    # the bytes model: 2:4 bf16 reads 0.5625x the dense weight bytes, so M=1 gains at most 1/0.5625
-    assert t1["dense"] / t1["kernel"] <= 1 / 0.5625 + 1e-9
-  # the plan per platform branch
-  w_nm = pack_nm(jnp.zeros((4096, 4096), jnp.bfloat16))
-  assert dict(plan(1, w_nm))["tpu"] == "tpu" and dict(plan(4096, w_nm))["tpu"] == "dense"
-  assert dict(plan(1, w_nm))["default"] == "dense"
-  assert plan(1, w_nm, impl="pallas", interpret="tpu") == (("default", "interpret_tpu"),)
-  with pytest.raises(ValueError, match="impl='pallas' needs a TPU or CUDA GPU"):
-    plan(1, w_nm, impl="pallas")
-  with pytest.raises(ValueError, match="needs impl='pallas'"):
-    plan(1, w_nm, impl="auto", interpret="hlo")
+    """Cost model: the kernel only saves weight bytes, so it is picked for few rows and dense at >= 256 rows."""
+    kw = dict(k=4096, n_out=4096, n=2, m=4, dtype=jnp.bfloat16)
+    assert use_nm_kernel("tpu", rows=1, **kw) and use_nm_kernel("tpu", rows=16, **kw)
+    assert not use_nm_kernel("tpu", rows=256, **kw) and not use_nm_kernel("tpu", rows=4096, **kw)
+    for platform in ("tpu", "cuda"):
+        t1, t16 = (nm_cost_model(platform, rows=r, **kw) for r in (1, 16))
+        t256, t4k = (nm_cost_model(platform, rows=r, **kw) for r in (256, 4096))
+        assert t1["kernel"] < t1["dense"] and t16["kernel"] < t16["dense"]  # fewer bytes to read
+        assert t256["kernel"] > t256["dense"] and t4k["kernel"] > t4k["dense"]  # no FLOP savings
+        # the bytes model: 2:4 bf16 reads 0.5625x the dense weight bytes, so M=1 gains at most 1/0.5625
+        assert t1["dense"] / t1["kernel"] <= 1 / 0.5625 + 1e-9
+    # the plan per platform branch
+    w_nm = pack_nm(jnp.zeros((4096, 4096), jnp.bfloat16))
+    assert dict(plan(1, w_nm))["tpu"] == "tpu" and dict(plan(4096, w_nm))["tpu"] == "dense"
+    assert dict(plan(1, w_nm))["default"] == "dense"
+    assert plan(1, w_nm, impl="pallas", interpret="tpu") == (("default", "interpret_tpu"),)
+    with pytest.raises(ValueError, match="impl='pallas' needs a TPU or CUDA GPU"):
+        plan(1, w_nm, impl="pallas")
+    with pytest.raises(ValueError, match="needs impl='pallas'"):
+        plan(1, w_nm, impl="auto", interpret="hlo")
 
 
 # ------------------------------------------------------------------------------------------- lowering
 def _lowered_text(fn, *args, platform):
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def _abstract_problem(rows, k=4096, cols=4096, n=2, m=4, dtype=jnp.bfloat16):
-  """Shapes only (lowering needs no data): x and an NMWeight of ShapeDtypeStructs."""
-  w = jax.eval_shape(lambda: pack_nm(jnp.zeros((k, cols), dtype), n=n, m=m))
-  return jax.ShapeDtypeStruct((rows, k), dtype), w
+    """Shapes only (lowering needs no data): x and an NMWeight of ShapeDtypeStructs."""
+    w = jax.eval_shape(lambda: pack_nm(jnp.zeros((k, cols), dtype), n=n, m=m))
+    return jax.ShapeDtypeStruct((rows, k), dtype), w
 
 
 def test_cross_lowering_tpu_forward_and_grad():
-  x, w_nm = _abstract_problem(8)
-  fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="tpu")
-  assert "tpu_custom_call" in fwd and "nm2_4_matmul" in fwd
-  def loss(x, values, meta):
-    return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
-  grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="tpu")
-  assert "nm2_4_matmul_dx" in grad
-  # 4096 rows: the dispatch rule picks the XLA path, no kernel in the program
-  big = _lowered_text(lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="tpu")
-  assert "tpu_custom_call" not in big
+    x, w_nm = _abstract_problem(8)
+    fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="tpu")
+    assert "tpu_custom_call" in fwd and "nm2_4_matmul" in fwd
+
+    def loss(x, values, meta):
+        return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+
+    grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="tpu")
+    assert "nm2_4_matmul_dx" in grad
+    # 4096 rows: the dispatch rule picks the XLA path, no kernel in the program
+    big = _lowered_text(
+        lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="tpu"
+    )
+    assert "tpu_custom_call" not in big
 
 
 def test_cross_lowering_cuda_forward_and_grad():
-  x, w_nm = _abstract_problem(8)
-  fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="cuda")
-  assert "mosaic_gpu" in fwd
+    x, w_nm = _abstract_problem(8)
+    fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="cuda")
+    assert "mosaic_gpu" in fwd
 
-  def loss(x, values, meta):
-    return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
-  grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="cuda")
-  assert "mosaic_gpu" in grad                   # the dx kernel (the forward output is unused by grad)
-  big = _lowered_text(lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="cuda")
-  assert "mosaic_gpu" not in big                # FLOP bound: dense jnp.dot
-  f32 = _lowered_text(lambda x, w: nm_matmul(x, w), *_abstract_problem(8, dtype=jnp.float32), platform="cuda")
-  assert "mosaic_gpu" not in f32                # wgmma kernel is 16-bit only: XLA path
+    def loss(x, values, meta):
+        return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+
+    grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="cuda")
+    assert "mosaic_gpu" in grad  # the dx kernel (the forward output is unused by grad)
+    big = _lowered_text(
+        lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="cuda"
+    )
+    assert "mosaic_gpu" not in big  # FLOP bound: dense jnp.dot
+    f32 = _lowered_text(
+        lambda x, w: nm_matmul(x, w), *_abstract_problem(8, dtype=jnp.float32), platform="cuda"
+    )
+    assert "mosaic_gpu" not in f32  # wgmma kernel is 16-bit only: XLA path
 
 
 # ------------------------------------------------------------------------------ Mosaic GPU interpret mode
-@pytest.mark.parametrize("case", [((2, 4), (1,)), ((2, 8), (2, 3)), ((4, 8), (5,))],
-                         ids=["2of4-rows1", "2of8-rows2x3", "4of8-rows5"])
+@pytest.mark.parametrize(
+    "case",
+    [((2, 4), (1,)), ((2, 8), (2, 3)), ((4, 8), (5,))],
+    ids=["2of4-rows1", "2of8-rows2x3", "4of8-rows5"],
+)
 def test_forward_mosaic_gpu_interpret(case):
-  (n, m), batch = case
-  x, w_nm = _problem(n, m, jnp.bfloat16, batch, k=512, cols=128, seed=12)
-  y = nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
-  assert y.shape == (*batch, 128) and y.dtype == jnp.bfloat16
-  _close(y, _ref(x, w_nm), jnp.bfloat16)
+    (n, m), batch = case
+    x, w_nm = _problem(n, m, jnp.bfloat16, batch, k=512, cols=128, seed=12)
+    y = nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
+    assert y.shape == (*batch, 128) and y.dtype == jnp.bfloat16
+    _close(y, _ref(x, w_nm), jnp.bfloat16)
 
 
 def test_gradients_mosaic_gpu_interpret():
-  x, w_nm = _problem(2, 4, jnp.bfloat16, (3,), k=256, cols=128, seed=13)
-  dy = jnp.asarray(np.random.default_rng(14).standard_normal((3, 128)), jnp.float32)
-  gx, gv = _loss_grads(lambda x, w: nm_matmul(x, w, impl="pallas", interpret="mosaic_gpu"), x, w_nm, dy)
-  rx, rv = _loss_grads(nm_matmul_dense_masked, x.astype(jnp.float32),
-                       w_nm.replace(values=w_nm.values.astype(jnp.float32)), dy)
-  _close(gx, rx, jnp.bfloat16)
-  _close(gv, rv, jnp.bfloat16)
+    x, w_nm = _problem(2, 4, jnp.bfloat16, (3,), k=256, cols=128, seed=13)
+    dy = jnp.asarray(np.random.default_rng(14).standard_normal((3, 128)), jnp.float32)
+    gx, gv = _loss_grads(
+        lambda x, w: nm_matmul(x, w, impl="pallas", interpret="mosaic_gpu"), x, w_nm, dy
+    )
+    rx, rv = _loss_grads(
+        nm_matmul_dense_masked,
+        x.astype(jnp.float32),
+        w_nm.replace(values=w_nm.values.astype(jnp.float32)),
+        dy,
+    )
+    _close(gx, rx, jnp.bfloat16)
+    _close(gv, rv, jnp.bfloat16)
 
 
 def test_mosaic_gpu_dx_two_plane_chunks():
-  """2:8 input gradient: 8 planes split over 2 CTAs along the plane axis (4 accumulators each)."""
-  from pallas_kernels.nm.mosaic_gpu import nm_dx_mosaic_gpu
-  _, w_nm = _problem(2, 8, jnp.bfloat16, (1,), k=512, cols=128, seed=15)
-  dy = jnp.asarray(np.random.default_rng(16).standard_normal((3, 128)), jnp.bfloat16)
-  dx = nm_dx_mosaic_gpu(dy, w_nm, interpret=compat.mosaic_gpu_interpret_params())
-  _close(dx, dy.astype(jnp.float32) @ unpack_nm(w_nm).astype(jnp.float32).T, jnp.bfloat16)
+    """2:8 input gradient: 8 planes split over 2 CTAs along the plane axis (4 accumulators each)."""
+    from pallas_kernels.nm.mosaic_gpu import nm_dx_mosaic_gpu
+
+    _, w_nm = _problem(2, 8, jnp.bfloat16, (1,), k=512, cols=128, seed=15)
+    dy = jnp.asarray(np.random.default_rng(16).standard_normal((3, 128)), jnp.bfloat16)
+    dx = nm_dx_mosaic_gpu(dy, w_nm, interpret=compat.mosaic_gpu_interpret_params())
+    _close(dx, dy.astype(jnp.float32) @ unpack_nm(w_nm).astype(jnp.float32).T, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("nm", [(1, 4), (2, 8), (4, 8)], ids=lambda nm: f"{nm[0]}of{nm[1]}")
 def test_cross_lowering_all_patterns(nm):
-  """Forward + gradient lower to Mosaic TPU (bf16 and f32) and Mosaic GPU (bf16) for the other patterns."""
-  n, m = nm
-  for platform, dtype, marker in (("tpu", jnp.bfloat16, "tpu_custom_call"), ("tpu", jnp.float32, "tpu_custom_call"),
-                                  ("cuda", jnp.bfloat16, "mosaic_gpu")):
-    x, w_nm = _abstract_problem(8, n=n, m=m, dtype=dtype)
+    """Forward + gradient lower to Mosaic TPU (bf16 and f32) and Mosaic GPU (bf16) for the other patterns."""
+    n, m = nm
+    for platform, dtype, marker in (
+        ("tpu", jnp.bfloat16, "tpu_custom_call"),
+        ("tpu", jnp.float32, "tpu_custom_call"),
+        ("cuda", jnp.bfloat16, "mosaic_gpu"),
+    ):
+        x, w_nm = _abstract_problem(8, n=n, m=m, dtype=dtype)
 
-    def loss(x, values, meta, w_nm=w_nm):
-      return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
-    fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform=platform)
-    grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform=platform)
-    assert marker in fwd and marker in grad, (platform, dtype)   # grad: the dx kernel (y itself is unused)
-    if platform == "tpu":
-      assert f"nm{n}_{m}_matmul" in fwd and f"nm{n}_{m}_matmul_dx" in grad
+        def loss(x, values, meta, w_nm=w_nm):
+            return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+
+        fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform=platform)
+        grad = _lowered_text(
+            jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform=platform
+        )
+        assert marker in fwd and marker in grad, (
+            platform,
+            dtype,
+        )  # grad: the dx kernel (y itself is unused)
+        if platform == "tpu":
+            assert f"nm{n}_{m}_matmul" in fwd and f"nm{n}_{m}_matmul_dx" in grad
 
 
 def test_mosaic_gpu_rejects_what_it_cannot_tile():
-  x, w_nm = _problem(2, 4, jnp.float32, (1,), k=256, cols=128)
-  with pytest.raises(ValueError, match="float32 is not supported by the Mosaic-GPU N:M kernel"):
-    nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
-  x, w_nm = _problem(2, 4, jnp.bfloat16, (1,), k=256, cols=96)
-  with pytest.raises(ValueError, match="N=96 is not a multiple of the 64-column tile"):
-    nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
+    x, w_nm = _problem(2, 4, jnp.float32, (1,), k=256, cols=128)
+    with pytest.raises(ValueError, match="float32 is not supported by the Mosaic-GPU N:M kernel"):
+        nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
+    x, w_nm = _problem(2, 4, jnp.bfloat16, (1,), k=256, cols=96)
+    with pytest.raises(ValueError, match="N=96 is not a multiple of the 64-column tile"):
+        nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")

@@ -64,8 +64,12 @@ def test_nnx_driver_calibrates_on_pruned_outputs():
     res = prune_nnx(model, xs, method="wanda", sparsity=0.5, progress=False)
     assert list(res.masks) == ["fc1", "fc2", "out"]  # call order
     layers = [model.fc1, model.fc2, model.out]
-    ref = manual_sequential([l.kernel[...] for l in layers], [l.bias[...] for l in layers], xs,
-                            lambda k, s: wanda_prune(k, s.sq_sum, 0.5)[0])
+    ref = manual_sequential(
+        [layer.kernel[...] for layer in layers],
+        [layer.bias[...] for layer in layers],
+        xs,
+        lambda k, s: wanda_prune(k, s.sq_sum, 0.5)[0],
+    )
     got = [res.model.fc1.kernel[...], res.model.fc2.kernel[...], res.model.out.kernel[...]]
     for g, r, m in zip(got, ref, res.masks.values()):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6)
@@ -82,15 +86,31 @@ def test_linen_driver_sparsegpt_nm_matches_manual():
     net = LinenMLP()
     xs = batches(seed=1)
     variables = net.init(jax.random.PRNGKey(0), xs[0])
-    res = prune_linen(net, variables, xs, method="sparsegpt", sparsity=(2, 4), blocksize=8,
-                      layers=lambda n: n != "out", progress=False)
+    res = prune_linen(
+        net,
+        variables,
+        xs,
+        method="sparsegpt",
+        sparsity=(2, 4),
+        blocksize=8,
+        layers=lambda n: n != "out",
+        progress=False,
+    )
     assert list(res.masks) == ["fc1", "fc2"]
     p = variables["params"]
-    ref = manual_sequential([p["fc1"]["kernel"], p["fc2"]["kernel"]], [p["fc1"]["bias"], p["fc2"]["bias"]], xs,
-                            lambda k, s: sparsegpt_prune(k, hessian_from_stats(s), (2, 4), blocksize=8)[0])
+    ref = manual_sequential(
+        [p["fc1"]["kernel"], p["fc2"]["kernel"]],
+        [p["fc1"]["bias"], p["fc2"]["bias"]],
+        xs,
+        lambda k, s: sparsegpt_prune(k, hessian_from_stats(s), (2, 4), blocksize=8)[0],
+    )
     for name, r in zip(["fc1", "fc2"], ref):
-        np.testing.assert_allclose(np.asarray(res.model["params"][name]["kernel"]), np.asarray(r), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(res.model["params"]["out"]["kernel"]), np.asarray(p["out"]["kernel"]))
+        np.testing.assert_allclose(
+            np.asarray(res.model["params"][name]["kernel"]), np.asarray(r), atol=1e-5
+        )
+    np.testing.assert_array_equal(
+        np.asarray(res.model["params"]["out"]["kernel"]), np.asarray(p["out"]["kernel"])
+    )
     groups = np.asarray(res.masks["fc2"]).reshape(8, 4, 16).sum(1)
     assert np.all(groups == 2)
 
@@ -103,27 +123,47 @@ def test_driver_with_sharded_batches_equals_single_device():
     single = prune_nnx(model, xs, method="sparsegpt", sparsity=0.5, blocksize=16, progress=False)
     sharded_xs = [jax.device_put(x, spec) for x in xs]
     assert len(sharded_xs[0].sharding.device_set) == 8
-    multi = prune_nnx(model, sharded_xs, method="sparsegpt", sparsity=0.5, blocksize=16, progress=False)
+    multi = prune_nnx(
+        model, sharded_xs, method="sparsegpt", sparsity=0.5, blocksize=16, progress=False
+    )
     for n in single.masks:
         np.testing.assert_array_equal(np.asarray(single.masks[n]), np.asarray(multi.masks[n]))
-    np.testing.assert_allclose(np.asarray(single.model.fc2.kernel[...]), np.asarray(multi.model.fc2.kernel[...]),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(single.model.fc2.kernel[...]), np.asarray(multi.model.fc2.kernel[...]), atol=1e-4
+    )
 
 
 def test_driver_dsnot_and_magnitude_keep_counts():
     model = MLP(nnx.Rngs(2))
     xs = [x + 1.0 for x in batches(seed=3)]
     for method in ["dsnot"]:
-        res = prune_nnx(model, xs, method=method, sparsity=(2, 4), progress=False,
-                        dsnot_options=dict(update_threshold=0.0))
+        res = prune_nnx(
+            model,
+            xs,
+            method=method,
+            sparsity=(2, 4),
+            progress=False,
+            dsnot_options=dict(update_threshold=0.0),
+        )
         for m in res.masks.values():
             assert np.all(np.asarray(m).reshape(m.shape[0] // 4, 4, -1).sum(1) == 2)
     wanda = prune_nnx(model, xs, method="wanda", sparsity=0.5, progress=False)
-    dsnot = prune_nnx(model, xs, method="dsnot", sparsity=0.5, progress=False,
-                      dsnot_options=dict(update_threshold=0.0))
-    assert any(not np.array_equal(np.asarray(wanda.masks[n]), np.asarray(dsnot.masks[n])) for n in wanda.masks)
+    dsnot = prune_nnx(
+        model,
+        xs,
+        method="dsnot",
+        sparsity=0.5,
+        progress=False,
+        dsnot_options=dict(update_threshold=0.0),
+    )
+    assert any(
+        not np.array_equal(np.asarray(wanda.masks[n]), np.asarray(dsnot.masks[n]))
+        for n in wanda.masks
+    )
     for n in wanda.masks:
-        np.testing.assert_array_equal(np.asarray(dsnot.masks[n]).sum(0), np.asarray(wanda.masks[n]).sum(0))
+        np.testing.assert_array_equal(
+            np.asarray(dsnot.masks[n]).sum(0), np.asarray(wanda.masks[n]).sum(0)
+        )
 
 
 def test_driver_bad_inputs():
@@ -136,5 +176,13 @@ def test_driver_bad_inputs():
         prune_nnx(model, batches(), sparsity=(2, 3), progress=False)
     with pytest.raises(ValueError, match=r"`batches` must be a non-empty sequence"):
         prune_nnx(model, iter(batches()), progress=False)
-    with pytest.warns(UserWarning, match=r"fc2: 8 calibration tokens for 32 input features.*dampening"):
-        prune_nnx(model, [batches()[0][:8]], method="sparsegpt", layers=lambda n: n == "fc2", progress=False)
+    with pytest.warns(
+        UserWarning, match=r"fc2: 8 calibration tokens for 32 input features.*dampening"
+    ):
+        prune_nnx(
+            model,
+            [batches()[0][:8]],
+            method="sparsegpt",
+            layers=lambda n: n == "fc2",
+            progress=False,
+        )

@@ -7,7 +7,6 @@ import warnings
 
 import hypothesis.strategies as st
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
@@ -44,7 +43,11 @@ def is_nm(mask: np.ndarray, n: int, m: int) -> bool:
 
 
 def recon_error(w, w_hat, x) -> float:
-    return float(np.linalg.norm(x.astype(np.float64) @ (np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))))
+    return float(
+        np.linalg.norm(
+            x.astype(np.float64) @ (np.asarray(w, np.float64) - np.asarray(w_hat, np.float64))
+        )
+    )
 
 
 # ---------------------------------------------------------------------------------------------- NumPy SparseGPT
@@ -147,7 +150,10 @@ def test_unstructured_sparsity_is_exact(fan_in, fan_out, sparsity, seed):
     per_column = fan_in - math.floor(sparsity * fan_in + 1e-9)
     total = w.size - math.floor(sparsity * w.size + 1e-9)
 
-    for q, mask in [magnitude_prune_layer(w, sparsity, scope="output"), wanda_prune(w, (x**2).sum(0), sparsity)]:
+    for q, mask in [
+        magnitude_prune_layer(w, sparsity, scope="output"),
+        wanda_prune(w, (x**2).sum(0), sparsity),
+    ]:
         assert np.all(np.asarray(mask).sum(0) == per_column)
         assert np.all(np.asarray(q)[~np.asarray(mask)] == 0)
     q, mask = magnitude_prune_layer(w, sparsity)
@@ -162,8 +168,11 @@ def test_nm_outputs_are_valid(nm, seed):
     fan_in, fan_out = 16, 3
     w = layer(seed, fan_in, fan_out)
     x = correlated_inputs(seed, 64, fan_in + (-fan_in) % 4)[:, :fan_in]
-    outs = [magnitude_prune_layer(w, nm), wanda_prune(w, (x**2).sum(0), nm),
-            sparsegpt_prune(w, x.T @ x, nm, blocksize=8)]
+    outs = [
+        magnitude_prune_layer(w, nm),
+        wanda_prune(w, (x**2).sum(0), nm),
+        sparsegpt_prune(w, x.T @ x, nm, blocksize=8),
+    ]
     for q, mask in outs:
         assert is_nm(np.asarray(mask), n, m)
         assert np.all(np.asarray(q)[~np.asarray(mask)] == 0)
@@ -192,7 +201,9 @@ def test_wanda_equal_norms_is_per_output_magnitude_and_scale_invariance():
     c = np.ones(16, np.float32)
     c[4] = 3.0  # scaling input 4 by c scales row 4's scores by c
     np.testing.assert_allclose(
-        np.asarray(wanda_scores(w, norms * c**2))[4], 3.0 * np.asarray(wanda_scores(w, norms))[4], rtol=1e-6
+        np.asarray(wanda_scores(w, norms * c**2))[4],
+        3.0 * np.asarray(wanda_scores(w, norms))[4],
+        rtol=1e-6,
     )
 
 
@@ -275,7 +286,9 @@ def test_bad_inputs_name_the_argument():
 
 def test_too_few_tokens_warns_with_dampening():
     x = correlated_inputs(0, 8, 12)
-    with pytest.warns(UserWarning, match=r"8 calibration tokens for 12 input features.*dampening.*0\.01 \*"):
+    with pytest.warns(
+        UserWarning, match=r"8 calibration tokens for 12 input features.*dampening.*0\.01 \*"
+    ):
         q, _ = sparsegpt_prune(layer(0, 12, 4), x.T @ x, 0.5, num_tokens=8)
     assert np.all(np.isfinite(np.asarray(q)))
     with warnings.catch_warnings():
@@ -289,7 +302,9 @@ def test_statistics_under_sharding_equal_single_device():
     assert len(devices) == 8, "tests/conftest.py sets 8 host devices"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     x = correlated_inputs(5, 8 * 64, 16).reshape(8, 64, 16)
-    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    sharded = jax.device_put(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    )
     update = jax.jit(update_activation_stats)
     s0 = init_activation_stats(16)
     single = update(s0, jax.device_put(x, devices[0]))

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxsparse as js
 from jaxsparse import checkpoint
@@ -14,8 +15,10 @@ from jaxsparse import checkpoint
 
 def mlp_params(key, sizes=(12, 16, 8, 4)):
     keys = jax.random.split(key, len(sizes))
-    return {f"Dense_{i}": {"kernel": jax.random.normal(keys[i], (a, b)) / a**0.5, "bias": jnp.zeros(b)}
-            for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+    return {
+        f"Dense_{i}": {"kernel": jax.random.normal(keys[i], (a, b)) / a**0.5, "bias": jnp.zeros(b)}
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+    }
 
 
 def mlp_loss(params, batch):
@@ -76,7 +79,9 @@ def test_pruned_weights_exactly_zero_after_every_step(name):
 
 def test_one_compilation_for_300_steps_with_updates():
     traces = []
-    tx = js.gradual_magnitude_pruning(optax.adam(0.01), 0.9, begin_step=50, end_step=250, frequency=50)
+    tx = js.gradual_magnitude_pruning(
+        optax.adam(0.01), 0.9, begin_step=50, end_step=250, frequency=50
+    )
 
     def counted(params, state, data):
         traces.append(1)
@@ -111,12 +116,16 @@ def test_vmap_over_sparsity_levels_and_seeds():
     for i, (s, seed) in enumerate(zip([0.5, 0.75, 0.9], [0, 1, 2])):
         p_ref, m_ref = jax.jit(run, static_argnums=(0, 1))(s, seed)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b), masks, m_ref)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-7), ps, p_ref)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-7), ps, p_ref
+        )
         assert int(masks["Dense_1"]["kernel"][i].sum()) == 128 - int(s * 128)
 
 
 def test_donated_buffers_give_the_same_result():
-    tx = js.gradual_magnitude_pruning(optax.adamw(0.01, weight_decay=0.1), 0.7, begin_step=0, end_step=4, frequency=2)
+    tx = js.gradual_magnitude_pruning(
+        optax.adamw(0.01, weight_decay=0.1), 0.7, begin_step=0, end_step=4, frequency=2
+    )
     params = mlp_params(jax.random.PRNGKey(0))
     plain, donated = jax.jit(make_step(tx)), jax.jit(make_step(tx), donate_argnums=(0, 1))
     a = (params, tx.init(params))
@@ -137,15 +146,20 @@ def elementwise_loss(params, data):
 def test_sharded_equals_unsharded(scope):
     assert jax.device_count() == 8
     mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
-    params = {"a": jax.random.normal(jax.random.PRNGKey(0), (32, 16)), "b": jax.random.normal(jax.random.PRNGKey(1), (16, 8))}
+    params = {
+        "a": jax.random.normal(jax.random.PRNGKey(0), (32, 16)),
+        "b": jax.random.normal(jax.random.PRNGKey(1), (16, 8)),
+    }
     specs = {"a": P("data", "model"), "b": P(None, "model")}
     sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
-    tx = js.gradual_magnitude_pruning(optax.adam(0.05), 0.8, begin_step=0, end_step=6, frequency=2, scope=scope)
+    tx = js.gradual_magnitude_pruning(
+        optax.adam(0.05), 0.8, begin_step=0, end_step=6, frequency=2, scope=scope
+    )
     step = jax.jit(make_step(tx, elementwise_loss))
     ref = (params, tx.init(params))
     got = (sharded, tx.init(sharded))
     assert got[1].masks["a"].sharding == sharded["a"].sharding
-    for t in range(8):
+    for _t in range(8):
         ref = step(*ref, None)
         got = step(*got, None)
     jax.tree.map(np.testing.assert_array_equal, ref, got)
@@ -154,12 +168,14 @@ def test_sharded_equals_unsharded(scope):
 
 def test_orbax_round_trip_bit_exact_and_sharded(tmp_path):
     mesh = Mesh(np.array(jax.devices()), ("x",))
-    params = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P(*[None] * (x.ndim - 1), "x"))),
-                          mlp_params(jax.random.PRNGKey(0), (16, 16, 8, 8)))
+    params = jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, P(*[None] * (x.ndim - 1), "x"))),
+        mlp_params(jax.random.PRNGKey(0), (16, 16, 8, 8)),
+    )
     tx = js.gradual_magnitude_pruning(optax.adam(0.01), 0.75, begin_step=0, end_step=4, frequency=2)
     state = tx.init(params)
     step = jax.jit(make_step(tx, elementwise_loss))
-    for t in range(3):
+    for _t in range(3):
         params, state = step(params, state, None)
     checkpoint.save(tmp_path / "ckpt", {"params": params, "opt_state": state})
     restored = checkpoint.restore(tmp_path / "ckpt", {"params": params, "opt_state": state})

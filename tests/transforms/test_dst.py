@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import jaxsparse
 from jaxsparse.transforms.common import sparse_training
@@ -83,17 +84,38 @@ def run(tx, steps, step=None, seed_tx=None):
 
 RIGL_TRACES = []
 CONFIGS = {
-    "rigl_adamw": lambda seed=1: rigl(optax.adamw(1e-2, weight_decay=1e-2), jaxsparse.budget(0.8, "erk"), update_every=5,
-                                      total_steps=40, drop_noise=0.0, seed=seed),
-    "rigl_sgd_momentum": lambda: rigl(optax.sgd(0.05, momentum=0.9), 0.7, update_every=5, total_steps=40, seed=3),
+    "rigl_adamw": lambda seed=1: rigl(
+        optax.adamw(1e-2, weight_decay=1e-2),
+        jaxsparse.budget(0.8, "erk"),
+        update_every=5,
+        total_steps=40,
+        drop_noise=0.0,
+        seed=seed,
+    ),
+    "rigl_sgd_momentum": lambda: rigl(
+        optax.sgd(0.05, momentum=0.9), 0.7, update_every=5, total_steps=40, seed=3
+    ),
     "rigl_adam": lambda: rigl(optax.adam(1e-2), 0.7, update_every=5, total_steps=40, seed=3),
-    "set": lambda: set_training(optax.sgd(0.1, momentum=0.9), 0.8, update_every=5, total_steps=40,
-                                skip_step_on_update=False, seed=1),
-    "snfs_per_layer": lambda: snfs(optax.sgd(0.05), 0.8, update_every=5, total_steps=40, redistribute=False, seed=1),
-    "snfs": lambda: snfs(optax.sgd(0.05, momentum=0.9), 0.8, update_every=5, total_steps=40, seed=2),
+    "set": lambda: set_training(
+        optax.sgd(0.1, momentum=0.9),
+        0.8,
+        update_every=5,
+        total_steps=40,
+        skip_step_on_update=False,
+        seed=1,
+    ),
+    "snfs_per_layer": lambda: snfs(
+        optax.sgd(0.05), 0.8, update_every=5, total_steps=40, redistribute=False, seed=1
+    ),
+    "snfs": lambda: snfs(
+        optax.sgd(0.05, momentum=0.9), 0.8, update_every=5, total_steps=40, seed=2
+    ),
 }
-RIGL_INNER = {"rigl_adamw": optax.adamw(1e-2, weight_decay=1e-2), "rigl_sgd_momentum": optax.sgd(0.05, momentum=0.9),
-         "rigl_adam": optax.adam(1e-2)}
+RIGL_INNER = {
+    "rigl_adamw": optax.adamw(1e-2, weight_decay=1e-2),
+    "rigl_sgd_momentum": optax.sgd(0.05, momentum=0.9),
+    "rigl_adam": optax.adam(1e-2),
+}
 _STEPS = {}
 _RUNS = {}
 
@@ -116,7 +138,10 @@ def kernel_masks(masks):
 
 
 def off_mask_zero(params, masks):
-    return all(not np.any(np.asarray(params[k]["kernel"])[~np.asarray(masks[k]["kernel"])]) for k in KERNELS)
+    return all(
+        not np.any(np.asarray(params[k]["kernel"])[~np.asarray(masks[k]["kernel"])])
+        for k in KERNELS
+    )
 
 
 # ----------------------------------------------------------------------------------------------- nnz invariants
@@ -134,7 +159,9 @@ def test_drop_and_grow_keeps_per_leaf_nnz_and_pruned_weights_zero(name):
 
 
 def param_shaped_moments(inner_state, shape):
-    return [np.asarray(x) for x in jax.tree.leaves(inner_state) if getattr(x, "shape", None) == shape]
+    return [
+        np.asarray(x) for x in jax.tree.leaves(inner_state) if getattr(x, "shape", None) == shape
+    ]
 
 
 def first_update(hist, t=5):
@@ -157,12 +184,36 @@ def test_rigl_update_step_only_drops_and_grows_and_zeroes_new_moments(name):
     assert sum(g.sum() for g in grown) > 0
     # The optimizer's statistics take one step on the masked gradient, with grown entries reset and given none
     # (the documented skip semantics: no weight update, moments of kept weights still see this gradient).
-    grown_tree = jax.tree.map(lambda new, old: None if new is None else new & ~old, s_new.masks, m_old, is_leaf=lambda x: x is None)
-    no_grad = jax.tree.map(lambda m, g: None if m is None else m & ~g, s_new.masks, grown_tree, is_leaf=lambda x: x is None)
-    reset = optax.tree_map_params(RIGL_INNER[name], lambda x, g: jnp.where(g, 0.0, x) if g.shape == x.shape else x, s_old.inner_state,
-                                  jax.tree.map(lambda g, p: jnp.zeros((), bool) if g is None else g, grown_tree, p_old, is_leaf=lambda x: x is None),
-                                  transform_non_params=lambda x: x)
-    masked = jax.tree.map(lambda m, g: g if m is None else jnp.where(m, g, 0.0), no_grad, grads, is_leaf=lambda x: x is None)
+    grown_tree = jax.tree.map(
+        lambda new, old: None if new is None else new & ~old,
+        s_new.masks,
+        m_old,
+        is_leaf=lambda x: x is None,
+    )
+    no_grad = jax.tree.map(
+        lambda m, g: None if m is None else m & ~g,
+        s_new.masks,
+        grown_tree,
+        is_leaf=lambda x: x is None,
+    )
+    reset = optax.tree_map_params(
+        RIGL_INNER[name],
+        lambda x, g: jnp.where(g, 0.0, x) if g.shape == x.shape else x,
+        s_old.inner_state,
+        jax.tree.map(
+            lambda g, p: jnp.zeros((), bool) if g is None else g,
+            grown_tree,
+            p_old,
+            is_leaf=lambda x: x is None,
+        ),
+        transform_non_params=lambda x: x,
+    )
+    masked = jax.tree.map(
+        lambda m, g: g if m is None else jnp.where(m, g, 0.0),
+        no_grad,
+        grads,
+        is_leaf=lambda x: x is None,
+    )
     expected_state = RIGL_INNER[name].update(masked, reset, p_old)[1]
     for k, g, new in zip(KERNELS, grown, kernel_masks(s_new.masks)):
         old_p, new_p = np.asarray(p_old[k]["kernel"]), np.asarray(p_new[k]["kernel"])
@@ -197,7 +248,9 @@ def test_rigl_grows_by_dense_gradient_passed_to_update():
         f = float(drop_fraction_schedule(0.3, 30)(t))
         for k, old, new in zip(KERNELS, kernel_masks(m_old), kernel_masks(m_new)):
             g = np.abs(np.asarray(grads[k]["kernel"])).ravel()
-            assert np.count_nonzero(g[~old.ravel()]) > 0.5 * (~old).sum()  # dense: nonzero at pruned positions
+            assert (
+                np.count_nonzero(g[~old.ravel()]) > 0.5 * (~old).sum()
+            )  # dense: nonzero at pruned positions
             w = np.abs(np.asarray(p_old[k]["kernel"])).ravel()
             n_drop = int(np.floor(np.float32(old.sum()) * np.float32(f)))
             assert n_drop > 0
@@ -221,7 +274,9 @@ def test_snfs_redistribution_conserves_total_nnz_and_follows_momentum():
         per_leaf.add(tuple(int(m.sum()) for m in kernel_masks(m_new)))
     assert len(per_leaf) > 1  # redistribution moved connections between leaves
     # the EMA of dense gradients lives in the state, for pruned leaves only
-    assert state.extra["dense0"]["kernel"].shape == (12, 16) and state.extra["dense0"]["bias"] is None
+    assert (
+        state.extra["dense0"]["kernel"].shape == (12, 16) and state.extra["dense0"]["bias"] is None
+    )
 
 
 def test_snfs_redistribution_allots_by_mean_momentum():
@@ -289,8 +344,15 @@ def final(tx, steps, traces=None):
 def test_rigl_with_zero_drop_fraction_equals_static_in_one_compilation():
     steps, traces = 300, []
     p_static, s_static = final(static_sparse(optax.adam(1e-2), 0.8, seed=11), steps)
-    rigl0 = rigl(optax.adam(1e-2), 0.8, drop_fraction=0.0, update_every=50, total_steps=steps,
-                 skip_step_on_update=False, seed=11)
+    rigl0 = rigl(
+        optax.adam(1e-2),
+        0.8,
+        drop_fraction=0.0,
+        update_every=50,
+        total_steps=steps,
+        skip_step_on_update=False,
+        seed=11,
+    )
     p_rigl, s_rigl = final(rigl0, steps, traces)
     assert len(traces) == 1  # 300 steps, update steps at 50, 100, 150, 200 included
     # Same masks at every step and the same arithmetic; XLA fuses RigL's (no-op) moment reset into the Adam update,
@@ -299,34 +361,53 @@ def test_rigl_with_zero_drop_fraction_equals_static_in_one_compilation():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     for a, b in zip(kernel_masks(s_static.masks), kernel_masks(s_rigl.masks)):
         np.testing.assert_array_equal(a, b)
-    assert not np.allclose(jax.tree.leaves(p_static)[1], jax.tree.leaves(mlp_params())[1])  # it trained
+    assert not np.allclose(
+        jax.tree.leaves(p_static)[1], jax.tree.leaves(mlp_params())[1]
+    )  # it trained
 
 
 def test_one_compilation_while_masks_change():
     run_of("rigl_adamw")
     test_masks_deterministic_given_seed()
-    assert len(RIGL_TRACES) == 1  # every run of the rigl_adamw step, mask updates included, reused one trace
+    assert (
+        len(RIGL_TRACES) == 1
+    )  # every run of the rigl_adamw step, mask updates included, reused one trace
     _, _, hist = run_of("rigl_adamw")
-    assert any((a != b).any() for a, b in zip(kernel_masks(hist[0][0][0]), kernel_masks(hist[-1][1][0])))
+    assert any(
+        (a != b).any() for a, b in zip(kernel_masks(hist[0][0][0]), kernel_masks(hist[-1][1][0]))
+    )
 
 
 def test_granet_without_regrowth_equals_gmp():
     steps = 60
-    gmp = gradual_magnitude_pruning(optax.sgd(0.05, momentum=0.9), 0.8, begin_step=0, end_step=40, frequency=10, scope="global")
-    gra = granet(optax.sgd(0.05, momentum=0.9), 0.8, prune_end_step=40, regrow_end_step=steps, update_every=10,
-                 drop_fraction=0.0, scope="global")
+    gmp = gradual_magnitude_pruning(
+        optax.sgd(0.05, momentum=0.9), 0.8, begin_step=0, end_step=40, frequency=10, scope="global"
+    )
+    gra = granet(
+        optax.sgd(0.05, momentum=0.9),
+        0.8,
+        prune_end_step=40,
+        regrow_end_step=steps,
+        update_every=10,
+        drop_fraction=0.0,
+        scope="global",
+    )
     p_gmp, s_gmp = final(gmp, steps)
     p_gra, s_gra = final(gra, steps)
     for a, b in zip(kernel_masks(s_gmp.masks), kernel_masks(s_gra.masks)):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(p_gmp), jax.tree.leaves(p_gra)):  # float32 rounding, see the RigL/static test
+    for a, b in zip(
+        jax.tree.leaves(p_gmp), jax.tree.leaves(p_gra)
+    ):  # float32 rounding, see the RigL/static test
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     nnz = sum(m.sum() for m in kernel_masks(s_gra.masks))
     assert nnz == 192 + 96 - int(np.floor(0.8 * 192)) - int(np.floor(0.8 * 96))
 
 
 def test_granet_prunes_to_target_then_regrowth_keeps_per_leaf_nnz():
-    tx = granet(optax.sgd(0.05, momentum=0.9), 0.8, total_steps=60, prune_end_step=20, update_every=5)
+    tx = granet(
+        optax.sgd(0.05, momentum=0.9), 0.8, total_steps=60, prune_end_step=20, update_every=5
+    )
     _, _, hist = run(tx, 50)
     target = sum(s - int(np.floor(0.8 * s)) for s in (192, 96))
     moved, nnz = 0, []
@@ -345,7 +426,9 @@ def test_granet_prunes_to_target_then_regrowth_keeps_per_leaf_nnz():
 def test_drop_fraction_schedule_closed_forms():
     t = np.array([0, 25, 50, 100, 150])
     cos = [float(drop_fraction_schedule(0.3, 100)(s)) for s in t]
-    np.testing.assert_allclose(cos, 0.15 * (1 + np.cos(np.pi * np.minimum(t, 100) / 100)), atol=1e-7)
+    np.testing.assert_allclose(
+        cos, 0.15 * (1 + np.cos(np.pi * np.minimum(t, 100) / 100)), atol=1e-7
+    )
     lin = [float(drop_fraction_schedule(0.5, 100, "linear")(s)) for s in t]
     np.testing.assert_allclose(lin, 0.5 * (1 - np.minimum(t, 100) / 100), atol=1e-7)
     assert float(drop_fraction_schedule(0.2, None, "constant")(10**6)) == pytest.approx(0.2)
@@ -388,7 +471,9 @@ def test_drop_and_grow_properties(shape, density, fraction, seed):
 def test_prune_and_regrow_counts_traced():
     m = {"w": jnp.array([True, True, True, False, False, False])}
     s = drop_scores({"w": jnp.array([3.0, 1.0, 2.0, 0.0, 0.0, 0.0])}, m)
-    f = jax.jit(lambda nk, ng: prune_and_regrow(m, s, {"w": nk}, {"w": jnp.arange(6.0)}, {"w": ng})[0]["w"])
+    f = jax.jit(
+        lambda nk, ng: prune_and_regrow(m, s, {"w": nk}, {"w": jnp.arange(6.0)}, {"w": ng})[0]["w"]
+    )
     assert f(2, 1).tolist() == [True, False, True, False, False, True]
     assert f(1, 3).tolist() == [True, False, False, True, True, True]
 
@@ -400,26 +485,76 @@ INNER = optax.sgd(0.1)
 @pytest.mark.parametrize(
     "build, exc, words",
     [
-        (lambda: rigl(INNER, 0.8, total_steps=100, drop_fraction=1.5), ValueError, ["drop_fraction", "1.5", "[0, 1]"]),
-        (lambda: set_training(INNER, 0.8, total_steps=100, drop_fraction=-0.1), ValueError, ["drop_fraction", "-0.1"]),
-        (lambda: rigl(INNER, 0.8, total_steps=100, drop_fraction="a lot"), TypeError, ["drop_fraction", "a lot"]),
-        (lambda: rigl(INNER, 0.8, total_steps=100, update_every=0), ValueError, ["update_every", ">= 1", "0"]),
-        (lambda: snfs(INNER, 0.8, total_steps=100, update_every=2.5), TypeError, ["update_every", "2.5"]),
-        (lambda: rigl(INNER, 0.8, begin_step=50, end_step=10), ValueError, ["end_step", "10", "begin_step", "50"]),
-        (lambda: granet(INNER, 0.8, begin_step=50, prune_end_step=10, regrow_end_step=100), ValueError, ["end_step", "10"]),
+        (
+            lambda: rigl(INNER, 0.8, total_steps=100, drop_fraction=1.5),
+            ValueError,
+            ["drop_fraction", "1.5", "[0, 1]"],
+        ),
+        (
+            lambda: set_training(INNER, 0.8, total_steps=100, drop_fraction=-0.1),
+            ValueError,
+            ["drop_fraction", "-0.1"],
+        ),
+        (
+            lambda: rigl(INNER, 0.8, total_steps=100, drop_fraction="a lot"),
+            TypeError,
+            ["drop_fraction", "a lot"],
+        ),
+        (
+            lambda: rigl(INNER, 0.8, total_steps=100, update_every=0),
+            ValueError,
+            ["update_every", ">= 1", "0"],
+        ),
+        (
+            lambda: snfs(INNER, 0.8, total_steps=100, update_every=2.5),
+            TypeError,
+            ["update_every", "2.5"],
+        ),
+        (
+            lambda: rigl(INNER, 0.8, begin_step=50, end_step=10),
+            ValueError,
+            ["end_step", "10", "begin_step", "50"],
+        ),
+        (
+            lambda: granet(INNER, 0.8, begin_step=50, prune_end_step=10, regrow_end_step=100),
+            ValueError,
+            ["end_step", "10"],
+        ),
         (lambda: rigl(INNER, 0.8), ValueError, ["total_steps", "end_step"]),
         (lambda: rigl(INNER, 0.8, total_steps=0), ValueError, ["total_steps", "0"]),
-        (lambda: sparse_training(INNER, dst_algorithm(0.8, grow="magic", end_step=10)), ValueError, ["grow", "magic", "gradient"]),
-        (lambda: rigl(INNER, 0.8, total_steps=100, decay="exp"), ValueError, ["decay", "exp", "cosine"]),
+        (
+            lambda: sparse_training(INNER, dst_algorithm(0.8, grow="magic", end_step=10)),
+            ValueError,
+            ["grow", "magic", "gradient"],
+        ),
+        (
+            lambda: rigl(INNER, 0.8, total_steps=100, decay="exp"),
+            ValueError,
+            ["decay", "exp", "cosine"],
+        ),
         (lambda: set_training(INNER, 0.8, decay="exp"), ValueError, ["decay", "exp", "constant"]),
         (lambda: set_training(INNER, 0.8, decay="cosine"), ValueError, ["total_steps", "end_step"]),
         (lambda: rigl(INNER, 1.0, total_steps=100), ValueError, ["sparsity", "1.0", "[0, 1)"]),
         (lambda: static_sparse(INNER, -0.2), ValueError, ["sparsity", "-0.2"]),
         (lambda: static_sparse(INNER, True), TypeError, ["sparsity", "True"]),
         (lambda: snfs(INNER, 0.8, total_steps=100, momentum=1.0), ValueError, ["momentum", "1.0"]),
-        (lambda: rigl(INNER, 0.8, total_steps=100, drop_noise=-1.0), ValueError, ["drop_noise", "-1.0"]),
-        (lambda: sparse_training(INNER, dst_algorithm(0.8, grow="random", redistribute=True, end_step=9)), ValueError, ["redistribute"]),
-        (lambda: granet(INNER, 0.5, total_steps=100, initial_sparsity=0.7), ValueError, ["initial_sparsity", "0.7"]),
+        (
+            lambda: rigl(INNER, 0.8, total_steps=100, drop_noise=-1.0),
+            ValueError,
+            ["drop_noise", "-1.0"],
+        ),
+        (
+            lambda: sparse_training(
+                INNER, dst_algorithm(0.8, grow="random", redistribute=True, end_step=9)
+            ),
+            ValueError,
+            ["redistribute"],
+        ),
+        (
+            lambda: granet(INNER, 0.5, total_steps=100, initial_sparsity=0.7),
+            ValueError,
+            ["initial_sparsity", "0.7"],
+        ),
         (lambda: granet(INNER, 0.5, total_steps=100, scope="row"), ValueError, ["scope", "row"]),
     ],
 )
@@ -433,8 +568,18 @@ def test_bad_arguments_fail_at_construction(build, exc, words):
 def test_update_gates():
     from jaxsparse.transforms.dst import rigl_algorithm, set_algorithm
 
-    gate = rigl_algorithm(0.8, total_steps=1000).is_update  # every 100 steps after step 0, until 750
-    assert np.flatnonzero(np.asarray(gate(jnp.arange(1001)))).tolist() == [100, 200, 300, 400, 500, 600, 700]
+    gate = rigl_algorithm(
+        0.8, total_steps=1000
+    ).is_update  # every 100 steps after step 0, until 750
+    assert np.flatnonzero(np.asarray(gate(jnp.arange(1001)))).tolist() == [
+        100,
+        200,
+        300,
+        400,
+        500,
+        600,
+        700,
+    ]
     forever = set_algorithm(0.8, decay="constant", update_every=7).is_update
     assert bool(forever(7 * 10**6)) and not bool(forever(0))
 

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxsparse
 from jaxsparse.transforms.dst import rigl, set_training
@@ -19,21 +20,36 @@ SPECS = {"dense0": P("x", "y"), "dense1": P("y", "x")}
 
 def params_and_grads():
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    params = {k: {"kernel": jax.random.normal(ks[i], s), "bias": jnp.zeros(s[1])} for i, (k, s) in enumerate(SHAPES.items())}
-    grads = {k: {"kernel": jax.random.normal(ks[2 + i], s), "bias": jnp.ones(s[1])} for i, (k, s) in enumerate(SHAPES.items())}
+    params = {
+        k: {"kernel": jax.random.normal(ks[i], s), "bias": jnp.zeros(s[1])}
+        for i, (k, s) in enumerate(SHAPES.items())
+    }
+    grads = {
+        k: {"kernel": jax.random.normal(ks[2 + i], s), "bias": jnp.ones(s[1])}
+        for i, (k, s) in enumerate(SHAPES.items())
+    }
     return params, grads
 
 
 def shard(tree, mesh):
-    return {k: {"kernel": jax.device_put(v["kernel"], NamedSharding(mesh, SPECS[k])),
-                "bias": jax.device_put(v["bias"], NamedSharding(mesh, P()))} for k, v in tree.items()}
+    return {
+        k: {
+            "kernel": jax.device_put(v["kernel"], NamedSharding(mesh, SPECS[k])),
+            "bias": jax.device_put(v["bias"], NamedSharding(mesh, P())),
+        }
+        for k, v in tree.items()
+    }
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: rigl(optax.adam(1e-2), jaxsparse.budget(0.8, "erk"), update_every=1, total_steps=10, seed=3),
-        lambda: set_training(optax.sgd(0.1, momentum=0.9), 0.9, update_every=1, total_steps=10, seed=3),
+        lambda: rigl(
+            optax.adam(1e-2), jaxsparse.budget(0.8, "erk"), update_every=1, total_steps=10, seed=3
+        ),
+        lambda: set_training(
+            optax.sgd(0.1, momentum=0.9), 0.9, update_every=1, total_steps=10, seed=3
+        ),
     ],
     ids=["rigl", "set"],
 )
@@ -49,15 +65,21 @@ def test_sharded_update_equals_single_device_and_gathers_no_parameter(make):
 
     sp, sg = shard(params, mesh), shard(grads, mesh)
     s_state = tx.init(sp)._replace(step=jnp.ones((), jnp.int32))
-    assert s_state.masks["dense0"]["kernel"].sharding.is_equivalent_to(sp["dense0"]["kernel"].sharding, 2)
+    assert s_state.masks["dense0"]["kernel"].sharding.is_equivalent_to(
+        sp["dense0"]["kernel"].sharding, 2
+    )
     sharded = jax.jit(tx.update)
     compiled = sharded.lower(sg, s_state, sp).compile()
     u2, s2 = compiled(sg, s_state, sp)
 
     for k in SHAPES:
         m0 = np.asarray(state.masks[k]["kernel"])
-        assert (np.asarray(s1.masks[k]["kernel"]) != m0).any()  # the update really moved connections
-        np.testing.assert_array_equal(np.asarray(s1.masks[k]["kernel"]), np.asarray(s2.masks[k]["kernel"]))
+        assert (
+            np.asarray(s1.masks[k]["kernel"]) != m0
+        ).any()  # the update really moved connections
+        np.testing.assert_array_equal(
+            np.asarray(s1.masks[k]["kernel"]), np.asarray(s2.masks[k]["kernel"])
+        )
         np.testing.assert_array_equal(np.asarray(u1[k]["kernel"]), np.asarray(u2[k]["kernel"]))
         assert u2[k]["kernel"].sharding.is_equivalent_to(sp[k]["kernel"].sharding, 2)
         assert s2.masks[k]["kernel"].sharding.is_equivalent_to(sp[k]["kernel"].sharding, 2)
@@ -66,7 +88,9 @@ def test_sharded_update_equals_single_device_and_gathers_no_parameter(make):
 
     hlo = compiled.as_text()
     assert "all-reduce" in hlo  # the per-shard counts of the top-k bisection are combined...
-    assert "all-gather" not in hlo and "all-to-all" not in hlo  # ...but no parameter (or part of one) is gathered
+    assert (
+        "all-gather" not in hlo and "all-to-all" not in hlo
+    )  # ...but no parameter (or part of one) is gathered
 
 
 def test_gather_detection_sees_a_sort():

@@ -12,14 +12,18 @@ from jaxsparse.transforms.nm import sr_ste_decay
 
 def _problem():
     k = jax.random.split(jax.random.PRNGKey(0), 4)
-    params = {"dense": {"kernel": jax.random.normal(k[0], (8, 4)), "bias": jnp.zeros(4)},
-              "conv": jax.random.normal(k[1], (3, 3, 4, 2))}
+    params = {
+        "dense": {"kernel": jax.random.normal(k[0], (8, 4)), "bias": jnp.zeros(4)},
+        "conv": jax.random.normal(k[1], (3, 3, 4, 2)),
+    }
     x = jax.random.normal(k[2], (16, 8))
     y = jax.random.normal(k[3], (16, 4))
 
     def loss(p):
         q = ste_nm(p, 2, 4)
-        return jnp.mean((x @ q["dense"]["kernel"] + q["dense"]["bias"] - y) ** 2) + 0.1 * jnp.sum(q["conv"] ** 2)
+        return jnp.mean((x @ q["dense"]["kernel"] + q["dense"]["bias"] - y) ** 2) + 0.1 * jnp.sum(
+            q["conv"] ** 2
+        )
 
     return params, loss
 
@@ -47,13 +51,18 @@ def test_term_is_lambda_w_on_pruned_and_zero_on_kept():
     for key in ("conv",):
         assert (u[key] == jnp.where(masks[key], 0.0, jnp.float32(0.3) * params[key])).all()
     k = params["dense"]["kernel"]
-    assert (u["dense"]["kernel"] == jnp.where(masks["dense"]["kernel"], 0.0, jnp.float32(0.3) * k)).all()
+    assert (
+        u["dense"]["kernel"] == jnp.where(masks["dense"]["kernel"], 0.0, jnp.float32(0.3) * k)
+    ).all()
     assert (u["dense"]["bias"] == 0).all()  # not prunable: untouched
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw"])
 def test_lambda_zero_equals_plain_ste(name):
-    inner = {"sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9), "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-3)}[name]
+    inner = {
+        "sgd_momentum": lambda: optax.sgd(0.05, momentum=0.9),
+        "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-3),
+    }[name]
     params, loss = _problem()
     a = _train(optax.chain(sr_ste_decay(2, 4, decay=0.0), inner()), params, loss)
     b = _train(inner(), params, loss)
@@ -85,7 +94,9 @@ def test_transposable_and_where_options():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"`decay` \(SR-STE's lambda\) must be a finite float >= 0; got -0.1"):
+    with pytest.raises(
+        ValueError, match=r"`decay` \(SR-STE's lambda\) must be a finite float >= 0; got -0.1"
+    ):
         sr_ste_decay(2, 4, decay=-0.1)
     with pytest.raises(TypeError, match="`decay` must be a float"):
         sr_ste_decay(2, 4, decay="big")

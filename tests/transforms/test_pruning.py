@@ -14,7 +14,11 @@ from jaxsparse.lottery import imp_masks, rewind
 
 def params_tree(key=0):
     k = jax.random.split(jax.random.PRNGKey(key), 3)
-    return {"a": jax.random.normal(k[0], (24, 16)), "b": jax.random.normal(k[1], (16, 10)), "bias": jnp.zeros(10)}
+    return {
+        "a": jax.random.normal(k[0], (24, 16)),
+        "b": jax.random.normal(k[1], (16, 10)),
+        "bias": jnp.zeros(10),
+    }
 
 
 def noisy_grads(params, t):
@@ -24,10 +28,14 @@ def noisy_grads(params, t):
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_gmp_sparsity_equals_schedule_at_every_step(scope):
     s_f, t0, t1, dt, s_i = 0.9, 3, 23, 5, 0.2
-    tx = js.gradual_magnitude_pruning(optax.sgd(0.05), s_f, t0, t1, dt, initial_sparsity=s_i, scope=scope)
+    tx = js.gradual_magnitude_pruning(
+        optax.sgd(0.05), s_f, t0, t1, dt, initial_sparsity=s_i, scope=scope
+    )
     params = params_tree()
     state = tx.init(params)
-    step = jax.jit(lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p)))
+    step = jax.jit(
+        lambda p, s, g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*tx.update(g, s, p))
+    )
     prev = None
     for t in range(30):
         params, state = step(params, state, noisy_grads(params, t))
@@ -61,7 +69,7 @@ def test_gmp_erk_keeps_budget_proportions():
     finals = budget(params)
     tx = js.gradual_magnitude_pruning(optax.sgd(0.0), budget, 0, 10, 5)
     state = tx.init(params)
-    for t in range(11):
+    for _t in range(11):
         _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     for k in ("a", "b"):
         assert int(state.masks[k].sum()) == params[k].size - math.floor(finals[k] * params[k].size)
@@ -72,8 +80,10 @@ def test_one_shot_methods_match_pure_functions():
     loss = lambda p, x: jnp.sum((x @ p["a"] @ p["b"]) ** 2)
     x = jax.random.normal(jax.random.PRNGKey(9), (4, 24))
     grads = jax.grad(loss)(params, x)
-    for method, expected in [("magnitude", js.magnitude_masks(params, 0.7)),
-                             ("snip", js.snip_masks(loss, params, x, 0.7, scope="layer"))]:
+    for method, expected in [
+        ("magnitude", js.magnitude_masks(params, 0.7)),
+        ("snip", js.snip_masks(loss, params, x, 0.7, scope="layer")),
+    ]:
         tx = js.one_shot_pruning(optax.sgd(0.0), 0.7, method=method, step=0)
         _, state = tx.update(grads, tx.init(params), params)
         for k in ("a", "b"):
@@ -91,10 +101,15 @@ def test_snip_matches_linear_least_squares_closed_form():
     w = jax.random.normal(jax.random.PRNGKey(2), (6, 3))
     loss = lambda p, b: 0.5 * jnp.mean(jnp.sum((b[0] @ p["w"] - b[1]) ** 2, axis=1))
     score = jnp.abs(w * (x.T @ (x @ w - y)) / 32)
-    np.testing.assert_array_equal(js.snip_masks(loss, {"w": w}, (x, y), 0.5, "layer")["w"], js.topk_mask(score, 9))
+    np.testing.assert_array_equal(
+        js.snip_masks(loss, {"w": w}, (x, y), 0.5, "layer")["w"], js.topk_mask(score, 9)
+    )
     # invariant to a positive rescaling of the loss
     scaled = lambda p, b: 7.0 * loss(p, b)
-    np.testing.assert_array_equal(js.snip_masks(scaled, {"w": w}, (x, y), 0.5)["w"], js.snip_masks(loss, {"w": w}, (x, y), 0.5)["w"])
+    np.testing.assert_array_equal(
+        js.snip_masks(scaled, {"w": w}, (x, y), 0.5)["w"],
+        js.snip_masks(loss, {"w": w}, (x, y), 0.5)["w"],
+    )
 
 
 def test_imp_rounds_nested_and_rewind_exact():
@@ -103,7 +118,7 @@ def test_imp_rounds_nested_and_rewind_exact():
     masks = {"a": jnp.ones((24, 16), bool), "b": jnp.ones((16, 10), bool), "bias": None}
     total = 24 * 16 + 16 * 10
     nnz = total
-    for r in range(1, 6):
+    for _r in range(1, 6):
         new = imp_masks(params, masks, 0.2)
         assert all(bool(jnp.all(new[k] <= masks[k])) for k in ("a", "b"))
         nnz = nnz - math.ceil(0.2 * nnz)
@@ -131,12 +146,36 @@ def test_fixed_masks_train_inside_the_mask():
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 1.0, 0, 10), ValueError, r"`sparsity` must be in \[0, 1\)"),
-        (lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 0.5, 10, 5), ValueError, "ends before it begins"),
-        (lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 0.5, 0, 10, frequency=0), ValueError, "`frequency` must be >= 1"),
-        (lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 0.5, 0, 10, scope="net"), ValueError, "`scope` must be one of"),
-        (lambda: js.one_shot_pruning(optax.sgd(0.1), 0.5, method="taylor"), ValueError, "`method` must be one of"),
-        (lambda: imp_masks({"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2), bool)}, 1.5), ValueError, "`fraction`"),
+        (
+            lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 1.0, 0, 10),
+            ValueError,
+            r"`sparsity` must be in \[0, 1\)",
+        ),
+        (
+            lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 0.5, 10, 5),
+            ValueError,
+            "ends before it begins",
+        ),
+        (
+            lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 0.5, 0, 10, frequency=0),
+            ValueError,
+            "`frequency` must be >= 1",
+        ),
+        (
+            lambda: js.gradual_magnitude_pruning(optax.sgd(0.1), 0.5, 0, 10, scope="net"),
+            ValueError,
+            "`scope` must be one of",
+        ),
+        (
+            lambda: js.one_shot_pruning(optax.sgd(0.1), 0.5, method="taylor"),
+            ValueError,
+            "`method` must be one of",
+        ),
+        (
+            lambda: imp_masks({"w": jnp.ones((2, 2))}, {"w": jnp.ones((2, 2), bool)}, 1.5),
+            ValueError,
+            "`fraction`",
+        ),
     ],
 )
 def test_bad_input(call, exc, match):
