@@ -6,6 +6,9 @@ SparseGPT, DSnoT and a layer-by-layer driver), ``jaxsparse.flax`` (sparse NNX / 
 ``jaxsparse.stats``, ``jaxsparse.lottery``, ``jaxsparse.checkpoint``.
 """
 
+from jaxsparse import (
+    _jax_version,
+)  # warns at import when the installed jax is outside the tested range
 from jaxsparse.allocation import DISTRIBUTIONS, budget, keep_count, prunable
 from jaxsparse.estimators import (
     ANNEALING_KINDS,

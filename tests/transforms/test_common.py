@@ -162,7 +162,20 @@ def test_sharded_equals_unsharded(scope):
     for _t in range(8):
         ref = step(*ref, None)
         got = step(*got, None)
-    jax.tree.map(np.testing.assert_array_equal, ref, got)
+    # Masks (the selection itself) are bit-identical. Params and Adam moments are not guaranteed to be: XLA compiles
+    # the partitioned program separately and may fuse the elementwise Adam update differently (on jax 0.12 plain
+    # optax.adam, without jaxsparse, differs by one ulp in ~1% of entries sharded vs unsharded). Bound: 4 float32
+    # eps relative to each leaf's largest magnitude (moments near zero make a per-element ulp bound meaningless).
+    jax.tree.map(np.testing.assert_array_equal, ref[1].masks, got[1].masks)
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        if jnp.issubdtype(r.dtype, jnp.floating):
+            r, g = np.asarray(r), np.asarray(g)
+            eps = float(np.finfo(r.dtype).eps)
+            np.testing.assert_allclose(g, r, rtol=0, atol=4 * eps * float(np.max(np.abs(r))))
+        else:
+            np.testing.assert_array_equal(r, g)
+    for p, m in zip(jax.tree.leaves(got[0]), jax.tree.leaves(got[1].masks)):
+        assert int(jnp.count_nonzero(p)) == int(jnp.count_nonzero(m))  # pruned weights exactly zero
     assert got[1].masks["a"].sharding.spec == specs["a"] and got[0]["b"].sharding.spec == specs["b"]
 
 
