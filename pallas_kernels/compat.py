@@ -92,6 +92,37 @@ def triton_compiler_params(*, num_warps: int = 4, num_stages: int = 2) -> Any:
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def triton_load(ref, *, mask=None, other=None) -> Any:
+    """Masked load from a (sliced) ref inside a Triton-backend kernel; also runs in interpret mode."""
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.load(ref, mask=mask, other=other)
+
+
+def triton_store(ref, value, *, mask=None) -> None:
+    """Masked store into a (sliced) ref inside a Triton-backend kernel; also runs in interpret mode."""
+    from jax.experimental.pallas import triton as pltriton
+
+    pltriton.store(ref, value, mask=mask)
+
+
+def triton_lowering_target(device_kind: str = "NVIDIA A100") -> contextlib.AbstractContextManager:
+    """Context for lowering Triton kernels on a host without that GPU (cross-lowering, AOT).
+
+    jax >= 0.11 reads the target GPU from the device or, failing that, an abstract mesh's device kind (an
+    unknown kind raises); jax 0.10 falls back to sm90 by itself, so this is a no-op there. Build only abstract
+    values (``jax.ShapeDtypeStruct``) inside the context: concrete arrays need a real device.
+    """
+    from jax.experimental.pallas import triton as pltriton
+
+    if not hasattr(pltriton, "get_gpu_info"):  # jax 0.10: no GPU info lookup
+        return contextlib.nullcontext()
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    return jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((1,), ("_triton",), abstract_device=device)
+    )
+
+
 # ------------------------------------------------------------------------------------------ common
 def cost_estimate(*, flops: int, bytes_accessed: int, transcendentals: int = 0) -> Any:
     """``pl.CostEstimate`` for XLA's scheduler."""
