@@ -6,8 +6,10 @@ the array they select from; a dense (unpruned) leaf of a params pytree carries `
 Top-k never sorts. Scores are mapped to ``uint32`` keys whose order is the float order, and the k-th largest key
 is found by building it bit by bit (32 counting passes). Ties at the threshold are broken by position (first leaf,
 then lowest flat index first) with a second bisection over index bits, so counts are exact and deterministic.
-Every pass is an elementwise compare plus a sum, which is why the same code works on sharded arrays without
-gathering them: each pass is a local count and a scalar all-reduce.
+Leaves of equal shape are stacked and searched together (one bisection and one tie pass for a whole pytree), so
+the compiled selection does not grow with the number of leaves. Every pass is an elementwise compare plus a
+count, which is why the same code works on sharded arrays without gathering them: each pass is a local count and
+a scalar all-reduce.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
+from jaxsparse import _topk
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, map_masked
 
@@ -39,84 +42,6 @@ __all__ = [
 _BLOCK_POOLS = ("l1", "l2", "max")
 
 
-# ------------------------------------------------------------------------------------------------ ordered keys
-def _ordered_key(score: Array) -> Array:
-    """Maps float scores to ``uint32`` keys with the same order; NaN ranks lowest, -0.0 equals +0.0."""
-    x = jnp.asarray(score).astype(jnp.float32) + 0.0  # + 0.0 turns -0.0 into +0.0
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
-    return jnp.where(
-        jnp.isnan(x), jnp.uint32(0), key
-    )  # -inf maps to 0x007FFFFF, so NaN is strictly lowest
-
-
-def _flat_index(shape: Sequence[int]) -> Array:
-    return lax.broadcasted_iota(jnp.int32, (math.prod(shape),), 0).reshape(shape)
-
-
-def _count(pred: Array) -> Array:
-    return jnp.sum(pred, dtype=jnp.int32)
-
-
-def _kth_largest_keys(keys: list[Array], ks: Array, shared: bool) -> Array:
-    """Largest key value t with count(key >= t) >= k, per leaf (``ks`` shape (L,)) or over all leaves."""
-
-    def body(i, t):
-        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        counts = jnp.stack([_count(key >= c) for key, c in zip(keys, _per_leaf(cand, len(keys)))])
-        counts = jnp.sum(counts) if shared else counts
-        return jnp.where(counts >= ks, cand, t)
-
-    init = jnp.zeros(() if shared else (len(keys),), jnp.uint32)
-    return lax.fori_loop(0, 32, body, init)
-
-
-def _per_leaf(x: Array, n: int) -> list[Array]:
-    return [x] * n if x.ndim == 0 else [x[i] for i in range(n)]
-
-
-def _take_first_ties(ties: list[Array], quotas: list[Array]) -> list[Array]:
-    """Keeps the first ``quota`` True entries (by flat index) of each ``ties`` array."""
-
-    def one(tie: Array, quota: Array) -> Array:
-        idx = _flat_index(tie.shape)
-        bits = max(1, int(tie.size).bit_length())
-
-        def body(i, c):
-            cand = c | (jnp.int32(1) << (bits - 1 - i))
-            return jnp.where(_count(tie & (idx < cand)) <= quota, cand, c)
-
-        cut = lax.fori_loop(0, bits, body, jnp.int32(0))
-        return tie & (idx < cut)
-
-    return [one(t, q) for t, q in zip(ties, quotas)]
-
-
-def _select_top(scores: list[Array], ks: Array, shared: bool) -> list[Array]:
-    keys = [_ordered_key(s) for s in scores]
-    sizes = jnp.array([s.size for s in scores], jnp.int32)
-    ks = jnp.clip(ks, 0, jnp.sum(sizes) if shared else sizes)
-    t = _kth_largest_keys(keys, ks, shared)
-    ts = _per_leaf(t, len(keys))
-    greater = [key > ti for key, ti in zip(keys, ts)]
-    ties = [key == ti for key, ti in zip(keys, ts)]
-    n_greater = jnp.stack([_count(g) for g in greater])
-    n_ties = jnp.stack([_count(e) for e in ties])
-    if shared:  # ties go to the earliest leaves first
-        remaining = ks - jnp.sum(n_greater)
-        before = jnp.cumsum(n_ties) - n_ties
-        quotas = jnp.clip(remaining - before, 0, n_ties)
-    else:
-        quotas = jnp.clip(ks - n_greater, 0, n_ties)
-    partial = jnp.any((quotas > 0) & (quotas < n_ties))
-    kept_ties = lax.cond(
-        partial,
-        lambda: _take_first_ties(ties, _per_leaf(quotas, len(ties))),
-        lambda: [e & (q > 0) for e, q in zip(ties, _per_leaf(quotas, len(ties)))],
-    )
-    return [g | e for g, e in zip(greater, kept_ties)]
-
-
 # ------------------------------------------------------------------------------------------------ public: top-k
 def topk_mask(score: Float[ArrayLike, ...], k: Int[ArrayLike, ""]) -> Bool[Array, ...]:
     """Mask of the ``k`` largest entries of ``score``; exactly ``min(max(k, 0), score.size)`` are True.
@@ -129,18 +54,25 @@ def topk_mask(score: Float[ArrayLike, ...], k: Int[ArrayLike, ""]) -> Bool[Array
     """
     score = jnp.asarray(score)
     v.check_float_array("score", score)
-    return _select_top([score], jnp.asarray(k, jnp.int32)[None], shared=False)[0]
+    return _topk.select_top([score], jnp.asarray(k, jnp.int32)[None], shared=False)[0]
 
 
-def topk_masks(scores: Any, ks: Any) -> Any:
+def topk_masks(scores: Any, ks: Any, layer_axes: Any = None) -> Any:
     """Per-leaf :func:`topk_mask` over a pytree; ``ks`` has the same structure with an integer per leaf.
 
-    Leaves of ``scores`` that are ``None`` stay ``None``. All leaves are searched in one 32-pass loop.
+    Leaves of ``scores`` that are ``None`` stay ``None``. Leaves of equal shape are stacked and searched together:
+    one 32-pass loop for the whole pytree, one compare-and-count per distinct shape in each pass.
+
+    ``layer_axes`` (optional; same structure, an int or ``None`` per leaf) marks stacked (scanned) leaves: a leaf
+    of shape ``(layers, d_in, d_out)`` with layer axis 0 gets ``k`` entries *per layer slice* (``k`` may then also
+    be a length-``layers`` vector), i.e. it behaves as ``layers`` separate leaves.
 
     >>> import jax.numpy as jnp
     >>> m = topk_masks({"a": jnp.arange(4.0), "b": None}, {"a": 1, "b": None})
     >>> m["a"].tolist(), m["b"]
     ([False, False, False, True], None)
+    >>> topk_masks({"w": jnp.array([[1.0, 2.0], [4.0, 3.0]])}, {"w": 1}, {"w": 0})["w"].tolist()
+    [[False, True], [True, False]]
     """
     check_same_structure("scores", scores, "ks", ks)
     leaves, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
@@ -148,21 +80,50 @@ def topk_masks(scores: Any, ks: Any) -> Any:
     live = [i for i, s in enumerate(leaves) if s is not None]
     if not live:
         return scores
-    for i in live:
-        v.check_float_array(f"scores leaf {i}", jnp.asarray(leaves[i]))
-    kk = jnp.stack([jnp.asarray(k_leaves[i], jnp.int32) for i in live])
-    picked = _select_top([jnp.asarray(leaves[i]) for i in live], kk, shared=False)
+    arrays = [jnp.asarray(leaves[i]) for i in live]
+    for i, a in zip(live, arrays):
+        v.check_float_array(f"scores leaf {i}", a)
+    axes = _layer_axes_list("layer_axes", layer_axes, scores, live, arrays)
+    kk = _topk.unit_ks([a.shape for a in arrays], axes, [k_leaves[i] for i in live])
+    picked = _topk.select_top(arrays, kk, shared=False, axes=axes)
     out = list(leaves)
     for i, m in zip(live, picked):
         out[i] = m
     return jax.tree.unflatten(treedef, out)
 
 
+def _layer_axes_list(
+    name: str, layer_axes: Any, tree: Any, live: list[int], arrays: list[Array]
+) -> tuple[int | None, ...] | None:
+    """``layer_axes`` (None, an int for every leaf, or a pytree like ``tree``) as a checked tuple over ``live``."""
+    if layer_axes is None:
+        return None
+    if isinstance(layer_axes, int) and not isinstance(layer_axes, bool):
+        flat = [layer_axes] * len(jax.tree.leaves(tree, is_leaf=lambda x: x is None))
+    else:
+        check_same_structure("scores", tree, name, layer_axes)
+        flat = jax.tree.flatten(layer_axes, is_leaf=lambda x: x is None)[0]
+    out = []
+    for i, a in zip(live, arrays):
+        ax = flat[i]
+        if ax is not None:
+            ax = v.check_axis(f"{name} leaf {i}", ax, a.ndim)
+            if a.ndim < 2:
+                raise ValueError(
+                    f"`{name}` leaf {i} marks a layer axis on a {a.ndim}-D leaf of shape {a.shape}; "
+                    "a stacked leaf needs at least 2 dims (layers plus the layer's own)."
+                )
+        out.append(ax)
+    return tuple(out) if any(a is not None for a in out) else None
+
+
 def global_topk_masks(scores: Any, k: Int[ArrayLike, ""]) -> Any:
     """Masks of the ``k`` largest entries over all (non-``None``) leaves of ``scores`` together.
 
-    One threshold for the whole pytree, found without concatenating or sorting the leaves; ties go to
-    earlier leaves (in ``jax.tree`` order) and lower flat indices first. ``k`` may be traced.
+    One threshold for the whole pytree, found by one bisection over all leaves (no sort, no gather: equally
+    shaped leaves are stacked, and each pass is a compare-and-count per shape); ties go to earlier leaves (in
+    ``jax.tree`` order) and lower flat indices first, in one tie-breaking pass for all leaves. ``k`` may be
+    traced.
 
     >>> import jax.numpy as jnp
     >>> m = global_topk_masks({"a": jnp.array([5.0, 1.0]), "b": jnp.array([4.0, 3.0])}, 3)
@@ -175,7 +136,7 @@ def global_topk_masks(scores: Any, k: Int[ArrayLike, ""]) -> Any:
         raise ValueError("global_topk_masks: `scores` has no array leaves; expected at least one.")
     for i in live:
         v.check_float_array(f"scores leaf {i}", jnp.asarray(leaves[i]))
-    picked = _select_top(
+    picked = _topk.select_top(
         [jnp.asarray(leaves[i]) for i in live], jnp.asarray(k, jnp.int32), shared=True
     )
     out = list(leaves)
@@ -199,20 +160,10 @@ def random_scores(key: PRNGKeyArray, tree: Any) -> Any:
     """
     leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
     seeds = jax.random.bits(key, (len(leaves),), jnp.uint32)
-    out = [None if m is None else _hash_uniform(m.shape, seeds[i]) for i, m in enumerate(leaves)]
+    out = [
+        None if m is None else _topk.hash_uniform(m.shape, seeds[i]) for i, m in enumerate(leaves)
+    ]
     return jax.tree.unflatten(treedef, out)
-
-
-def _hash_uniform(shape: tuple[int, ...], seed: Array) -> Array:
-    x = (
-        lax.broadcasted_iota(jnp.uint32, (math.prod(shape),), 0).reshape(shape)
-        * jnp.uint32(0x9E3779B9)
-        + seed
-    )
-    for mul in (0x85EBCA6B, 0xC2B2AE35):
-        x = (x ^ (x >> 16)) * jnp.uint32(mul)
-    x = x ^ (x >> 16)
-    return (x >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
 def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) -> Bool[Array, ...]:
@@ -223,7 +174,7 @@ def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) 
     7
     """
     shape = tuple(int(d) for d in shape)
-    return topk_mask(_hash_uniform(shape, jax.random.bits(key, (), jnp.uint32)), k)
+    return topk_mask(_topk.hash_uniform(shape, jax.random.bits(key, (), jnp.uint32)), k)
 
 
 # ------------------------------------------------------------------------------------------------ public: N:M

@@ -1,0 +1,148 @@
+"""Leaves batched by shape: the mask rules run once per group of equally shaped *units*, not once per leaf.
+
+A unit is what one mask rule acts on: a whole leaf, or one slice of a stacked (scanned) leaf along its layer axis.
+Units of the same shape are stacked along a new leading axis (a stacked leaf contributes all its slices at once),
+so a rule's HLO holds one computation per distinct unit shape, whatever the number of leaves. Per-unit vectors
+(counts, thresholds, seeds) are laid out in *group order*: group 0's units, then group 1's, ...; within a group,
+leaves in the order given and, for a stacked leaf, its slices in layer order. Everything here is static Python
+(shapes only) except :func:`stack` / :func:`unstack`, which emit one concatenate per group and one slice per leaf.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+
+class Grouping(NamedTuple):
+    """Static plan: which leaves (positions in a list) are stacked together, and how."""
+
+    shapes: tuple[tuple[int, ...], ...]  # per group: the unit shape
+    members: tuple[tuple[int, ...], ...]  # per group: leaf positions, in the order given
+    axes: tuple[int | None, ...]  # per leaf: its layer axis (None: the whole leaf is one unit)
+    units: tuple[int, ...]  # per leaf: number of units (1, or the size of the layer axis)
+
+    @property
+    def n_units(self) -> int:
+        return sum(self.units)
+
+    def group_sizes(self) -> list[int]:
+        return [sum(self.units[i] for i in ms) for ms in self.members]
+
+    def unit_sizes(self) -> np.ndarray:
+        """Elements per unit, in group order."""
+        return np.concatenate(
+            [np.full(n, math.prod(s), np.int64) for s, n in zip(self.shapes, self.group_sizes())]
+        )
+
+    def leaf_of_unit(self) -> np.ndarray:
+        """Leaf position of every unit, in group order."""
+        return np.concatenate(
+            [np.repeat(np.array(ms, np.int64), [self.units[i] for i in ms]) for ms in self.members]
+        )
+
+    def slice_of_unit(self) -> np.ndarray:
+        """Index of every unit along its leaf's layer axis (0 for whole leaves), in group order."""
+        return np.concatenate(
+            [np.concatenate([np.arange(self.units[i]) for i in ms]) for ms in self.members]
+        )
+
+    def tree_order(self) -> np.ndarray:
+        """Group-order positions of the units listed leaf by leaf (then slice by slice)."""
+        leaf, sl = self.leaf_of_unit(), self.slice_of_unit()
+        return np.lexsort((sl, leaf))
+
+
+def grouping(
+    shapes: Sequence[tuple[int, ...]], axes: Sequence[int | None] | None = None
+) -> Grouping:
+    """Groups leaves of ``shapes`` by unit shape (first appearance order)."""
+    axes = list(axes) if axes is not None else [None] * len(shapes)
+    order: dict[tuple[int, ...], list[int]] = {}
+    units = []
+    norm_axes: list[int | None] = []
+    for i, (shape, ax) in enumerate(zip(shapes, axes)):
+        shape = tuple(int(d) for d in shape)
+        if ax is None:
+            unit, n = shape, 1
+        else:
+            ax = ax % len(shape)
+            unit, n = shape[:ax] + shape[ax + 1 :], shape[ax]
+        norm_axes.append(ax)
+        units.append(n)
+        order.setdefault(unit, []).append(i)
+    return Grouping(
+        tuple(order), tuple(tuple(v) for v in order.values()), tuple(norm_axes), tuple(units)
+    )
+
+
+def _as_units(x: Array, axis: int | None) -> Array:
+    return x[None] if axis is None else jnp.moveaxis(x, axis, 0)
+
+
+def stack(g: Grouping, leaves: Sequence[Array]) -> list[Array]:
+    """One ``(units, *unit_shape)`` array per group."""
+    out = []
+    for ms in g.members:
+        parts = [_as_units(leaves[i], g.axes[i]) for i in ms]
+        out.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0))
+    return out
+
+
+def unstack(g: Grouping, stacked: Sequence[Array], n_leaves: int | None = None) -> list[Array]:
+    """Inverse of :func:`stack`: the list of leaves (positions not in any group stay ``None``)."""
+    out: list = [None] * (n_leaves if n_leaves is not None else len(g.axes))
+    for ms, x in zip(g.members, stacked):
+        start = 0
+        for i in ms:
+            n = g.units[i]
+            part = x if len(ms) == 1 else x[start : start + n]
+            start += n
+            ax = g.axes[i]
+            out[i] = part[0] if ax is None else jnp.moveaxis(part, 0, ax)
+    return out
+
+
+def split(g: Grouping, vec: Array) -> list[Array]:
+    """A per-unit vector (group order) cut into one piece per group."""
+    out, start = [], 0
+    for n in g.group_sizes():
+        out.append(vec[start : start + n])
+        start += n
+    return out
+
+
+def per_unit(g: Grouping, values: Sequence) -> Array:
+    """Per-leaf values (scalars, or length-``units`` vectors for stacked leaves) as one int32 vector, group order."""
+    if not any(isinstance(values[i], (Array, jax.core.Tracer)) for ms in g.members for i in ms):
+        return jnp.asarray(
+            np.concatenate(
+                [
+                    np.broadcast_to(np.asarray(values[i], np.int64), (g.units[i],))
+                    for ms in g.members
+                    for i in ms
+                ]
+            ).astype(np.int32)
+        )
+    parts = []
+    for ms in g.members:
+        for i in ms:
+            x = jnp.asarray(values[i], jnp.int32)
+            parts.append(jnp.broadcast_to(x, (g.units[i],)))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def bcast(x: Array, ndim: int) -> Array:
+    """A per-unit vector shaped to broadcast against a stacked ``ndim``-dimensional group."""
+    return x.reshape(x.shape + (1,) * (ndim - 1))
+
+
+def unit_sum(x: Array) -> Array:
+    """Per-unit int32 count of a stacked boolean group."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)), dtype=jnp.int32)
