@@ -325,6 +325,8 @@ def bsr_matmul_triton(
       ``(..., N)`` in ``x.dtype``, accumulated in float32.
     """
     _check(x, w, w.shape[0], "x")
+    if x.size == 0:
+        return jnp.zeros((*x.shape[:-1], w.shape[1]), w.dtype)
     y = matmul(
         _flat(x).astype(w.dtype),
         w.data,
@@ -348,6 +350,8 @@ def bsr_matmul_t_triton(
     """dX of ``x @ W``: ``dy @ W.T`` on the transposed view of ``w`` (same arguments as
     :func:`bsr_matmul_triton`)."""
     _check(dy, w, w.shape[1], "dy")
+    if dy.size == 0:
+        return jnp.zeros((*dy.shape[:-1], w.shape[0]), w.dtype)
     dx = matmul_t(
         _flat(dy).astype(w.dtype),
         w.data,
@@ -378,6 +382,8 @@ def bsr_sddmm_triton(
         raise ValueError(
             f"x and dy must share their batch dims; got x.shape={x.shape}, dy.shape={dy.shape}."
         )
+    if x.size == 0:
+        return jnp.zeros_like(w.data)
     return sddmm(
         _flat(x).astype(w.dtype),
         _flat(dy).astype(w.dtype),
