@@ -1,6 +1,6 @@
 """Iterative magnitude pruning with weight rewinding (lottery tickets) on MNIST-1D.
 
-Each round trains from ``rewind(theta_k, mask)`` inside a fixed mask (``jaxsparse.fixed_masks``), then prunes 20%
+Each round trains from ``apply_masks(theta_k, mask)`` (the rewound weights) inside a fixed mask (``jaxsparse.fixed_masks``), then prunes 20%
 of the remaining weights by global magnitude (``jaxsparse.lottery.imp_masks``). ``theta_k`` is the dense run's
 weights at step ``--rewind-step`` (k = 0 is the original lottery ticket). Each round's training loop is a jitted
 step; the rounds themselves are a Python loop, as in open_lth. Prints sparsity and test accuracy per round.
@@ -18,7 +18,7 @@ import optax
 from quickstart import MLP, load_data
 
 import jaxsparse as js
-from jaxsparse.lottery import imp_masks, rewind
+from jaxsparse import apply_masks, imp_masks
 from jaxsparse.stats import global_sparsity
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     print(f"{0:>5} {global_sparsity(trained):9.3f} {float(accuracy(trained)):9.3f}")
     for r in range(1, args.rounds + 1):
         masks = imp_masks(trained, masks, args.fraction)
-        trained, _ = train(rewind(theta_k, masks), masks, None)
+        trained, _ = train(apply_masks(theta_k, masks), masks, None)
         print(f"{r:>5} {global_sparsity(trained):9.3f} {float(accuracy(trained)):9.3f}", flush=True)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,6 +20,8 @@ def check_float_array(name: str, x: Any) -> None:
 
 
 def check_sparsity(name: str, value: Any) -> float:
+    if isinstance(value, jax.core.Tracer):  # a traced hyperparameter (optax.inject_hyperparams)
+        return value
     try:
         s = float(value)
     except (TypeError, ValueError):
@@ -28,9 +31,35 @@ def check_sparsity(name: str, value: Any) -> float:
     return s
 
 
+def is_scalar(value: Any) -> bool:
+    """A Python/NumPy number or a 0-d (possibly traced) array; ``bool`` is not a scalar here."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, float, np.number)):
+        return True
+    return isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0
+
+
+def check_sparsity_spec(name: str, value: Any) -> None:
+    """``value`` is a sparsity (a scalar in [0, 1), checked unless traced), a budget or a per-leaf pytree."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"`{name}` must be a float in [0, 1), a budget or a per-leaf pytree; got {value!r}."
+        )
+    if is_scalar(value) and not isinstance(value, jax.core.Tracer):
+        check_sparsity(name, value)
+
+
 def check_fraction(name: str, value: Any) -> float:
-    s = float(value)
-    if not 0.0 <= s <= 1.0:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a float in [0, 1]; got {value!r}.")
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`{name}` must be a float in [0, 1]; got {value!r} of type {type(value).__name__}."
+        ) from None
+    if not 0.0 <= s <= 1.0:  # also rejects NaN
         raise ValueError(f"`{name}` must be in [0, 1]; got {value!r}.")
     return s
 

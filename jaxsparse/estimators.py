@@ -56,23 +56,17 @@ __all__ = [
     "annealed_topk",
     "autosparse_threshold",
     "init_thresholds",
-    "gradient_annealing_schedule",
     "decayed_nm",
-    "mask_decay_schedule",
     "StructureDecay",
     "structure_decay",
     "structure_decayed_nm",
     "soft_nm",
     "init_sste_scale",
-    "MASK_DECAY_KINDS",
     "STRUCTURE_DECAY_KINDS",
-    "ANNEALING_KINDS",
     "BACKWARDS",
 ]
 
-MASK_DECAY_KINDS = ("linear", "exponential")
 STRUCTURE_DECAY_KINDS = ("stepwise", "geometric")
-ANNEALING_KINDS = ("sigmoid_cosine", "cosine")
 BACKWARDS = ("ste", "scaled")
 _ENUMERATE_MAX_M = 4  # transposable masks: exhaustive pattern search up to 4x4 blocks
 
@@ -427,44 +421,6 @@ def autosparse_threshold(params: PyTree, thresholds: PyTree, alpha: Float[ArrayL
     )
 
 
-def gradient_annealing_schedule(
-    end_step: int, *, alpha0: float = 1.0, begin_step: int = 0, kind: str = "sigmoid_cosine"
-) -> Callable[[Int[ArrayLike, ""]], Float[Array, ""]]:
-    """AutoSparse's annealing of the gradient scale ``alpha_t`` from ``alpha0`` to exactly 0 at ``end_step``.
-
-    With ``u = (t - begin_step) / (end_step - begin_step)`` clipped to ``[0, 1]``:
-
-    * ``"sigmoid_cosine"``: ``alpha0 * max((1 + cos(pi u)) / 2, 1 - sigmoid(-6 + 12 u))`` (slow start, then a fast
-      drop; the sigmoid-cosine decay used by AutoSparse implementations);
-    * ``"cosine"``: ``alpha0 * (1 + cos(pi u)) / 2``;
-
-    and ``alpha_t = 0`` from ``end_step`` on (hard masking for the rest of training).
-
-    >>> sched = gradient_annealing_schedule(100, alpha0=0.8)
-    >>> [round(float(sched(t)), 4) for t in (0, 50, 99, 100, 500)]
-    [0.8, 0.4, 0.0022, 0.0, 0.0]
-    """
-    end_step = v.check_int("end_step", end_step, 1)
-    begin_step = v.check_int("begin_step", begin_step, 0)
-    if end_step <= begin_step:
-        raise ValueError(
-            f"`end_step` ({end_step}) must be > `begin_step` ({begin_step}): alpha would never reach 0."
-        )
-    alpha0 = v.check_fraction("alpha0", alpha0)
-    v.check_choice("kind", kind, ANNEALING_KINDS)
-    span = float(end_step - begin_step)
-
-    def schedule(step):
-        t = jnp.asarray(step, jnp.float32)
-        u = jnp.clip((t - begin_step) / span, 0.0, 1.0)
-        value = (1 + jnp.cos(jnp.pi * u)) / 2
-        if kind == "sigmoid_cosine":
-            value = jnp.maximum(value, 1 - jax.nn.sigmoid(-6.0 + 12.0 * u))
-        return jnp.where(t >= end_step, 0.0, alpha0 * value)
-
-    return schedule
-
-
 # ------------------------------------------------------------------------------------------------ PGF: mask decay
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _decayed_leaf(w, beta, n, m, ax, scaled):
@@ -518,68 +474,6 @@ def decayed_nm(
         return _decayed_leaf(leaf, beta, n, m, ax, backward == "scaled")
 
     return _map_selected(one, params, where)
-
-
-def mask_decay_schedule(
-    kind: str = "linear",
-    decay_coef: float | None = None,
-    *,
-    begin_step: int = 0,
-    end_step: int | None = None,
-) -> Callable[[Int[ArrayLike, ""]], Float[Array, ""]]:
-    """PGF's ``beta_t`` for :func:`decayed_nm`, with ``t = step - begin_step`` (1 during a dense phase before it):
-
-    * ``"linear"``: ``beta_t = max(0, 1 - decay_coef * t)``;
-    * ``"exponential"``: ``beta_t = exp(-decay_coef * t)``;
-
-    and ``beta_t = 0`` from ``end_step`` on (PGF's final binary phase). ``end_step`` is required for ``"exponential"``
-    (it never reaches 0 by itself); for ``"linear"`` a missing ``decay_coef`` defaults to
-    ``1 / (end_step - begin_step)``.
-
-    >>> beta = mask_decay_schedule("linear", 0.01, begin_step=10)
-    >>> [round(float(beta(t)), 3) for t in (0, 10, 60, 110, 200)]
-    [1.0, 1.0, 0.5, 0.0, 0.0]
-    >>> beta = mask_decay_schedule("exponential", 0.1, end_step=50)
-    >>> [round(float(beta(t)), 4) for t in (0, 10, 49, 50)]
-    [1.0, 0.3679, 0.0074, 0.0]
-    """
-    v.check_choice("kind", kind, MASK_DECAY_KINDS)
-    begin_step = v.check_int("begin_step", begin_step, 0)
-    if end_step is not None:
-        end_step = v.check_int("end_step", end_step, 0)
-        if end_step <= begin_step:
-            raise ValueError(
-                f"`end_step` ({end_step}) must be > `begin_step` ({begin_step}): beta would never decay before the "
-                "binary phase."
-            )
-    if decay_coef is None:
-        if kind == "exponential" or end_step is None:
-            raise ValueError(
-                f"`decay_coef` is required for kind={kind!r}"
-                + ("" if end_step is not None else " without `end_step`")
-                + "; got None."
-            )
-        decay_coef = 1.0 / (end_step - begin_step)
-    decay_coef = float(decay_coef)
-    if not decay_coef > 0 or not math.isfinite(decay_coef):
-        raise ValueError(
-            f"`decay_coef` must be a finite float > 0 (otherwise beta never decays); got {decay_coef}."
-        )
-    if kind == "exponential" and end_step is None:
-        raise ValueError(
-            "`end_step` is required for kind='exponential': exp(-decay_coef * t) never reaches 0, so the forward "
-            "would never become the target N:M; pass the step from which beta = 0."
-        )
-
-    def schedule(step):
-        s = jnp.asarray(step, jnp.float32)
-        t = jnp.maximum(s - begin_step, 0.0)
-        beta = (
-            jnp.maximum(0.0, 1.0 - decay_coef * t) if kind == "linear" else jnp.exp(-decay_coef * t)
-        )
-        return beta if end_step is None else jnp.where(s >= end_step, 0.0, beta)
-
-    return schedule
 
 
 # ------------------------------------------------------------------------------------------------ PGF: structure decay

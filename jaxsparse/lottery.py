@@ -15,12 +15,13 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
+from jaxsparse._deprecations import module_getattr
 from jaxsparse._tree import is_none
 from jaxsparse.allocation import prunable
 from jaxsparse.masks import apply_masks, global_topk_masks, topk_masks
 from jaxsparse.oneshot import SCOPES
 
-__all__ = ["imp_masks", "rewind"]
+__all__ = ["imp_masks"]
 
 
 def imp_masks(
@@ -60,11 +61,4 @@ def imp_masks(
     )
 
 
-def rewind(rewind_params: PyTree, masks: PyTree) -> PyTree:
-    """The weights to restart a round from: ``rewind_params`` with pruned entries zero (bit-exact).
-
-    >>> import jax.numpy as jnp
-    >>> rewind({"w": jnp.array([1.5, 2.5])}, {"w": jnp.array([False, True])})["w"].tolist()
-    [0.0, 2.5]
-    """
-    return apply_masks(rewind_params, masks)
+__getattr__ = module_getattr(__name__, {"rewind": ("jaxsparse.apply_masks", apply_masks)})

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import jaxsparse as js
 from jaxsparse import estimators as E
 from jaxsparse.masks import nm_mask
 
@@ -184,8 +185,8 @@ def test_decayed_nm_reductions_and_backwards():
 
 
 def test_mask_decay_schedules_closed_form_and_one_compile():
-    lin = E.mask_decay_schedule("linear", 2e-3, begin_step=100, end_step=900)
-    exp = E.mask_decay_schedule("exponential", 5e-3, begin_step=100, end_step=900)
+    lin = js.mask_decay_schedule("linear", 2e-3, begin_step=100, end_step=900)
+    exp = js.mask_decay_schedule("exponential", 5e-3, begin_step=100, end_step=900)
     for t in [0, 50, 100, 101, 350, 599, 600, 601, 899, 900, 5000]:
         s = max(t - 100, 0)
         want_lin = 0.0 if t >= 900 else max(0.0, 1 - 2e-3 * s)
@@ -193,7 +194,7 @@ def test_mask_decay_schedules_closed_form_and_one_compile():
         assert abs(float(lin(t)) - want_lin) < 1e-6 and abs(float(exp(t)) - want_exp) < 1e-6
     betas = np.array([float(lin(t)) for t in range(0, 1000, 7)])
     assert (np.diff(betas) <= 0).all()
-    default = E.mask_decay_schedule("linear", end_step=50)
+    default = js.mask_decay_schedule("linear", end_step=50)
     assert float(default(25)) == 0.5 and float(default(50)) == 0.0
 
     traces = []
@@ -278,8 +279,8 @@ def test_soft_nm_straight_through_and_frozen_scale():
 
 # ------------------------------------------------------------------------------------------------ schedules
 def test_gradient_annealing_schedule_closed_form():
-    sched = E.gradient_annealing_schedule(200, alpha0=0.5, begin_step=100)
-    cos_sched = E.gradient_annealing_schedule(200, alpha0=0.5, begin_step=100, kind="cosine")
+    sched = js.gradient_annealing_schedule(200, alpha0=0.5, begin_step=100)
+    cos_sched = js.gradient_annealing_schedule(200, alpha0=0.5, begin_step=100, kind="cosine")
     for t in [0, 100, 120, 150, 199, 200, 1000]:
         u = min(max((t - 100) / 100, 0), 1)
         c = (1 + math.cos(math.pi * u)) / 2
@@ -309,19 +310,19 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="`backward` must be one of"):
         E.decayed_nm({"w": jnp.ones((4, 4))}, 0.5, backward="sideways")
     with pytest.raises(ValueError, match=r"`end_step` is required for kind='exponential'"):
-        E.mask_decay_schedule("exponential", 1e-3)
+        js.mask_decay_schedule("exponential", 1e-3)
     with pytest.raises(ValueError, match=r"`decay_coef` must be a finite float > 0.*got 0.0"):
-        E.mask_decay_schedule("linear", 0.0)
+        js.mask_decay_schedule("linear", 0.0)
     with pytest.raises(ValueError, match=r"`end_step` \(5\) must be > `begin_step` \(5\)"):
-        E.mask_decay_schedule("linear", 0.1, begin_step=5, end_step=5)
+        js.mask_decay_schedule("linear", 0.1, begin_step=5, end_step=5)
     with pytest.raises(ValueError, match=r"one step per frame.*never reached"):
         E.structure_decay(1, 8, end_step=3)
     with pytest.raises(ValueError, match=r"`kind` must be one of"):
         E.structure_decay(1, 8, end_step=30, kind="fine")
     with pytest.raises(ValueError, match=r"`end_step` \(10\) must be > `begin_step` \(10\)"):
-        E.gradient_annealing_schedule(10, begin_step=10)
+        js.gradient_annealing_schedule(10, begin_step=10)
     with pytest.raises(ValueError, match=r"`alpha0` must be in \[0, 1\]"):
-        E.gradient_annealing_schedule(10, alpha0=2.0)
+        js.gradient_annealing_schedule(10, alpha0=2.0)
     with pytest.raises(ValueError, match=r"transposable=True.*second-to-last"):
         E.ste_nm({"w": jnp.ones((8, 8))}, 2, 4, axis=-1, transposable=True)
     with pytest.raises(ValueError, match=r"'w'.*axis 1 has length 6"):

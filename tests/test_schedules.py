@@ -34,9 +34,11 @@ def test_polynomial_sparsity_closed_form(s_i, s_f, t0, n, dt):
 
 
 @given(st.floats(0.0, 1.0), st.integers(1, 1000), st.integers(0, 2000))
-def test_cosine_fraction_closed_form(alpha, t_end, t):
+def test_cosine_drop_fraction_closed_form(alpha, t_end, t):
     expected = alpha / 2 * (1 + math.cos(math.pi * t / t_end)) if t <= t_end else 0.0
-    assert float(js.cosine_fraction(alpha, t_end)(t)) == pytest.approx(expected, abs=1e-6)
+    assert float(js.drop_fraction_schedule(alpha, t_end, "cosine")(t)) == pytest.approx(
+        expected, abs=1e-6
+    )
 
 
 def test_update_gate():
@@ -56,7 +58,7 @@ def test_update_gate():
         (lambda: js.polynomial_sparsity(0.9, 0, 50, frequency=0), "`frequency` must be >= 1"),
         (lambda: js.polynomial_sparsity(1.2, 0, 50), "`final_sparsity` must be in"),
         (lambda: js.update_gate(0), "`frequency` must be >= 1"),
-        (lambda: js.cosine_fraction(1.5, 10), "`initial_fraction` must be in \\[0, 1\\]"),
+        (lambda: js.drop_fraction_schedule(1.5, 10), "`drop_fraction` must be in \\[0, 1\\]"),
     ],
 )
 def test_bad_input(call, match):

@@ -1,8 +1,9 @@
 """Dynamic sparse training (sparse-to-sparse): static random sparsity, SET, RigL, SNFS and GraNet.
 
-Each public function wraps any optax optimizer (``inner`` first) and returns an optax transformation built on
-:func:`jaxsparse.sparse_training`; the matching ``*_algorithm`` factory returns the bare
-:class:`~jaxsparse.transforms.common.MaskAlgorithm`. The methods differ only in their mask rule:
+Each algorithm is written once, as its mask rule; :func:`~jaxsparse.transforms._factory.sparse_transform` makes it
+an optax transformation that wraps any optax optimizer (``inner`` first, ``seed`` last), built on
+:func:`jaxsparse.sparse_training`; ``rigl.rule`` (etc.) is the bare
+:class:`~jaxsparse.transforms.common.MaskAlgorithm` factory. The methods differ only in their mask rule:
 
 * :func:`static_sparse` (Liu et al. 2022): a random mask with exact per-leaf counts, never changed.
 * :func:`set_training` (Mocanu et al. 2018): every ``update_every`` steps, per leaf drop the
@@ -28,66 +29,43 @@ The drop fraction ``f(t)`` is ``drop_fraction`` decayed by ``decay``: ``"cosine"
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
-from jaxtyping import Array, ArrayLike, Float, PyTree
+from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
+from jaxsparse._deprecations import module_getattr
 from jaxsparse._tree import is_none, path_name
-from jaxsparse.allocation import Budget, keep_count
+from jaxsparse.allocation import Budget, keep_count, overall_sparsity
 from jaxsparse.masks import random_scores, topk_mask
 from jaxsparse.oneshot import leaf_sparsities, random_masks
-from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, sparse_training
-from jaxsparse.transforms.growth import drop_and_grow, drop_scores, prune_and_regrow
-from jaxsparse.transforms.pruning import gmp_algorithm
+from jaxsparse.schedules import DECAYS, drop_fraction_schedule, update_gate
+from jaxsparse.transforms import _stacked as _st
+from jaxsparse.transforms._factory import sparse_transform
+from jaxsparse.transforms.common import MaskAlgorithm, MaskContext
+from jaxsparse.transforms.growth import drop_scores, prune_and_regrow
+from jaxsparse.transforms.pruning import gradual_magnitude_pruning
 
 __all__ = [
     "GROWTH_MODES",
-    "DECAYS",
-    "dst_algorithm",
     "static_sparse",
-    "static_sparse_algorithm",
     "set_training",
-    "sparse_evolutionary_training",
-    "set_algorithm",
     "rigl",
-    "rigl_algorithm",
     "snfs",
-    "snfs_algorithm",
     "granet",
-    "granet_algorithm",
-    "drop_fraction_schedule",
 ]
 
 GROWTH_MODES = ("gradient", "random", "momentum")
-DECAYS = ("cosine", "linear", "constant")
 END_FRACTION = 0.75  # RigL: mask updates stop at 75% of training by default
 
 
 # ------------------------------------------------------------------------------------------------ validation
 def _check_sparsity_arg(sparsity: Any) -> None:
-    if isinstance(sparsity, bool):
-        raise TypeError(
-            f"`sparsity` must be a float in [0, 1), a budget or a per-leaf pytree; got {sparsity!r}."
-        )
-    if isinstance(sparsity, (int, float)):
-        v.check_sparsity("sparsity", sparsity)
-
-
-def _check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"`{name}` must be a float in [0, 1]; got {value!r} of type {type(value).__name__}."
-        )
-    if math.isnan(value):
-        raise ValueError(f"`{name}` must be in [0, 1]; got {value!r}.")
-    return v.check_fraction(name, value)
+    v.check_sparsity_spec("sparsity", sparsity)
 
 
 def _resolve_end(
@@ -131,47 +109,6 @@ def _check_layers(params: PyTree, sparsities: PyTree) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ schedules
-def drop_fraction_schedule(
-    drop_fraction: float, end_step: int | None, decay: str = "cosine"
-) -> Callable[[ArrayLike], Float[Array, ""]]:
-    """``step -> f(t)``: ``drop_fraction`` decayed to 0 at ``end_step`` (``"cosine"``, ``"linear"``) or constant.
-
-    >>> f = drop_fraction_schedule(0.3, 100)
-    >>> [round(float(f(t)), 4) for t in (0, 50, 100, 200)]
-    [0.3, 0.15, 0.0, 0.0]
-    """
-    alpha = _check_fraction("drop_fraction", drop_fraction)
-    v.check_choice("decay", decay, DECAYS)
-    if decay != "constant" and end_step is None:
-        raise ValueError(
-            f"decay={decay!r} needs an `end_step` (or `total_steps`); only decay='constant' runs without one."
-        )
-    span = float(max(end_step or 1, 1))
-
-    def schedule(step):
-        t = jnp.minimum(jnp.asarray(step, jnp.float32), span)
-        if decay == "constant":
-            return jnp.full((), alpha, jnp.float32)
-        if decay == "linear":
-            return jnp.asarray(alpha * (1.0 - t / span), jnp.float32)
-        return jnp.asarray(alpha / 2 * (1.0 + jnp.cos(jnp.pi * t / span)), jnp.float32)
-
-    return schedule
-
-
-def _dst_gate(
-    update_every: int, begin_step: int, end_step: int | None
-) -> Callable[[ArrayLike], Array]:
-    """True at ``begin_step + k * update_every`` for ``k >= 1`` while ``<= end_step``."""
-
-    def gate(step):
-        step = jnp.asarray(step, jnp.int32)
-        ok = (step > begin_step) & ((step - begin_step) % update_every == 0)
-        return ok if end_step is None else ok & (step <= end_step)
-
-    return gate
-
-
 # ------------------------------------------------------------------------------------------------ rules
 def _init_random(sparsity: Any) -> Callable[[PyTree, Array], PyTree]:
     def init_masks(params, key):
@@ -273,7 +210,7 @@ def _redistributed_counts(
     return back(list(n_keep)), back(list(n_grow))
 
 
-def dst_algorithm(
+def _drop_and_grow_rule(
     sparsity: float | Budget | PyTree,
     *,
     grow: str = "gradient",
@@ -325,8 +262,8 @@ def dst_algorithm(
     def update(ctx: MaskContext):
         k_drop, k_grow = jax.random.split(ctx.key)
         fraction = schedule(ctx.step)
-        scores = _grow_scores(grow, ctx, k_grow)
         if redistribute:
+            scores = _grow_scores(grow, ctx, k_grow)
             n_live = sum(m is not None for m in jax.tree.leaves(ctx.masks, is_leaf=is_none))
             n_keep, n_grow = _redistributed_counts(ctx.masks, ctx.extra, fraction, n_live + 1)
             masks, _ = prune_and_regrow(
@@ -337,13 +274,17 @@ def dst_algorithm(
                 n_grow,
             )
         else:
-            masks = drop_and_grow(ctx.masks, ctx.params, scores, fraction, k_drop, drop_noise)
+            source = ctx.extra if grow == "momentum" else ctx.grads
+            kind = "random" if grow == "random" else "abs"
+            masks = _st.drop_and_grow_tree(
+                ctx.masks, ctx.params, kind, source, fraction, k_grow, k_drop, drop_noise
+            )
         return masks, ctx.extra
 
     return MaskAlgorithm(
         init=init,
         update=update,
-        is_update=_dst_gate(update_every, begin_step, end_step),
+        is_update=update_gate(update_every, begin_step, end_step, include_begin=False),
         observe=_ema_observe(float(momentum)) if grow == "momentum" else None,
         grows=True,
         skip_step_on_update=bool(skip_step_on_update),
@@ -351,20 +292,8 @@ def dst_algorithm(
 
 
 # ------------------------------------------------------------------------------------------------ static
-def static_sparse_algorithm(sparsity: float | Budget | PyTree) -> MaskAlgorithm:
-    """A random mask with exact per-leaf counts (independent of the weights' values), fixed for all of training."""
-    _check_sparsity_arg(sparsity)
-    init_masks = _init_random(sparsity)
-    return MaskAlgorithm(
-        init=lambda params, key: (init_masks(params, key), ()),
-        update=lambda ctx: (ctx.masks, ctx.extra),
-        is_update=lambda step: jnp.zeros((), bool),
-    )
-
-
-def static_sparse(
-    inner: Any, sparsity: float | Budget | PyTree, *, seed: int = 0
-) -> optax.GradientTransformationExtraArgs:
+@sparse_transform
+def static_sparse(sparsity: float | Budget | PyTree) -> MaskAlgorithm:
     """Static sparse training (random pruning at initialisation): a random mask drawn once from ``seed``.
 
     >>> import jax, jax.numpy as jnp, optax, jaxsparse
@@ -374,11 +303,18 @@ def static_sparse(
     >>> int(state.masks["w"].sum()), state.masks["b"]
     (10, None)
     """
-    return sparse_training(inner, static_sparse_algorithm(sparsity), seed=seed)
+    _check_sparsity_arg(sparsity)
+    init_masks = _init_random(sparsity)
+    return MaskAlgorithm(
+        init=lambda params, key: (init_masks(params, key), ()),
+        update=lambda ctx: (ctx.masks, ctx.extra),
+        is_update=lambda step: jnp.zeros((), bool),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ SET
-def set_algorithm(
+@sparse_transform
+def set_training(
     sparsity: float | Budget | PyTree,
     *,
     update_every: int = 100,
@@ -389,41 +325,6 @@ def set_algorithm(
     begin_step: int = 0,
     skip_step_on_update: bool = True,
 ) -> MaskAlgorithm:
-    """SET's rule (drop smallest ``|w|``, regrow uniformly at random); see :func:`set_training`."""
-    v.check_choice("decay", decay, DECAYS)
-    end = _resolve_end(
-        "set_training",
-        end_step,
-        total_steps,
-        begin_step,
-        END_FRACTION,
-        required=decay != "constant",
-    )
-    return dst_algorithm(
-        sparsity,
-        grow="random",
-        update_every=update_every,
-        drop_fraction=drop_fraction,
-        decay=decay,
-        begin_step=begin_step,
-        end_step=end,
-        skip_step_on_update=skip_step_on_update,
-    )
-
-
-def set_training(
-    inner: Any,
-    sparsity: float | Budget | PyTree,
-    *,
-    update_every: int = 100,
-    drop_fraction: float = 0.3,
-    decay: str = "cosine",
-    total_steps: int | None = None,
-    end_step: int | None = None,
-    begin_step: int = 0,
-    skip_step_on_update: bool = True,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
     """Sparse Evolutionary Training (Mocanu et al. 2018) under RigL's schedule (as in RigL's SET baseline).
 
     Every ``update_every`` steps until ``end_step`` (default 75% of ``total_steps``; with ``decay="constant"`` it
@@ -440,24 +341,30 @@ def set_training(
     >>> int(state.masks["w"].sum()), int((params["w"] != 0).sum()) <= 16
     (16, True)
     """
-    algo = set_algorithm(
+    v.check_choice("decay", decay, DECAYS)
+    end = _resolve_end(
+        "set_training",
+        end_step,
+        total_steps,
+        begin_step,
+        END_FRACTION,
+        required=decay != "constant",
+    )
+    return _drop_and_grow_rule(
         sparsity,
+        grow="random",
         update_every=update_every,
         drop_fraction=drop_fraction,
         decay=decay,
-        total_steps=total_steps,
-        end_step=end_step,
         begin_step=begin_step,
+        end_step=end,
         skip_step_on_update=skip_step_on_update,
     )
-    return sparse_training(inner, algo, seed=seed)
-
-
-sparse_evolutionary_training = set_training
 
 
 # ------------------------------------------------------------------------------------------------ RigL
-def rigl_algorithm(
+@sparse_transform
+def rigl(
     sparsity: float | Budget | PyTree,
     *,
     update_every: int = 100,
@@ -469,36 +376,6 @@ def rigl_algorithm(
     drop_noise: float = 1e-5,
     skip_step_on_update: bool = True,
 ) -> MaskAlgorithm:
-    """RigL's rule (drop smallest ``|w|``, regrow largest dense-gradient magnitude); see :func:`rigl`."""
-    v.check_choice("decay", decay, DECAYS)
-    end = _resolve_end("rigl", end_step, total_steps, begin_step, END_FRACTION)
-    return dst_algorithm(
-        sparsity,
-        grow="gradient",
-        update_every=update_every,
-        drop_fraction=drop_fraction,
-        decay=decay,
-        begin_step=begin_step,
-        end_step=end,
-        drop_noise=drop_noise,
-        skip_step_on_update=skip_step_on_update,
-    )
-
-
-def rigl(
-    inner: Any,
-    sparsity: float | Budget | PyTree,
-    *,
-    update_every: int = 100,
-    drop_fraction: float = 0.3,
-    decay: str = "cosine",
-    total_steps: int | None = None,
-    end_step: int | None = None,
-    begin_step: int = 0,
-    drop_noise: float = 1e-5,
-    skip_step_on_update: bool = True,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
     """RigL (Evci et al. 2020): drop by magnitude, regrow by dense-gradient magnitude, inside one compiled step.
 
     Defaults are the paper's: update every 100 steps, drop fraction 0.3 cosine-decayed to 0 at ``end_step``
@@ -519,22 +396,24 @@ def rigl(
     >>> int(state.masks["w"].sum()), int((params["w"] != 0).sum()) <= int(state.masks["w"].sum())
     (52, True)
     """
-    algo = rigl_algorithm(
+    v.check_choice("decay", decay, DECAYS)
+    end = _resolve_end("rigl", end_step, total_steps, begin_step, END_FRACTION)
+    return _drop_and_grow_rule(
         sparsity,
+        grow="gradient",
         update_every=update_every,
         drop_fraction=drop_fraction,
         decay=decay,
-        total_steps=total_steps,
-        end_step=end_step,
         begin_step=begin_step,
+        end_step=end,
         drop_noise=drop_noise,
         skip_step_on_update=skip_step_on_update,
     )
-    return sparse_training(inner, algo, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ SNFS
-def snfs_algorithm(
+@sparse_transform
+def snfs(
     sparsity: float | Budget | PyTree,
     *,
     update_every: int = 100,
@@ -547,38 +426,6 @@ def snfs_algorithm(
     redistribute: bool = True,
     skip_step_on_update: bool = True,
 ) -> MaskAlgorithm:
-    """SNFS's rule (drop smallest ``|w|``, regrow largest ``|EMA of dense gradients|``); see :func:`snfs`."""
-    v.check_choice("decay", decay, DECAYS)
-    end = _resolve_end("snfs", end_step, total_steps, begin_step, 1.0)
-    return dst_algorithm(
-        sparsity,
-        grow="momentum",
-        update_every=update_every,
-        drop_fraction=drop_fraction,
-        decay=decay,
-        begin_step=begin_step,
-        end_step=end,
-        momentum=momentum,
-        redistribute=redistribute,
-        skip_step_on_update=skip_step_on_update,
-    )
-
-
-def snfs(
-    inner: Any,
-    sparsity: float | Budget | PyTree,
-    *,
-    update_every: int = 100,
-    drop_fraction: float = 0.5,
-    decay: str = "cosine",
-    total_steps: int | None = None,
-    end_step: int | None = None,
-    begin_step: int = 0,
-    momentum: float = 0.9,
-    redistribute: bool = True,
-    skip_step_on_update: bool = True,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
     """Sparse Networks From Scratch (Dettmers & Zettlemoyer 2019): sparse momentum growth.
 
     The state keeps an EMA (``momentum``, default 0.9) of the dense gradients of pruned leaves, updated every step
@@ -599,23 +446,25 @@ def snfs(
     >>> int(state.masks["a"].sum() + state.masks["b"].sum())
     48
     """
-    algo = snfs_algorithm(
+    v.check_choice("decay", decay, DECAYS)
+    end = _resolve_end("snfs", end_step, total_steps, begin_step, 1.0)
+    return _drop_and_grow_rule(
         sparsity,
+        grow="momentum",
         update_every=update_every,
         drop_fraction=drop_fraction,
         decay=decay,
-        total_steps=total_steps,
-        end_step=end_step,
         begin_step=begin_step,
+        end_step=end,
         momentum=momentum,
         redistribute=redistribute,
         skip_step_on_update=skip_step_on_update,
     )
-    return sparse_training(inner, algo, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ GraNet
-def granet_algorithm(
+@sparse_transform
+def granet(
     sparsity: float | Budget | PyTree,
     *,
     total_steps: int | None = None,
@@ -630,93 +479,6 @@ def granet_algorithm(
     power: float = 3.0,
     skip_step_on_update: bool = False,
 ) -> MaskAlgorithm:
-    """GraNet's rule: a :func:`~jaxsparse.gmp_algorithm` pruning step, then per-leaf drop-and-grow by gradient."""
-    _check_sparsity_arg(sparsity)
-    v.check_choice("decay", decay, DECAYS)
-    if prune_end_step is None or regrow_end_step is None:
-        if total_steps is None:
-            raise ValueError(
-                "granet needs `total_steps` or both `prune_end_step` and `regrow_end_step`; got neither."
-            )
-    prune_end = _resolve_end("granet", prune_end_step, total_steps, begin_step, END_FRACTION)
-    regrow_end = _resolve_end("granet", regrow_end_step, total_steps, begin_step, 1.0)
-    v.check_schedule_window("begin_step", begin_step, "regrow_end_step", regrow_end)
-    v.check_int("update_every", update_every, 1)
-    initial_sparsity = v.check_sparsity("initial_sparsity", initial_sparsity)
-    if isinstance(sparsity, (int, float)) and initial_sparsity > sparsity:
-        raise ValueError(
-            f"`initial_sparsity` ({initial_sparsity}) must be <= `sparsity` ({sparsity})."
-        )
-    prune = gmp_algorithm(
-        sparsity, begin_step, prune_end, update_every, initial_sparsity, scope, power
-    )
-    schedule = drop_fraction_schedule(drop_fraction, regrow_end, decay)
-
-    def init(params, key):
-        finals = leaf_sparsities(sparsity, params)
-        _check_layers(params, finals)
-        if initial_sparsity == 0.0:
-            return prune.init(params, key)
-        pairs = [
-            (s, p.size)
-            for s, p in zip(
-                jax.tree.leaves(finals),
-                jax.tree.leaves(
-                    jax.tree.map(
-                        lambda s, p: None if s is None else p, finals, params, is_leaf=is_none
-                    )
-                ),
-            )
-        ]
-        final = sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
-        if initial_sparsity > final:
-            raise ValueError(
-                f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g})."
-            )
-        ratio = initial_sparsity / final
-        return random_masks(
-            key,
-            params,
-            jax.tree.map(lambda s: None if s is None else s * ratio, finals, is_leaf=is_none),
-        ), ()
-
-    def update(ctx: MaskContext):
-        masks, _ = prune.update(ctx)
-        scores = _abs_scores(masks, ctx.grads)
-        return drop_and_grow(masks, ctx.params, scores, schedule(ctx.step)), ctx.extra
-
-    def gate(step):
-        step = jnp.asarray(step, jnp.int32)
-        return (
-            (step >= begin_step) & ((step - begin_step) % update_every == 0) & (step <= regrow_end)
-        )
-
-    return MaskAlgorithm(
-        init=init,
-        update=update,
-        is_update=gate,
-        grows=True,
-        skip_step_on_update=bool(skip_step_on_update),
-    )
-
-
-def granet(
-    inner: Any,
-    sparsity: float | Budget | PyTree,
-    *,
-    total_steps: int | None = None,
-    prune_end_step: int | None = None,
-    regrow_end_step: int | None = None,
-    begin_step: int = 0,
-    update_every: int = 100,
-    drop_fraction: float = 0.5,
-    decay: str = "cosine",
-    initial_sparsity: float = 0.0,
-    scope: str = "global",
-    power: float = 3.0,
-    skip_step_on_update: bool = False,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
     """GraNet (Liu et al. 2021): gradual magnitude pruning with zero-cost neuroregeneration.
 
     Every ``update_every`` steps from ``begin_step``: (1) prune by magnitude (``scope="global"``: one threshold over
@@ -737,18 +499,75 @@ def granet(
     >>> int(state.masks["w"].sum())
     10
     """
-    algo = granet_algorithm(
-        sparsity,
-        total_steps=total_steps,
-        prune_end_step=prune_end_step,
-        regrow_end_step=regrow_end_step,
-        begin_step=begin_step,
-        update_every=update_every,
-        drop_fraction=drop_fraction,
-        decay=decay,
-        initial_sparsity=initial_sparsity,
-        scope=scope,
-        power=power,
-        skip_step_on_update=skip_step_on_update,
+    _check_sparsity_arg(sparsity)
+    v.check_choice("decay", decay, DECAYS)
+    if prune_end_step is None or regrow_end_step is None:
+        if total_steps is None:
+            raise ValueError(
+                "granet needs `total_steps` or both `prune_end_step` and `regrow_end_step`; got neither."
+            )
+    prune_end = _resolve_end("granet", prune_end_step, total_steps, begin_step, END_FRACTION)
+    regrow_end = _resolve_end("granet", regrow_end_step, total_steps, begin_step, 1.0)
+    v.check_schedule_window("begin_step", begin_step, "regrow_end_step", regrow_end)
+    v.check_int("update_every", update_every, 1)
+    initial_sparsity = v.check_sparsity("initial_sparsity", initial_sparsity)
+    if (
+        v.is_scalar(sparsity)
+        and not isinstance(sparsity, jax.core.Tracer)
+        and initial_sparsity > sparsity
+    ):
+        raise ValueError(
+            f"`initial_sparsity` ({initial_sparsity}) must be <= `sparsity` ({sparsity})."
+        )
+    prune = gradual_magnitude_pruning.rule(
+        sparsity, begin_step, prune_end, update_every, initial_sparsity, scope, power
     )
-    return sparse_training(inner, algo, seed=seed)
+    schedule = drop_fraction_schedule(drop_fraction, regrow_end, decay)
+
+    def init(params, key):
+        finals = leaf_sparsities(sparsity, params)
+        _check_layers(params, finals)
+        if initial_sparsity == 0.0:
+            return prune.init(params, key)
+        final = overall_sparsity(finals, params)
+        if initial_sparsity > final:
+            raise ValueError(
+                f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g})."
+            )
+        ratio = initial_sparsity / final
+        return random_masks(
+            key,
+            params,
+            jax.tree.map(lambda s: None if s is None else s * ratio, finals, is_leaf=is_none),
+        ), ()
+
+    def update(ctx: MaskContext):
+        masks, _ = prune.update(ctx)
+        return _st.drop_and_grow_tree(
+            masks, ctx.params, "abs", ctx.grads, schedule(ctx.step), None, None, 0.0
+        ), ctx.extra
+
+    return MaskAlgorithm(
+        init=init,
+        update=update,
+        is_update=update_gate(update_every, begin_step, regrow_end),
+        grows=True,
+        skip_step_on_update=bool(skip_step_on_update),
+    )
+
+
+__getattr__ = module_getattr(
+    __name__,
+    {
+        "sparse_evolutionary_training": ("jaxsparse.set_training", set_training),
+        "dst_algorithm": (
+            "jaxsparse.rigl.rule / set_training.rule / snfs.rule",
+            _drop_and_grow_rule,
+        ),
+        "static_sparse_algorithm": ("jaxsparse.static_sparse.rule", static_sparse.rule),
+        "set_algorithm": ("jaxsparse.set_training.rule", set_training.rule),
+        "rigl_algorithm": ("jaxsparse.rigl.rule", rigl.rule),
+        "snfs_algorithm": ("jaxsparse.snfs.rule", snfs.rule),
+        "granet_algorithm": ("jaxsparse.granet.rule", granet.rule),
+    },
+)

@@ -1,8 +1,9 @@
 """Dense-to-sparse and fixed-mask training: fixed masks, one-shot pruning during training, gradual magnitude
 pruning (Zhu & Gupta 2017).
 
-Each public function wraps an optax optimizer; the matching ``*_algorithm`` factory returns the bare
-:class:`~jaxsparse.transforms.common.MaskAlgorithm` for composing new methods.
+Each algorithm is written once, as its mask rule, and made an optax transformation around any optax optimizer by
+:func:`~jaxsparse.transforms._factory.sparse_transform`; ``gradual_magnitude_pruning.rule`` (etc.) is the bare
+:class:`~jaxsparse.transforms.common.MaskAlgorithm` factory for composing new methods.
 """
 
 from __future__ import annotations
@@ -11,24 +12,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
+from jaxsparse._deprecations import module_getattr
 from jaxsparse._tree import check_same_structure, is_none
-from jaxsparse.allocation import Budget
+from jaxsparse.allocation import Budget, overall_sparsity
 from jaxsparse.masks import random_scores
 from jaxsparse.oneshot import SCOPES, leaf_sparsities, magnitude_masks, masks_from_scores
 from jaxsparse.schedules import polynomial_sparsity, update_gate
-from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, sparse_training
+from jaxsparse.transforms._factory import sparse_transform
+from jaxsparse.transforms.common import MaskAlgorithm, MaskContext
 
 __all__ = [
     "fixed_masks",
-    "fixed_masks_algorithm",
     "one_shot_pruning",
-    "one_shot_algorithm",
     "gradual_magnitude_pruning",
-    "gmp_algorithm",
     "ONE_SHOT_METHODS",
 ]
 
@@ -48,8 +47,17 @@ def _ones_like_budget(params: PyTree, sparsities: PyTree) -> PyTree:
     )
 
 
-def fixed_masks_algorithm(masks: PyTree) -> MaskAlgorithm:
-    """Masks given once and never changed (static sparse training; masks from SNIP, IMP, a checkpoint...)."""
+@sparse_transform
+def fixed_masks(masks: PyTree) -> MaskAlgorithm:
+    """Trains inside fixed ``masks``: pruned weights are zeroed on the first step and stay exactly zero.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.ones((2, 2))}
+    >>> tx = fixed_masks(optax.sgd(0.1), {"w": jnp.eye(2, dtype=bool)})
+    >>> updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[0.8999999761581421, 0.0], [0.0, 0.8999999761581421]]
+    """
     for m in jax.tree.leaves(masks):
         if jnp.result_type(m) != jnp.bool_:
             raise TypeError(f"`masks` leaves must be bool arrays; got dtype {jnp.result_type(m)}.")
@@ -72,26 +80,22 @@ def fixed_masks_algorithm(masks: PyTree) -> MaskAlgorithm:
     return MaskAlgorithm(init=init, update=lambda ctx: (ctx.masks, ctx.extra), is_update=_never)
 
 
-def fixed_masks(inner: Any, masks: PyTree) -> optax.GradientTransformationExtraArgs:
-    """Trains inside fixed ``masks``: pruned weights are zeroed on the first step and stay exactly zero.
-
-    >>> import jax.numpy as jnp, optax
-    >>> params = {"w": jnp.ones((2, 2))}
-    >>> tx = fixed_masks(optax.sgd(0.1), {"w": jnp.eye(2, dtype=bool)})
-    >>> updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
-    >>> optax.apply_updates(params, updates)["w"].tolist()
-    [[0.8999999761581421, 0.0], [0.0, 0.8999999761581421]]
-    """
-    return sparse_training(inner, fixed_masks_algorithm(masks))
-
-
-def one_shot_algorithm(
+@sparse_transform
+def one_shot_pruning(
     sparsity: float | Budget | PyTree,
     method: str = "magnitude",
     scope: str = "layer",
     step: int = 0,
 ) -> MaskAlgorithm:
-    """Prunes once, at ``step``, by ``method`` (``"magnitude"``, ``"random"`` or ``"snip"`` on that step's gradient)."""
+    """Dense training until ``step``, then a one-shot prune by ``method``, then training inside the mask.
+
+    >>> import jax.numpy as jnp, optax
+    >>> params = {"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])}
+    >>> tx = one_shot_pruning(optax.sgd(0.0), 0.5)
+    >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [[0.0, -4.0], [3.0, 0.0]]
+    """
     v.check_choice("method", method, ONE_SHOT_METHODS)
     v.check_choice("scope", scope, SCOPES)
     v.check_int("step", step, 0)
@@ -115,47 +119,12 @@ def one_shot_algorithm(
     return MaskAlgorithm(init=init, update=update, is_update=update_gate(1, step, step))
 
 
-def one_shot_pruning(
-    inner: Any,
-    sparsity: float | Budget | PyTree,
-    method: str = "magnitude",
-    scope: str = "layer",
-    step: int = 0,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-    """Dense training until ``step``, then a one-shot prune by ``method``, then training inside the mask.
-
-    >>> import jax.numpy as jnp, optax
-    >>> params = {"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])}
-    >>> tx = one_shot_pruning(optax.sgd(0.0), 0.5)
-    >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
-    >>> optax.apply_updates(params, updates)["w"].tolist()
-    [[0.0, -4.0], [3.0, 0.0]]
-    """
-    return sparse_training(inner, one_shot_algorithm(sparsity, method, scope, step), seed=seed)
-
-
 def _check_sparsity_arg(sparsity: Any) -> None:
-    if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
-        v.check_sparsity("sparsity", sparsity)
+    v.check_sparsity_spec("sparsity", sparsity)
 
 
-def _overall(sparsities: PyTree, params: PyTree) -> float:
-    pairs = [
-        (s, p.size)
-        for s, p in zip(
-            jax.tree.leaves(sparsities),
-            jax.tree.leaves(
-                jax.tree.map(
-                    lambda s, p: None if s is None else p, sparsities, params, is_leaf=is_none
-                )
-            ),
-        )
-    ]
-    return sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
-
-
-def gmp_algorithm(
+@sparse_transform
+def gradual_magnitude_pruning(
     sparsity: float | Budget | PyTree,
     begin_step: int,
     end_step: int,
@@ -164,9 +133,22 @@ def gmp_algorithm(
     scope: str = "layer",
     power: float = 3.0,
 ) -> MaskAlgorithm:
-    """Gradual magnitude pruning: every ``frequency`` steps in ``[begin_step, end_step]``, magnitude masks at the
-    cubic schedule's sparsity. Per-leaf targets scale with the schedule (``s_l(t) = s_t * s_l / s_final``), so a
-    uniform budget follows ``s_t`` exactly and ERK keeps its proportions; pruning is nested (monotone)."""
+    """Zhu & Gupta's gradual magnitude pruning around any optax optimizer.
+
+    Every ``frequency`` steps in ``[begin_step, end_step]``, magnitude masks at the cubic schedule's sparsity.
+    Per-leaf targets scale with the schedule (``s_l(t) = s_t * s_l / s_final``), so a uniform budget follows ``s_t``
+    exactly and ERK keeps its proportions; pruning is nested (monotone).
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
+    >>> tx = gradual_magnitude_pruning(optax.sgd(0.01), 0.75, begin_step=0, end_step=4, frequency=2)
+    >>> state = tx.init(params)
+    >>> for _ in range(5):
+    ...     updates, state = tx.update({"w": jnp.zeros((8, 8))}, state, params)
+    ...     params = optax.apply_updates(params, updates)
+    >>> int((params["w"] == 0).sum())
+    48
+    """
     _check_sparsity_arg(sparsity)
     v.check_choice("scope", scope, SCOPES)
     gate = update_gate(frequency, begin_step, end_step)
@@ -177,8 +159,8 @@ def gmp_algorithm(
 
     def targets(params, step):
         finals = leaf_sparsities(sparsity, params)
-        final = _overall(finals, params)
-        if initial_sparsity > final:
+        final = overall_sparsity(finals, params)
+        if not isinstance(final, jax.core.Tracer) and initial_sparsity > final:
             raise ValueError(
                 f"`initial_sparsity` ({initial_sparsity}) must be <= the final sparsity ({final:.4g})."
             )
@@ -204,29 +186,14 @@ def gmp_algorithm(
     return MaskAlgorithm(init=init, update=update, is_update=gate)
 
 
-def gradual_magnitude_pruning(
-    inner: Any,
-    sparsity: float | Budget | PyTree,
-    begin_step: int,
-    end_step: int,
-    frequency: int = 100,
-    initial_sparsity: float = 0.0,
-    scope: str = "layer",
-    power: float = 3.0,
-) -> optax.GradientTransformationExtraArgs:
-    """Zhu & Gupta's gradual magnitude pruning around any optax optimizer.
-
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
-    >>> tx = gradual_magnitude_pruning(optax.sgd(0.01), 0.75, begin_step=0, end_step=4, frequency=2)
-    >>> state = tx.init(params)
-    >>> for _ in range(5):
-    ...     updates, state = tx.update({"w": jnp.zeros((8, 8))}, state, params)
-    ...     params = optax.apply_updates(params, updates)
-    >>> int((params["w"] == 0).sum())
-    48
-    """
-    return sparse_training(
-        inner,
-        gmp_algorithm(sparsity, begin_step, end_step, frequency, initial_sparsity, scope, power),
-    )
+__getattr__ = module_getattr(
+    __name__,
+    {
+        "fixed_masks_algorithm": ("jaxsparse.fixed_masks.rule", fixed_masks.rule),
+        "one_shot_algorithm": ("jaxsparse.one_shot_pruning.rule", one_shot_pruning.rule),
+        "gmp_algorithm": (
+            "jaxsparse.gradual_magnitude_pruning.rule",
+            gradual_magnitude_pruning.rule,
+        ),
+    },
+)

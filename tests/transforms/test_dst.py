@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 import jaxsparse
 from jaxsparse.transforms.common import sparse_training
 from jaxsparse.transforms.dst import (
+    _drop_and_grow_rule,
     drop_fraction_schedule,
-    dst_algorithm,
     granet,
     rigl,
     set_training,
@@ -523,7 +523,7 @@ INNER = optax.sgd(0.1)
         (lambda: rigl(INNER, 0.8), ValueError, ["total_steps", "end_step"]),
         (lambda: rigl(INNER, 0.8, total_steps=0), ValueError, ["total_steps", "0"]),
         (
-            lambda: sparse_training(INNER, dst_algorithm(0.8, grow="magic", end_step=10)),
+            lambda: sparse_training(INNER, _drop_and_grow_rule(0.8, grow="magic", end_step=10)),
             ValueError,
             ["grow", "magic", "gradient"],
         ),
@@ -545,7 +545,7 @@ INNER = optax.sgd(0.1)
         ),
         (
             lambda: sparse_training(
-                INNER, dst_algorithm(0.8, grow="random", redistribute=True, end_step=9)
+                INNER, _drop_and_grow_rule(0.8, grow="random", redistribute=True, end_step=9)
             ),
             ValueError,
             ["redistribute"],
@@ -566,11 +566,8 @@ def test_bad_arguments_fail_at_construction(build, exc, words):
 
 
 def test_update_gates():
-    from jaxsparse.transforms.dst import rigl_algorithm, set_algorithm
 
-    gate = rigl_algorithm(
-        0.8, total_steps=1000
-    ).is_update  # every 100 steps after step 0, until 750
+    gate = rigl.rule(0.8, total_steps=1000).is_update  # every 100 steps after step 0, until 750
     assert np.flatnonzero(np.asarray(gate(jnp.arange(1001)))).tolist() == [
         100,
         200,
@@ -580,7 +577,7 @@ def test_update_gates():
         600,
         700,
     ]
-    forever = set_algorithm(0.8, decay="constant", update_every=7).is_update
+    forever = set_training.rule(0.8, decay="constant", update_every=7).is_update
     assert bool(forever(7 * 10**6)) and not bool(forever(0))
 
 

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jaxsparse as js
-from jaxsparse.lottery import imp_masks, rewind
+from jaxsparse.lottery import imp_masks
 
 
 def params_tree(key=0):
@@ -124,7 +124,7 @@ def test_imp_rounds_nested_and_rewind_exact():
         nnz = nnz - math.ceil(0.2 * nnz)
         assert sum(int(new[k].sum()) for k in ("a", "b")) == nnz
         masks = new
-        params = rewind(theta0, masks)
+        params = js.apply_masks(theta0, masks)
         np.testing.assert_array_equal(params["a"], jnp.where(masks["a"], theta0["a"], 0.0))
     assert 1 - nnz / total == pytest.approx(1 - 0.8**5, abs=5 / total)
 
