@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import optax
 
 import jaxsparse as js
-from jaxsparse.stats import global_sparsity
 
 SIZES = (784, 1024, 1024, 10)
 BATCH = 256
@@ -176,7 +175,7 @@ def run(rounds: int, block: int, only: list[str] | None) -> list[dict]:
                 mask_bytes_per_param=run_["mask_bytes"],
                 compile_s=run_["compile_s"],
                 steps=len(all_times),
-                final_sparsity=global_sparsity(run_["params"]),
+                final_sparsity=js.global_sparsity(run_["params"]),
             )
         )
     return rows

@@ -30,7 +30,7 @@ import optax
 from mnist1d.data import get_dataset_args, make_dataset
 
 import jaxsparse
-from jaxsparse.transforms.dst import rigl, set_training, static_sparse
+from jaxsparse import rigl, set_training, static_sparse
 
 HIDDEN = 256
 BATCH = 128

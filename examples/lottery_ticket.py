@@ -18,8 +18,7 @@ import optax
 from quickstart import MLP, load_data
 
 import jaxsparse as js
-from jaxsparse import apply_masks, imp_masks
-from jaxsparse.stats import global_sparsity
+from jaxsparse import apply_masks, global_sparsity, imp_masks
 
 
 def main() -> None:

@@ -40,16 +40,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import char_lm  # noqa: E402  (the shared example model/data; examples/char_lm.py)
 
-from jaxsparse.allocation import budget, prunable  # noqa: E402
-from jaxsparse.estimators import (  # noqa: E402
+from jaxsparse import (  # noqa: E402
     annealed_topk,
+    budget,
+    compress_nm,
     decayed_nm,
+    decompress_nm,
     gradient_annealing_schedule,
     mask_decay_schedule,
+    prunable,
+    sr_ste_decay,
     ste_nm,
 )
-from jaxsparse.nm_compression import compress_nm, decompress_nm  # noqa: E402
-from jaxsparse.transforms.nm import sr_ste_decay  # noqa: E402
 
 OUT = pathlib.Path(__file__).resolve().parent / "out"
 SPARSE = r"blocks/.*/kernel$"  # every projection kernel inside the transformer blocks

@@ -20,7 +20,7 @@ from mnist1d.data import get_dataset_args, make_dataset
 from tqdm import tqdm
 
 import jaxsparse as js
-from jaxsparse.stats import flops, global_sparsity
+from jaxsparse import flops, global_sparsity
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
