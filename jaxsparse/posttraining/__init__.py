@@ -3,7 +3,8 @@
 Per layer (Flax ``(in, out)`` kernels; N:M groups run along the input axis):
 :func:`magnitude_prune_layer`, :func:`wanda_prune`, :func:`sparsegpt_prune`, :func:`dsnot_prune`, each returning
 ``(pruned_weight, keep_mask)``. Calibration statistics: :mod:`jaxsparse.posttraining.calibration`. Driver:
-:func:`prune_nnx` and :func:`prune_linen`.
+:func:`prune_nnx` and :func:`prune_linen`, with outlier-weighted layer-wise sparsity (OWL) as an option
+(:mod:`jaxsparse.posttraining.owl`).
 """
 
 from jaxsparse.posttraining.calibration import (
@@ -18,12 +19,14 @@ from jaxsparse.posttraining.calibration import (
 from jaxsparse.posttraining.driver import METHODS, PruneResult, prune_layer, prune_linen, prune_nnx
 from jaxsparse.posttraining.dsnot import dsnot_prune
 from jaxsparse.posttraining.magnitude import magnitude_prune_layer
+from jaxsparse.posttraining.owl import OWL, outlier_ratio, owl_sparsities
 from jaxsparse.posttraining.sparsegpt import sparsegpt_inverse_hessian_factor, sparsegpt_prune
 from jaxsparse.posttraining.wanda import wanda_prune, wanda_scores
 
 __all__ = [
     "ActivationStats",
     "METHODS",
+    "OWL",
     "PruneResult",
     "prune_layer",
     "prune_linen",
@@ -35,6 +38,8 @@ __all__ = [
     "hessian_from_stats",
     "init_activation_stats",
     "magnitude_prune_layer",
+    "outlier_ratio",
+    "owl_sparsities",
     "sparsegpt_inverse_hessian_factor",
     "sparsegpt_prune",
     "update_activation_stats",

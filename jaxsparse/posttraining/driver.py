@@ -36,6 +36,7 @@ from jaxsparse.posttraining.calibration import (
 )
 from jaxsparse.posttraining.dsnot import dsnot_prune
 from jaxsparse.posttraining.magnitude import magnitude_prune_layer
+from jaxsparse.posttraining.owl import OWL, outlier_ratio, owl_sparsities
 from jaxsparse.posttraining.sparsegpt import sparsegpt_prune
 from jaxsparse.posttraining.wanda import wanda_prune
 
@@ -139,10 +140,12 @@ def _run(
     groups,
     progress,
     opts,
+    owl=None,
 ):
     pattern = parse_sparsity(sparsity)
     for name in names:
         check_nm_fits(f"kernel of layer {name!r}", kernels_in[name], pattern)
+    targets = _owl_targets(names, kernels_in, collect_fn, get_kernel, batches, sparsity, owl)
     need_hessian = method == "sparsegpt" or (
         method == "dsnot" and opts["dsnot_init"] == "sparsegpt"
     )
@@ -160,8 +163,9 @@ def _run(
             for batch in batches:
                 stats = collect(stats, batch)
         for n in stage:
+            target = sparsity if targets is None else targets[n][0]
             kernel, mask = prune_layer(
-                method, get_kernel(n), None if stats is None else stats[n], sparsity, name=n, **opts
+                method, get_kernel(n), None if stats is None else stats[n], target, name=n, **opts
             )
             set_kernel(n, kernel)
             masks[n] = mask
@@ -171,6 +175,8 @@ def _run(
                 "tokens": 0 if stats is None else int(stats[n].count),
                 "seconds": time.perf_counter() - t0,
             }
+            if targets is not None:
+                report[n]["target_sparsity"], report[n]["outlier_ratio"] = targets[n]
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(stage[-1])
         elif progress:
@@ -178,6 +184,37 @@ def _run(
                 f"pruned {', '.join(stage)} ({method}, {time.perf_counter() - t0:.2f}s)", flush=True
             )
     return masks, report
+
+
+def _owl_targets(names, kernels_in, collect_fn, get_kernel, batches, sparsity, owl):
+    """OWL: layer name -> (sparsity, its block's outlier ratio), from one pass over the dense model."""
+    if owl is None:
+        return None
+    if not isinstance(owl, OWL):
+        raise TypeError(f"`owl` must be None or a jaxsparse.posttraining.OWL; got {owl!r}.")
+    if parse_sparsity(sparsity).is_nm:
+        raise ValueError(
+            f"`owl` sets a per-layer unstructured sparsity; it cannot be combined with N:M "
+            f"`sparsity`={sparsity!r}."
+        )
+    if not isinstance(batches, Sequence) or len(batches) == 0:
+        raise ValueError(
+            "`owl` needs calibration `batches` (the outlier ratios use activation norms)."
+        )
+    stats = {n: init_activation_stats(kernels_in[n][0], hessian=False) for n in names}
+    collect = collect_fn(tuple(names))
+    for batch in batches:
+        stats = collect(stats, batch)
+    block = owl.block or (lambda n: n)
+    members: dict = {}
+    for n in names:
+        members.setdefault(block(n), []).append(n)
+    ratios = {
+        b: outlier_ratio([get_kernel(n) for n in ns], [stats[n].sq_sum for n in ns], owl.threshold)
+        for b, ns in members.items()
+    }
+    per_block = owl_sparsities(ratios, sparsity, owl.lam)
+    return {n: (per_block[block(n)], ratios[block(n)]) for n in names}
 
 
 def _check_common(method, batches, layers_filter):
@@ -269,6 +306,7 @@ def prune_nnx(
     damp: float = 0.01,
     dsnot_init: str = "wanda",
     dsnot_options: dict | None = None,
+    owl: OWL | None = None,
     progress: bool = True,
 ) -> PruneResult:
     """Prunes the ``nnx.Linear`` kernels of an NNX ``model`` layer by layer; the input model is not modified.
@@ -278,6 +316,10 @@ def prune_nnx(
     ``method``: one of :data:`METHODS`. ``sparsity``: a fraction or ``(n, m)``. ``layers``: filter on layer names
     (``"blocks/0/mlp/fc1"``-style paths); e.g. ``lambda n: n != "head"``. ``groups``: ``None`` (one layer per
     stage), ``"all"`` (one stage, every layer calibrated on the dense model) or lists of layer names.
+    ``owl``: an :class:`~jaxsparse.posttraining.owl.OWL` for outlier-weighted layer-wise sparsity (unstructured
+    ``sparsity`` only): one extra pass collects the dense model's activation norms, each block's sparsity comes
+    from :func:`~jaxsparse.posttraining.owl.owl_sparsities` (their mean is ``sparsity``), and the report gains
+    ``"target_sparsity"`` and ``"outlier_ratio"`` per layer.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
@@ -334,6 +376,7 @@ def prune_nnx(
         groups,
         progress,
         opts,
+        owl,
     )
     return PruneResult(work, masks, report)
 
@@ -353,6 +396,7 @@ def prune_linen(
     damp: float = 0.01,
     dsnot_init: str = "wanda",
     dsnot_options: dict | None = None,
+    owl: OWL | None = None,
     progress: bool = True,
 ) -> PruneResult:
     """Prunes the ``linen.Dense`` kernels of ``module`` with ``variables``; returns new variables in the result.
@@ -442,5 +486,6 @@ def prune_linen(
         groups,
         progress,
         opts,
+        owl,
     )
     return PruneResult(traverse_util.unflatten_dict(flat), masks, report)
