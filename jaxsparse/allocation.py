@@ -27,9 +27,17 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import natural_key, path_name
+from jaxsparse._tree import leaf_paths, named_leaves, natural_key, unwrap
 
-__all__ = ["prunable", "budget", "Budget", "keep_count", "DISTRIBUTIONS"]
+__all__ = [
+    "prunable",
+    "budget",
+    "Budget",
+    "keep_count",
+    "leaf_paths",
+    "overall_sparsity",
+    "DISTRIBUTIONS",
+]
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 
@@ -54,8 +62,38 @@ def _matches(regexes: list[re.Pattern], name: str) -> bool:
     return any(r.search(name) for r in regexes)
 
 
+def _shape(leaf: Any) -> tuple[int, ...]:
+    """Shape of an array, ``jax.ShapeDtypeStruct`` or Python number."""
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else ()
+
+
+def _dtype(leaf: Any) -> Any:
+    return leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+
+
 def _default_prunable(name: str, leaf: Any) -> bool:
-    return jnp.issubdtype(leaf.dtype, jnp.floating) and len(leaf.shape) >= 2
+    shape = _shape(leaf)
+    return jnp.issubdtype(_dtype(leaf), jnp.floating) and len(shape) >= 2 and math.prod(shape) > 0
+
+
+def _describe(leaf: Any) -> str:
+    return f"{jnp.dtype(_dtype(leaf))}{list(_shape(leaf))}"
+
+
+def _nothing_selected(
+    what: str, leaves: list[tuple[str, Any]], include: Any, exclude: Any, predicate: Any
+) -> ValueError:
+    shown = ", ".join(f"'{n}' {_describe(x)}" for n, x in leaves[:40])
+    more = f" (+{len(leaves) - 40} more)" if len(leaves) > 40 else ""
+    rule = (
+        "`predicate`"
+        if predicate is not None
+        else "the default (floating point, ndim >= 2, size > 0)"
+    )
+    return ValueError(
+        f"{what}: no leaf of `params` is selected for pruning (include={include!r}, exclude={exclude!r}, "
+        f"rule: {rule}). Patterns are searched in these leaf paths: {shown}{more}."
+    )
 
 
 def prunable(
@@ -74,34 +112,55 @@ def prunable(
     ``'a/b/kernel'`` path) then restricts the selection and ``exclude`` removes from it. ``first_layer_dense`` and
     ``last_layer_dense`` drop the first / last selected leaf in natural path order (``Dense_2`` before ``Dense_10``).
 
+    Paths are those of :func:`leaf_paths`: ``nnx.state(model)``, an ``nnx.split`` state and the pure dict of the
+    same model name a kernel alike (``'layers/0/kernel'``; an NNX Variable's ``value`` is not a level), so
+    ``include=r"kernel$"`` works on all of them. The result is a plain tree of bools (Variables unwrapped).
+    Selecting nothing is an error that names the patterns and lists the available paths; so is selecting a
+    non-float or zero-size leaf.
+
+    Args:
+      params: the parameter pytree (arrays, ``jax.ShapeDtypeStruct`` or Python scalars as leaves).
+      include, exclude: regular expression(s) searched (``re.search``) in each leaf path.
+      predicate: ``(path, leaf) -> bool`` replacing the default rule.
+      first_layer_dense, last_layer_dense: keep the first / last selected leaf dense.
+
+    Returns:
+      A pytree shaped like ``unwrap(params)`` holding ``True`` for pruned leaves and ``False`` otherwise.
+
     >>> import jax.numpy as jnp
     >>> p = {"Dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
     >>> prunable(p)
     {'Dense_0': {'bias': False, 'kernel': True}}
     """
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    params = unwrap(params)
+    leaves = named_leaves(params)
+    treedef = jax.tree.structure(params)
     if not leaves:
         raise ValueError("`params` is an empty pytree; expected at least one array leaf.")
     rule = predicate or _default_prunable
     chosen = []
-    for path, leaf in leaves:
-        name = path_name(path)
+    for name, leaf in leaves:
         pick = bool(rule(name, leaf))
         pick = pick and (inc is None or _matches(inc, name)) and not (exc and _matches(exc, name))
-        if pick and not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        if pick and not jnp.issubdtype(_dtype(leaf), jnp.floating):
             raise TypeError(
-                f"leaf '{name}' with dtype {jnp.result_type(leaf)} was selected for pruning; only real floating-point "
+                f"leaf '{name}' with dtype {_dtype(leaf)} was selected for pruning; only real floating-point "
                 "leaves can be pruned (exclude it or change `predicate`)."
             )
+        if pick and math.prod(_shape(leaf)) == 0:
+            raise ValueError(
+                f"leaf '{name}' of shape {_shape(leaf)} was selected for pruning but has no "
+                "entries (exclude it or change `predicate`)."
+            )
         chosen.append(pick)
-    order = sorted(
-        (i for i, c in enumerate(chosen) if c), key=lambda i: natural_key(path_name(leaves[i][0]))
-    )
+    order = sorted((i for i, c in enumerate(chosen) if c), key=lambda i: natural_key(leaves[i][0]))
     if first_layer_dense and order:
         chosen[order[0]] = False
     if last_layer_dense and order:
         chosen[order[-1]] = False
+    if not any(chosen):
+        raise _nothing_selected("prunable", leaves, include, exclude, predicate)
     return jax.tree.unflatten(treedef, chosen)
 
 
@@ -179,25 +238,29 @@ def budget(
     _compile(include, "include"), _compile(exclude, "exclude")
 
     def plan(params: PyTree) -> PyTree:
+        params = unwrap(params)
         chosen = prunable(params, **selection)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        leaves = named_leaves(params)
+        treedef = jax.tree.structure(params)
         picks = jax.tree.leaves(chosen)
         out: list[Any] = [None] * len(leaves)
         solve = []
-        for i, ((path, _leaf), pick) in enumerate(zip(leaves, picks)):
+        for i, ((name, _leaf), pick) in enumerate(zip(leaves, picks)):
             if not pick:
                 continue
-            name = path_name(path)
             fixed = next((s for r, s in custom_res if r.search(name)), None)
             if fixed is not None:
                 out[i] = fixed
             else:
                 solve.append(i)
-        if not solve and all(o is None for o in out):
-            raise ValueError(
-                "no leaf of `params` is selected for pruning; check `include`, `exclude` and `predicate`."
-            )
-        shapes = [tuple(leaves[i][1].shape) for i in solve]
+        selected = [name for (name, _), pick in zip(leaves, picks) if pick]
+        for r, _ in custom_res:
+            if not any(r.search(name) for name in selected):
+                raise ValueError(
+                    f"`custom` pattern {r.pattern!r} matches no selected leaf; the selected leaf paths are "
+                    f"{selected}."
+                )
+        shapes = [_shape(leaves[i][1]) for i in solve]
         if distribution == "uniform":
             for i in solve:
                 out[i] = sparsity
@@ -228,3 +291,33 @@ def keep_count(sparsity: Any, size: int) -> Any:
     if isinstance(sparsity, jax.core.Tracer) or isinstance(sparsity, jax.Array):
         return size - jnp.floor(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
     return size - math.floor(float(sparsity) * size)
+
+
+def overall_sparsity(sparsities: PyTree, params: PyTree) -> float:
+    """The fraction of zeros over the pruned leaves of ``params`` at per-leaf ``sparsities`` (``None`` = dense).
+
+    Exactly the common value when every pruned leaf has the same sparsity (no round-off from the weighted mean).
+
+    Args:
+      sparsities: a per-leaf sparsity pytree shaped like ``params`` (``None`` for dense leaves).
+      params: the parameter pytree (only shapes are read).
+
+    Returns:
+      ``sum(s_l * n_l) / sum(n_l)`` over the pruned leaves, a Python float.
+
+    >>> import jax.numpy as jnp
+    >>> overall_sparsity({"a": 0.5, "b": None, "c": 0.9}, {"a": jnp.ones(10), "b": jnp.ones(3), "c": jnp.ones(30)})
+    0.8
+    """
+    flat_s = jax.tree.leaves(sparsities, is_leaf=lambda x: x is None)
+    flat_p = jax.tree.leaves(params)
+    pairs = [(s, math.prod(jnp.shape(p))) for s, p in zip(flat_s, flat_p) if s is not None]
+    if not pairs:
+        raise ValueError("`sparsities` marks no leaf of `params` as pruned; expected at least one.")
+    first = pairs[0][0]
+    traced = any(isinstance(s, jax.core.Tracer) for s, _ in pairs)
+    if all(s is first for s, _ in pairs) or (not traced and all(s == first for s, _ in pairs)):
+        return first
+    if traced:  # a traced sparsity (optax.inject_hyperparams): the same weighted mean, traced
+        return sum(s * n for s, n in pairs) / sum(n for _, n in pairs)
+    return math.fsum(s * n for s, n in pairs) / sum(n for _, n in pairs)

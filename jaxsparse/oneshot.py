@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import check_same_structure, is_none
+from jaxsparse._scores import allowed_scores
+from jaxsparse._tree import check_same_structure, is_none, unwrap
 from jaxsparse.allocation import Budget, as_budget, keep_count
 from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
 
@@ -33,12 +34,14 @@ SCOPES = ("layer", "global")
 
 
 def leaf_sparsities(sparsity: float | Budget | PyTree, params: PyTree) -> PyTree:
-    """Resolves ``sparsity`` (float, budget or per-leaf pytree) to a per-leaf pytree with ``None`` for dense."""
-    if (
-        callable(sparsity)
-        or isinstance(sparsity, (int, float))
-        or isinstance(sparsity, jax.core.Tracer)
-    ):
+    """Resolves ``sparsity`` (float, budget or per-leaf pytree) to a per-leaf pytree with ``None`` for dense.
+
+    A scalar may be a Python or NumPy number or a 0-d (possibly traced) array, e.g. a hyperparameter of
+    ``optax.inject_hyperparams``. NNX Variables in ``params`` are unwrapped (see :func:`jaxsparse.leaf_paths`).
+    """
+    v.check_sparsity_spec("sparsity", sparsity)
+    params = unwrap(params)
+    if callable(sparsity) or v.is_scalar(sparsity):
         return as_budget(sparsity)(params)
     check_same_structure("sparsity", sparsity, "params", params)
     for s in jax.tree.leaves(sparsity):
@@ -75,8 +78,8 @@ def masks_from_scores(scores: PyTree, sparsities: PyTree, scope: str = "layer") 
 def _restrict(scores: PyTree, masks: PyTree | None) -> PyTree:
     if masks is None:
         return scores
-    return jax.tree.map(
-        lambda m, s: s if m is None else jnp.where(m, s, -jnp.inf), masks, scores, is_leaf=is_none
+    return jax.tree.map(  # NaN scores inside the masks still rank above every position outside them
+        lambda m, s: s if m is None else allowed_scores(s, m), masks, scores, is_leaf=is_none
     )
 
 

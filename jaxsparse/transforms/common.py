@@ -16,6 +16,24 @@ pruned parameter exactly zero after ``optax.apply_updates``:
   optimizer state back would cost a copy of it on every step, for a difference on one step in ``update_every``.
 
 The whole step, update steps included, is one compiled function.
+
+**Composition contract.** The sparse transform produces the *final* updates: nothing may transform its output.
+Gradient processing (clipping, learning-rate scaling, schedules, weight decay, ``optax.chain(...)``) goes
+*inside*, as ``inner``. Before it is allowed (``optax.chain(optax.clip_by_global_norm(1.0), sparse(...))``: the
+clipping sees dense gradients). Around it, only wrappers that pass whole updates through or zero them:
+``optax.MultiSteps(sparse(...), k)`` (the sparse schedules then count optimizer steps, one per ``k`` micro-batches)
+and ``optax.apply_if_finite(sparse(...), n)`` (a skipped step does not advance the sparse step counter).
+``optax.inject_hyperparams`` may build either the inner optimizer or the sparse transform itself (a traced
+``sparsity``). The wrong order is loud: from the second step on, every ``update`` checks that the weights outside
+the masks are exactly zero and otherwise raises a ``RuntimeError`` (through ``jax.debug.callback``, when the step
+runs) that names this contract — e.g. ``optax.chain(sparse(...), optax.scale_by_learning_rate(...))`` or
+``optax.chain(sparse(...), optax.add_decayed_weights(...))``, or weights changed outside the optimizer.
+
+**Non-finite gradients.** On a step whose gradient has a NaN or an infinity, the mask rule does not run and the
+algorithm's state (e.g. SNFS's gradient EMA) is left unchanged; the step counter still advances. The inner
+optimizer sees the (masked) gradient as usual: wrap it in ``optax.apply_if_finite`` (either inside or around the
+sparse transform) to skip such steps. A weight that is already ``inf``/``NaN`` cannot be zeroed by an additive
+update (``p + (-p)`` is NaN); it is reported by the check above when it lies outside the masks.
 """
 
 from __future__ import annotations
@@ -25,11 +43,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from jaxsparse._tree import check_same_structure, is_none, map_masked
+from jaxsparse._tree import check_same_structure, is_none, map_masked, unwrap
 from jaxsparse.sharding import place_like
 
 __all__ = ["MaskAlgorithm", "MaskContext", "SparseState", "sparse_training"]
@@ -108,6 +127,69 @@ def _zero_moments(
     return optax.tree_map_params(inner, zero, state, full, transform_non_params=lambda x: x)
 
 
+def _all_finite(grads: PyTree) -> Array:
+    """One bool: every floating-point gradient entry is finite."""
+    checks = [
+        jnp.all(jnp.isfinite(g))
+        for g in jax.tree.leaves(grads)
+        if jnp.issubdtype(jnp.result_type(g), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+
+
+def _select(pred: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda a, b: None if a is None else jnp.where(pred, a, b),
+        on_true,
+        on_false,
+        is_leaf=is_none,
+    )
+
+
+_CONTRACT = (
+    "The sparse transform must produce the final updates: put every other transformation inside it as "
+    "`inner` (e.g. rigl(optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-3)), ...)), or before it "
+    "in optax.chain; only optax.MultiSteps and optax.apply_if_finite may wrap it. Other causes: the weights "
+    "were changed outside the optimizer without jaxsparse.apply_masks(params, state.masks), or a pruned weight "
+    "is inf/NaN (p + (-p) is NaN)."
+)
+
+
+def _raise_leak(count: Any, step: Any) -> None:
+    count, step = np.asarray(count), np.asarray(step)
+    bad = (count > 0) & (step > 0)  # re-checked here: under vmap both branches of the cond run
+    if not bad.any():
+        return
+    count, step = count[bad].max(), step[bad].max()
+    raise RuntimeError(
+        f"jaxsparse.sparse_training: {int(count)} weight(s) outside the masks are not exactly zero at step "
+        f"{int(step)}, so sparsity is being lost silently. {_CONTRACT}"
+    )
+
+
+def _check_pruned_are_zero(masks: PyTree, params: PyTree, step: Array) -> None:
+    """From step 1 on, weights outside the masks are exactly zero unless the updates were changed after us."""
+    counts = [
+        jnp.sum(~m & (p != 0), dtype=jnp.int32)
+        for m, p in zip(
+            jax.tree.leaves(masks),
+            jax.tree.leaves(
+                jax.tree.map(lambda m, p: None if m is None else p, masks, params, is_leaf=is_none)
+            ),
+        )
+    ]
+    if not counts:
+        return
+    count = sum(counts[1:], counts[0])
+    lax.cond(
+        (step > 0) & (count > 0),
+        lambda c, t: jax.debug.callback(_raise_leak, c, t),
+        lambda c, t: None,
+        count,
+        step,
+    )
+
+
 def sparse_training(
     inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array = 0
 ) -> optax.GradientTransformationExtraArgs:
@@ -134,6 +216,7 @@ def sparse_training(
             raise TypeError(f"`seed` must be an int; got {seed!r}.")
 
     def init_fn(params):
+        params = unwrap(params)
         _check_params(params)
         key = jax.random.PRNGKey(seed)
         masks, extra = algorithm.init(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF))
@@ -150,7 +233,11 @@ def sparse_training(
     def update_fn(grads, state, params=None, **extra_args):
         if params is None:
             raise ValueError("sparse_training needs `params` in update(grads, state, params).")
+        params, grads = unwrap(params), unwrap(grads)
         check_same_structure("grads", grads, "params", params)
+        check_same_structure("params", params, "state.masks", state.masks)
+        _check_pruned_are_zero(state.masks, params, state.step)
+        finite = _all_finite(grads)
         ctx = MaskContext(
             state.masks,
             params,
@@ -159,15 +246,19 @@ def sparse_training(
             jax.random.fold_in(state.key, state.step),
             state.extra,
         )
-        extra = algorithm.observe(ctx) if algorithm.observe is not None else state.extra
+        extra = state.extra
+        if (
+            algorithm.observe is not None
+        ):  # a non-finite step leaves the algorithm's state as it was
+            extra = _select(finite, algorithm.observe(ctx), state.extra)
         ctx = ctx._replace(extra=extra)
-        do_update = algorithm.is_update(state.step)
+        do_update = algorithm.is_update(state.step) & finite
 
         masks, extra = lax.cond(do_update, algorithm.update, lambda c: (c.masks, c.extra), ctx)
         inner_state, grad_masks = state.inner_state, masks
         if (
             algorithm.grows
-        ):  # elementwise and fused with the inner update; the optimizer state stays out of the cond
+        ):  # elementwise, fused with the inner update; the optimizer state stays out of the cond
             grown = jax.tree.map(
                 lambda new, old: None if new is None else new & ~old,
                 masks,
@@ -175,9 +266,7 @@ def sparse_training(
                 is_leaf=is_none,
             )
             inner_state = _zero_moments(inner, inner_state, grown, params)
-            if (
-                algorithm.skip_step_on_update
-            ):  # grown weights see no gradient on the skipped step: moments stay 0
+            if algorithm.skip_step_on_update:  # grown weights see no gradient on the skipped step
                 grad_masks = jax.tree.map(
                     lambda m, g: None if m is None else m & ~g, masks, grown, is_leaf=is_none
                 )
