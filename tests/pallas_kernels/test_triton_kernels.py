@@ -40,6 +40,12 @@ def _f32(a):
     return jnp.asarray(a).astype(jnp.float32)
 
 
+# Test set-up under jit: one compile instead of one per eager op.
+_pack_bsr = jax.jit(block_sparse_from_dense, static_argnames=("block", "capacity"))
+_pack_nm = jax.jit(pack_nm, static_argnames=("n", "m", "pack_tile"))
+
+
+@jax.jit
 def _dense_grads(x, w_dense, dy):
     """Forward and the two VJPs of ``x @ W`` in float32 (the oracle)."""
     y, vjp = jax.vjp(lambda a, b: jnp.matmul(a, b, precision=HI), _f32(x), _f32(w_dense))
@@ -56,7 +62,7 @@ def _bsr_problem(k, n, block, density, dtype, batch, seed=0, spare=1):
         mask[:, -1] = False  # an empty column block (forward stores zeros) ...
         mask[0, :] = False  # ... and an empty row block (dX stores zeros)
     cap = min(mask.size, int(mask.sum()) + spare)
-    w = block_sparse_from_dense(
+    w = _pack_bsr(
         jnp.asarray(rng.standard_normal((k, n)), dtype), mask, block=block, capacity=max(cap, 1)
     )
     x = jnp.asarray(rng.standard_normal((*batch, k)), dtype)
@@ -64,6 +70,7 @@ def _bsr_problem(k, n, block, density, dtype, batch, seed=0, spare=1):
     return w, x, dy
 
 
+@jax.jit
 def _stored_blocks(dw_dense, w):
     """Dense ``[K, N]`` gradient sampled at ``w``'s stored blocks (padding slots zero)."""
     kb, nb = w.grid_shape
@@ -120,7 +127,7 @@ def test_bsr_any_pattern_one_compile(seed, density):
     """Any mask packed at one capacity reuses one compiled program (fixed capacity) and stays exact."""
     rng = np.random.default_rng(seed)
     mask = rng.random((4, 3)) < density
-    w = block_sparse_from_dense(
+    w = _pack_bsr(
         jnp.asarray(rng.standard_normal((64, 48)), jnp.float32), mask, block=(16, 16), capacity=12
     )
     x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
@@ -164,10 +171,21 @@ def test_bsr_rejects_what_triton_cannot_tile():
 # ---------------------------------------------------------------------------------------------- N:M
 def _nm_problem(n, m, k, cols, dtype, batch, pack_tile=None, seed=0):
     rng = np.random.default_rng(seed)
-    w = pack_nm(jnp.asarray(rng.standard_normal((k, cols)), dtype), n=n, m=m, pack_tile=pack_tile)
+    w = _pack_nm(jnp.asarray(rng.standard_normal((k, cols)), dtype), n=n, m=m, pack_tile=pack_tile)
     x = jnp.asarray(rng.standard_normal((*batch, k)), dtype)
     dy = jnp.asarray(rng.standard_normal((*batch, cols)), dtype)
     return w, x, dy
+
+
+@jax.jit
+def _nm_oracle(x, w, dy):
+    """The dense masked product and its autodiff gradients w.r.t. ``x`` and the kept values (float32)."""
+
+    def dense(x, values):
+        return jnp.matmul(x, unpack_nm(w.replace(values=values)), precision=HI)
+
+    y, vjp = jax.vjp(dense, _f32(x), _f32(w.values))
+    return (y, *vjp(_f32(dy)))
 
 
 NM_CASES = [
@@ -188,12 +206,7 @@ def test_nm_forward_dx_dvalues_interpret(case):
     dv = nm_triton.nm_dvalues_triton(x, dy, w, **kw)
     assert y.dtype == dx.dtype == dv.dtype == dtype and dv.shape == w.values.shape
 
-    # Oracle: the dense masked product and its autodiff gradients w.r.t. x and the kept values.
-    def dense(x, values):
-        return jnp.matmul(x, unpack_nm(w.replace(values=values)), precision=HI)
-
-    y_ref, vjp = jax.vjp(dense, _f32(x), _f32(w.values))
-    dx_ref, dv_ref = vjp(_f32(dy))
+    y_ref, dx_ref, dv_ref = _nm_oracle(x, w, dy)
     _close(y, y_ref, dtype)
     _close(dx, dx_ref, dtype)
     _close(dv, dv_ref, dtype)
