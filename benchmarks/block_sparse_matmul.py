@@ -1,6 +1,6 @@
 """Benchmark: block-sparse ``x @ W`` (jaxsparse) against dense and other sparse baselines, same run, same inputs.
 
-Method (specs/kernels.md §5):
+Method:
   * W of shape K x N (4096x4096 and the MLP shapes 4096x16384 / 16384x4096), bf16, random block masks with an
     exact block count for block sparsity {50, 75, 90, 95}% and blocks {32, 64, 128}; batch M in {1, 16, 256, 4096}.
   * Contenders: dense ``jnp.dot``; the XLA fallbacks (densify + dot, gather + einsum + segment sum);
@@ -15,6 +15,9 @@ Method (specs/kernels.md §5):
   * Prints a table and writes JSON (device, versions, date, method, all rows) to ``benchmarks/results/``.
 
 Usage:
+  python benchmarks/block_sparse_matmul.py --cpu-dispatch  # CPU: auto vs densify / sparse XLA per shape;
+                                                           # writes results/*_cpu_dispatch.json and the
+                                                           # measured table pallas_kernels/_measured.py
   python benchmarks/block_sparse_matmul.py            # full grid (meant for an accelerator)
   python benchmarks/block_sparse_matmul.py --quick    # tiny grid, checks the script works (CPU)
 """
@@ -36,7 +39,17 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from _harness import rel_err, time_chain, time_torch, torch_if_cuda, versions  # noqa: E402
+from _harness import (  # noqa: E402
+    dispatch_check,
+    print_dispatch_row,
+    rel_err,
+    time_chain,
+    time_torch,
+    torch_if_cuda,
+    versions,
+    write_dispatch_json,
+    write_measured_table,
+)
 
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.block_sparse import (  # noqa: E402
@@ -44,6 +57,7 @@ from pallas_kernels.block_sparse import (  # noqa: E402
     bsr_matmul,
     plan,
     reference,  # noqa: E402
+    sparse_problem,
 )
 
 FULL = dict(
@@ -65,6 +79,69 @@ QUICK = dict(
     chain=3,
     repeats=3,
 )
+
+
+# CPU dispatch check (issue: impl="auto" must match the better of densify + dot and the sparse XLA path).
+# A subset of K=N in 1024..4096, M in {1, 16, 128, 1024}, sparsity 50-95%, f32 and bf16 that runs in
+# reasonable time on 2 shared cores: M=1024 only at 1024^2.
+CPU_DISPATCH = dict(
+    configs=[
+        (k, m, sp, dt)
+        for dt in ("float32", "bfloat16")
+        for k, ms in ((1024, (1, 16, 128, 1024)), (4096, (1, 16, 128)))
+        for m in ms
+        for sp in (0.5, 0.9)
+    ],
+    block=128,
+    copies=2,
+    chain=2,
+    repeats=5,
+)
+
+
+def cpu_dispatch(grid=CPU_DISPATCH) -> int:
+    """Times dense dot, impl='dense', impl='xla' and impl='auto' per config; writes the JSON and the table."""
+    rng = np.random.default_rng(0)
+    rows = []
+    b = grid["block"]
+    for k, m, sparsity, dt in grid["configs"]:
+        dtype = jnp.dtype(dt)
+        masks = _masks(rng, k // b, k // b, sparsity, grid["copies"])
+        capacity = int(masks[0].sum())
+        pack = jax.jit(
+            lambda w, mask: block_sparse_from_dense(w, mask, block=(b, b), capacity=capacity)
+        )
+        bsws = [
+            pack(jnp.asarray(rng.standard_normal((k, k), np.float32), dtype), mk) for mk in masks
+        ]
+        dense_w = [jax.jit(reference.block_sparse_to_dense)(w) for w in bsws]
+        x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
+        dot = jax.jit(
+            lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        )
+        fns = {
+            impl: jax.jit(lambda x, w, impl=impl: bsr_matmul(x, w, impl=impl))
+            for impl in ("dense", "xla", "auto")
+        }
+        key = dispatch.table_key(sparse_problem(m, bsws[0], "xla"), "cpu")
+        row = dispatch_check(
+            dense=lambda i: dot(x, dense_w[i]),
+            densify=lambda i: fns["dense"](x, bsws[i]),
+            sparse=lambda i: fns["xla"](x, bsws[i]),
+            auto=lambda i: fns["auto"](x, bsws[i]),
+            key=key,
+            copies=grid["copies"],
+            chain=grid["chain"],
+            repeats=grid["repeats"],
+        )
+        row.update(k=k, n=k, m=m, sparsity=sparsity, block=b, dtype=dt)
+        rows.append(row)
+        print_dispatch_row(f"K=N={k} M={m} sp={sparsity} b={b} {dt}", row)
+    out = write_dispatch_json("block_sparse_matmul", grid, rows)
+    print(f"wrote {out}; measured table: {write_measured_table()} entries")
+    worst = min(r["auto_vs_best"] for r in rows)
+    print(f"worst auto / best(densify, sparse): {worst:.3f}x")
+    return 0
 
 
 @dataclasses.dataclass
@@ -217,7 +294,14 @@ def main(argv=None):
         help="JSON path (default benchmarks/results/block_sparse_matmul_<device>.json)",
     )
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--cpu-dispatch",
+        action="store_true",
+        help="CPU dispatch check: auto vs densify/sparse per shape; writes the measured table",
+    )
     args = parser.parse_args(argv)
+    if args.cpu_dispatch:
+        return cpu_dispatch()
 
     grid = QUICK if args.quick else FULL
     dtype = jnp.dtype(args.dtype)

@@ -1,6 +1,6 @@
 """Benchmark: N:M-sparse ``x @ W`` (jaxsparse ``nm_matmul``) against dense, same run, same inputs.
 
-Method (specs/kernels.md §5):
+Method ():
   * W of shape K x N: 4096x4096 and the MLP shapes 4096x16384 / 16384x4096, bf16; N:M in {2:4, 1:4, 2:8}
     (magnitude pattern of a random normal weight); batch M (rows of x) in {1, 16, 256, 4096}.
   * Contenders: dense ``jnp.dot`` on the masked dense weight; jaxsparse ``nm_matmul`` with ``impl="auto"``
@@ -38,10 +38,86 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from _harness import rel_err, time_chain, time_torch, torch_if_cuda, versions  # noqa: E402
+from _harness import (  # noqa: E402
+    dispatch_check,
+    print_dispatch_row,
+    rel_err,
+    time_chain,
+    time_torch,
+    torch_if_cuda,
+    versions,
+    write_dispatch_json,
+    write_measured_table,
+)
 
 from pallas_kernels import dispatch  # noqa: E402
-from pallas_kernels.nm import nm_cost_model, nm_matmul, nm_nbytes, pack_nm, plan, unpack_nm  # noqa: E402
+from pallas_kernels.nm import (  # noqa: E402
+    nm_matmul,
+    nm_nbytes,
+    pack_nm,
+    plan,
+    sparse_problem,
+    unpack_nm,
+)
+
+# CPU dispatch check (issue: impl="auto" must match the better of decompress + dot and the sparse XLA path).
+# A subset that runs in reasonable time on 2 shared cores: 2:4, K=N in {1024, 4096}, M in {1, 16, 128, 1024}
+# (M=1024 only at 1024^2), f32 and bf16.
+CPU_DISPATCH = dict(
+    configs=[
+        (k, m, dt)
+        for dt in ("float32", "bfloat16")
+        for k, ms in ((1024, (1, 16, 128, 1024)), (4096, (1, 16, 128)))
+        for m in ms
+    ],
+    nm=(2, 4),
+    copies=2,
+    chain=2,
+    repeats=5,
+)
+
+
+def cpu_dispatch(grid=CPU_DISPATCH) -> int:
+    """Times dense dot, impl='dense', impl='xla' and impl='auto' per config; writes the JSON and the table."""
+    rng = np.random.default_rng(0)
+    n_keep, m_group = grid["nm"]
+    rows = []
+    for k, m, dt in grid["configs"]:
+        dtype = jnp.dtype(dt)
+        pack = jax.jit(lambda w: pack_nm(w, n=n_keep, m=m_group))
+        w_nms = [
+            pack(jnp.asarray(rng.standard_normal((k, k), np.float32), dtype))
+            for _ in range(grid["copies"])
+        ]
+        dense_w = [jax.jit(unpack_nm)(w) for w in w_nms]
+        x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
+        dot = jax.jit(
+            lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        )
+        fns = {
+            impl: jax.jit(lambda x, w, impl=impl: nm_matmul(x, w, impl=impl))
+            for impl in ("dense", "xla", "auto")
+        }
+        key = dispatch.table_key(sparse_problem(m, w_nms[0], "xla"), "cpu")
+        row = dispatch_check(
+            dense=lambda i: dot(x, dense_w[i]),
+            densify=lambda i: fns["dense"](x, w_nms[i]),
+            sparse=lambda i: fns["xla"](x, w_nms[i]),
+            auto=lambda i: fns["auto"](x, w_nms[i]),
+            key=key,
+            copies=grid["copies"],
+            chain=grid["chain"],
+            repeats=grid["repeats"],
+        )
+        row.update(k=k, n=k, m=m, nm=f"{n_keep}:{m_group}", dtype=dt)
+        rows.append(row)
+        print_dispatch_row(f"K=N={k} M={m} {n_keep}:{m_group} {dt}", row)
+    out = write_dispatch_json("nm_matmul", grid, rows)
+    print(f"wrote {out}; measured table: {write_measured_table()} entries")
+    worst = min(r["auto_vs_best"] for r in rows)
+    print(f"worst auto / best(densify, sparse): {worst:.3f}x")
+    return 0
+
 
 FULL = dict(
     shapes=[(4096, 4096), (4096, 16384), (16384, 4096)],
@@ -98,16 +174,15 @@ def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mo
         lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     )
     contenders["dense_jnp_dot"] = (lambda i: dense_fn(x, dense_w[i]), "", True)
-    branches = dict(plan(m, w_nms[0], impl="auto"))
-    chosen = branches.get(platform, branches["default"])
+    chosen = plan(m, w_nms[0], impl="auto").backend(platform)
     auto_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="auto"))
     contenders["jaxsparse_auto"] = (
         lambda i: auto_fn(x, w_nms[i]),
         f"dispatch chose {chosen}",
         True,
     )
-    xla_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="xla"))
-    contenders["jaxsparse_xla_decompress_dot"] = (lambda i: xla_fn(x, w_nms[i]), "", True)
+    xla_fn = jax.jit(lambda x, w: nm_matmul(x, w, impl="dense"))
+    contenders["jaxsparse_dense_decompress_dot"] = (lambda i: xla_fn(x, w_nms[i]), "", True)
     if platform in ("tpu", "cuda"):
         try:
             plan(m, w_nms[0], impl="pallas")
@@ -206,13 +281,18 @@ def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mo
         if r.median_us and base.get(ref_name):
             r.speedup_vs_dense = base[ref_name] / r.median_us
     predictions = {
-        p: {
-            key: v * 1e6
-            for key, v in nm_cost_model(
-                p, rows=m, k=k, n_out=n, n=n_keep, m=m_group, dtype=dtype
-            ).items()
-        }
-        for p in ("tpu", "cuda")
+        p: dict(
+            zip(
+                ("dense", "kernel"),
+                (
+                    v * 1e6
+                    for v in dispatch.estimate_seconds(
+                        sparse_problem(m, w_nms[0], kernel), dispatch.HARDWARE[p]
+                    )
+                ),
+            )
+        )
+        for p, kernel in (("tpu", "tpu"), ("cuda", "mosaic_gpu"))
     }
     return rows, {"k": k, "n": n, "m": m, "nm": nm_tag, "predicted_us": predictions}
 
@@ -242,7 +322,14 @@ def main(argv=None):
     parser.add_argument(
         "--note", default="", help="free text stored in the JSON (e.g. machine load)"
     )
+    parser.add_argument(
+        "--cpu-dispatch",
+        action="store_true",
+        help="CPU dispatch check: auto vs densify/sparse per shape; writes the measured table",
+    )
     args = parser.parse_args(argv)
+    if args.cpu_dispatch:
+        return cpu_dispatch()
 
     grid = QUICK if args.quick else FULL
     dtype = jnp.dtype(args.dtype)

@@ -20,12 +20,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from jaxsparse import _topk
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, map_masked
+from pallas_kernels.nm.masks import nm_mask  # the one N:M mask implementation, re-exported
 
 __all__ = [
     "topk_mask",
@@ -175,36 +175,6 @@ def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) 
     """
     shape = tuple(int(d) for d in shape)
     return topk_mask(_topk.hash_uniform(shape, jax.random.bits(key, (), jnp.uint32)), k)
-
-
-# ------------------------------------------------------------------------------------------------ public: N:M
-def nm_mask(score: Float[ArrayLike, ...], n: int, m: int, axis: int = -2) -> Bool[Array, ...]:
-    """N:M mask: in every group of ``m`` consecutive entries along ``axis``, keep the ``n`` largest scores.
-
-    The default axis -2 is the contraction (input) axis of a Flax ``Dense`` kernel ``(in, out)`` and the ``I``
-    axis of an ``HWIO`` conv kernel. No sort and no transpose: the groups are split in place and each entry's rank
-    in its group is counted with ``m`` shifted comparisons (ties go to the lower index; NaN ranks as -inf), which XLA
-    fuses into one elementwise pass, so exactly ``n`` entries per group are kept.
-
-    >>> import jax.numpy as jnp
-    >>> nm_mask(jnp.array([[1.0], [4.0], [3.0], [2.0]]), 2, 4).ravel().tolist()
-    [False, True, True, False]
-    """
-    score = jnp.asarray(score)
-    v.check_nm(n, m)
-    v.check_float_array("score", score)
-    ax = v.check_axis("axis", axis, score.ndim)
-    v.check_divisible("score", score.shape, ax, m)
-    if n == m:
-        return jnp.ones(score.shape, bool)
-    x = jnp.where(jnp.isnan(score), -jnp.inf, score)
-    g = x.reshape(score.shape[:ax] + (score.shape[ax] // m, m) + score.shape[ax + 1 :])
-    pos = lax.broadcasted_iota(jnp.int32, g.shape, ax + 1)
-    rank = jnp.zeros(g.shape, jnp.int32)
-    for j in range(m):
-        other = lax.slice_in_dim(g, j, j + 1, axis=ax + 1)
-        rank = rank + ((other > g) | ((other == g) & (pos > j))).astype(jnp.int32)
-    return (rank < n).reshape(score.shape)
 
 
 # ------------------------------------------------------------------------------------------------ public: blocks

@@ -1,14 +1,17 @@
-"""The one place for jax-version-specific Pallas calls (jax 0.10.2 here, 0.11.x on the GPU box).
+"""The one place for jax-version-specific Pallas calls (jax 0.10.2 through 0.12.x).
 
 Kernels import Pallas entry points that moved or changed between releases from this module only, so a
 version bump touches one file. Keep every shim small and named after what it does.
 
-Known drift handled here (see specs/kernels.md §1.5):
+Known drift handled here:
 
 * ``InterpretGPUParams`` (Mosaic-GPU interpret mode) is only importable from a private path in 0.10.2.
 * ``plgpu.kernel`` takes ``out_type``/``scratch_types`` from 0.10.2 on (``out_shape``/``scratch_shapes``
   before). Inside it, ``pl.program_id`` no longer works: use ``lax.axis_index`` with the grid names.
 * Mosaic-GPU lowering semantics: Lane by default in 0.10.x, Warpgroup by default in 0.11.x.
+* ``plgpu.load(ref, idx, *, layout, optimized)`` became ``plgpu.load(ref, *, layout, optimized)`` (0.12).
+* Mosaic GPU 0.12 checks shared-memory transfers for bank conflicts: a WGMMA-layout array stored to an
+  untiled SMEM ref fails to lower, so kernels give their output SMEM the tiling + swizzle transforms.
 * Triton backend: opt-in through ``compiler_params``; deprecated in 0.11.0.
 
 Example:
@@ -20,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any
 
 import jax
@@ -40,8 +44,36 @@ def _parse_version(text: str) -> tuple[int, int, int]:
 JAX_VERSION: tuple[int, int, int] = _parse_version(jax.__version__)
 """The installed jax version as ``(major, minor, patch)``."""
 
-SUPPORTED_JAX = ((0, 10, 2), (0, 12, 0))
-"""Half-open range of jax versions the kernels were written against."""
+TESTED_JAX = ((0, 10, 2), (0, 13, 0))
+"""Half-open range ``[low, high)`` of jax versions the kernels are tested with (0.10.2 through 0.12.x)."""
+
+
+def jax_version_tested(version: tuple[int, int, int] | None = None) -> bool:
+    """Whether ``version`` (default: the installed jax) lies in :data:`TESTED_JAX`.
+
+    Example:
+      >>> jax_version_tested((0, 10, 2)), jax_version_tested((0, 9, 0))
+      (True, False)
+    """
+    version = JAX_VERSION if version is None else version
+    return TESTED_JAX[0] <= tuple(version) < TESTED_JAX[1]
+
+
+def interpret_params(mode: str) -> Any:
+    """The ``interpret`` value of a Pallas call for an interpret mode: ``"hlo"`` (``True``, the HLO
+    interpreter), ``"tpu"`` (TPU interpret mode) or ``"mosaic_gpu"`` (Mosaic-GPU interpret mode).
+
+    Example:
+      >>> interpret_params("hlo")
+      True
+    """
+    if mode == "hlo":
+        return True
+    if mode == "tpu":
+        return tpu_interpret_params()
+    if mode == "mosaic_gpu":
+        return mosaic_gpu_interpret_params()
+    raise ValueError(f"mode must be 'hlo', 'tpu' or 'mosaic_gpu'; got {mode!r}.")
 
 
 # --------------------------------------------------------------------------------------------- TPU
@@ -72,11 +104,15 @@ def mosaic_gpu_interpret_params() -> Any:
     return InterpretGPUParams()
 
 
-def mosaic_gpu_kernel(body, *, out_type, scratch_types, grid, grid_names, interpret=None):
+def mosaic_gpu_kernel(
+    body, *, out_type, scratch_types, grid, grid_names, compiler_params=None, interpret=None
+):
     """``plgpu.kernel`` with the 0.10.2+ keyword names; ``interpret`` None compiles for the GPU."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     kwargs = dict(grid=grid, grid_names=grid_names)
+    if compiler_params is not None:
+        kwargs["compiler_params"] = compiler_params
     if interpret is not None:
         kwargs["interpret"] = interpret
     if JAX_VERSION >= (0, 10, 2):
@@ -141,7 +177,6 @@ def tpu_interpret_guard():
         raise
 
 
-# ------------------------------------------------------------------------------- N:M (appended by nm)
 def mosaic_gpu_lane_params() -> Any:
     """Mosaic-GPU compiler params pinned to Lane lowering semantics (0.10.x default; 0.11 defaults to
     Warpgroup), for kernels that place register layouts explicitly with :func:`mosaic_gpu_load`."""
@@ -159,17 +194,7 @@ def mosaic_gpu_load(ref, *, layout: str, interpret: bool) -> Any:
         return ref[...]
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    full = tuple(slice(None) for _ in ref.shape)
-    return plgpu.load(ref, full, layout=getattr(plgpu.Layout, layout), optimized=False)
-
-
-def mosaic_gpu_kernel_with_params(
-    body, *, out_type, scratch_types, grid, grid_names, compiler_params, interpret=None
-):
-    """:func:`mosaic_gpu_kernel` plus ``compiler_params``."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    kwargs = dict(grid=grid, grid_names=grid_names, compiler_params=compiler_params)
-    if interpret is not None:
-        kwargs["interpret"] = interpret
-    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)
+    kwargs = dict(layout=getattr(plgpu.Layout, layout), optimized=False)
+    if "idx" in inspect.signature(plgpu.load).parameters:  # jax <= 0.11: load(ref, idx, *, ...)
+        return plgpu.load(ref, tuple(slice(None) for _ in ref.shape), **kwargs)
+    return plgpu.load(ref, **kwargs)  # jax 0.12: load(ref, *, layout, optimized)

@@ -9,12 +9,12 @@ Example::
   (1, 64)
 """
 
+from pallas_kernels import _deprecations
 from pallas_kernels.nm.api import (
-    nm_cost_model,
     nm_matmul,
-    nm_problem,
+    nm_weight_bytes,
     plan,
-    use_nm_kernel,
+    sparse_problem,
     validate_nm_weight,
 )
 from pallas_kernels.nm.format import (
@@ -23,7 +23,6 @@ from pallas_kernels.nm.format import (
     default_pack_tile,
     index_bits,
     is_nm_mask,
-    nm_mask,
     nm_nbytes,
     pack_nm,
     unpack_indices,
@@ -36,15 +35,23 @@ __all__ = [
     "default_pack_tile",
     "index_bits",
     "is_nm_mask",
-    "nm_cost_model",
-    "nm_mask",
     "nm_matmul",
     "nm_nbytes",
-    "nm_problem",
-    "plan",
+    "nm_weight_bytes",
     "pack_nm",
+    "plan",
+    "sparse_problem",
     "unpack_indices",
     "unpack_nm",
-    "use_nm_kernel",
     "validate_nm_weight",
 ]
+
+__getattr__ = _deprecations.module_getattr(
+    __name__,
+    {
+        "nm_mask": _deprecations.nm_mask_abs,
+        "nm_problem": _deprecations.nm_problem,
+        "use_nm_kernel": _deprecations.use_nm_kernel,
+        "nm_cost_model": _deprecations.nm_cost_model,
+    },
+)

@@ -1,15 +1,16 @@
 """``nm_matmul``: ``x @ W`` for an N:M-sparse weight, one entry point for every platform, with ``custom_vjp``.
 
-* forward: Pallas kernel (Mosaic TPU / Mosaic GPU) or the XLA reference (decompress + dot);
+* forward: Pallas kernel (Mosaic TPU / Mosaic GPU), the sparse XLA reference (gather) or decompress + dot;
 * ``dx = dy @ W.T``: the same kernels walk the same compressed weight (no transposed metadata: the groups
   run along ``K``, which is the output axis of ``dx``);
 * ``d values``: dense ``x.T @ dy`` (XLA), gathered at the kept positions (without sparse tensor cores an
   N:M "SDDMM" saves no FLOPs; mask-learning schemes need the dense gradient anyway).
 
-The backend is picked per platform from static shapes with the project's shared :mod:`pallas_kernels.dispatch`:
-one jitted function runs XLA on CPU and lowers to the Pallas kernel on TPU/GPU (``lax.platform_dependent``),
-and ``impl="auto"`` uses the bytes-vs-FLOPs roofline (:func:`use_nm_kernel`) to pick dense ``jnp.dot`` where
-the N:M kernel cannot win (it saves weight bytes, never FLOPs).
+The backend is picked per platform from static shapes by :mod:`pallas_kernels.dispatch`, with the same
+``impl`` rules, :class:`~pallas_kernels.dispatch.Plan` and branch switcher as ``bsr_matmul``: one jitted
+function runs XLA on CPU and lowers to the Pallas kernel on TPU/GPU, and ``impl="auto"`` picks
+decompress + ``jnp.dot`` where the sparse path cannot win (the kernels save weight bytes, never FLOPs).
+Kernel families live in ``_KERNELS``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +31,7 @@ from pallas_kernels.nm import reference as _ref
 from pallas_kernels.nm import tpu as _tpu
 from pallas_kernels.nm.format import NMWeight, check_nm, index_bits
 
-__all__ = [
-    "nm_matmul",
-    "plan",
-    "nm_cost_model",
-    "use_nm_kernel",
-    "nm_problem",
-    "validate_nm_weight",
-]
+__all__ = ["nm_matmul", "nm_weight_bytes", "plan", "sparse_problem", "validate_nm_weight"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,15 +68,60 @@ def validate_nm_weight(w: Any, *, n: int | None = None, m: int | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# dispatch: per-platform backend kinds, chosen with pallas_kernels.dispatch (shared with block-sparse)
+# dispatch: per-platform backends, chosen with pallas_kernels.dispatch (shared with block-sparse)
 
-Interpret = Literal["hlo", "tpu", "mosaic_gpu"]
-_PALLAS_KIND = dispatch.PALLAS_KIND
+
+class _Kernel(NamedTuple):
+    """One Pallas kernel family of ``nm_matmul``: what it cannot run, its two products, its efficiency.
+
+    ``unsupported_reason(rows=, k=, n_out=, n=, m=, dtype=, pack_tile=)`` says why it cannot run a problem
+    (``None``: it can); ``forward(x, w, out_dtype, blocks, interpret)`` and ``grad_x(dy, w, out_dtype, blocks,
+    interpret)`` take 2-D activations, ``interpret`` ``None`` (compile) or a
+    :func:`pallas_kernels.compat.interpret_params` value; ``efficiency(rows)`` is the throughput per FLOP
+    relative to the dense GEMM [estimate]. A new backend (e.g. ``"triton"``) is one more entry in
+    :data:`_KERNELS`.
+    """
+
+    unsupported_reason: Callable[..., str | None]
+    forward: Callable[..., Array]
+    grad_x: Callable[..., Array]
+    efficiency: Callable[[int], float]
+
+
+def _tpu_reason(*, dtype, **_) -> str | None:
+    if jnp.issubdtype(dtype, jnp.floating):
+        return None
+    return f"dtype {jnp.dtype(dtype).name} is not floating"
+
+
+def _tpu_forward(x, w, out_dtype, blocks, interpret):
+    return _tpu.nm_matmul_tpu(x, w, out_dtype=out_dtype, interpret=interpret, blocks=blocks)
+
+
+def _tpu_grad_x(dy, w, out_dtype, blocks, interpret):
+    return _tpu.nm_dx_tpu(dy, w, out_dtype=out_dtype, interpret=interpret, blocks=blocks)
+
+
+def _mgpu_forward(x, w, out_dtype, blocks, interpret):
+    del blocks
+    return _mgpu.nm_matmul_mosaic_gpu(x, w, out_dtype=out_dtype, interpret=interpret)
+
+
+def _mgpu_grad_x(dy, w, out_dtype, blocks, interpret):
+    del blocks
+    return _mgpu.nm_dx_mosaic_gpu(dy, w, out_dtype=out_dtype, interpret=interpret)
+
+
+def _mgpu_efficiency(rows: int) -> float:
+    return 0.6 * (min(rows, 64) / 64)  # a wgmma tile has at least 64 rows
+
 
 # Kernel throughput per FLOP relative to the dense GEMM [estimate, not measured]: the in-kernel decompression
-# (shifts + n selects per weight element, redone per row tile) costs VPU / CUDA-core time, and a Hopper
-# wgmma tile has at least 64 rows, so fewer rows waste tensor-core work.
-_EFFICIENCY = {"tpu": 0.7, "mosaic_gpu": 0.6}
+# (shifts + n selects per weight element, redone per row tile) costs VPU / CUDA-core time.
+_KERNELS: dict[str, _Kernel] = {
+    "tpu": _Kernel(_tpu_reason, _tpu_forward, _tpu_grad_x, lambda rows: 0.7),
+    "mosaic_gpu": _Kernel(_mgpu.unsupported_reason, _mgpu_forward, _mgpu_grad_x, _mgpu_efficiency),
+}
 
 
 def nm_weight_bytes(k: int, n_out: int, n: int, m: int, dtype) -> float:
@@ -90,85 +130,98 @@ def nm_weight_bytes(k: int, n_out: int, n: int, m: int, dtype) -> float:
     return kept * jnp.dtype(dtype).itemsize + kept * index_bits(m) / 8
 
 
-def nm_problem(
-    rows: int, k: int, n_out: int, n: int, m: int, dtype, kind: str
-) -> dispatch.MatmulProblem:
-    """The cost-model view of ``(rows, K) @ W_nm``: all dense FLOPs, fewer weight bytes.
-
-    Without sparse tensor cores (none reachable from Pallas on Hopper/TPU) the kernel saves bytes, not FLOPs
-    (``flop_fraction=1``), so it can only beat dense ``jnp.dot`` where the product is memory bound.
-    """
-    eff = _EFFICIENCY[kind]
-    if kind == "mosaic_gpu" and rows < 64:
-        eff *= max(rows, 1) / 64
+def _problem(rows, k, n_out, n, m, dtype, backend) -> dispatch.MatmulProblem:
+    itemsize = jnp.dtype(dtype).itemsize
+    weight_bytes = nm_weight_bytes(k, n_out, n, m, dtype)
+    if backend == "xla":  # gather while rows * n <= m: n/m of the FLOPs, elementwise (no GEMM)
+        gather = rows * n <= m
+        flop_fraction, efficiency = (n / m, 0.1) if gather else (1.0, 0.9)
+        if not gather:
+            weight_bytes += weight_bytes + k * n_out * itemsize  # it densifies too
+    else:
+        flop_fraction, efficiency = 1.0, _KERNELS[backend].efficiency(rows)
     return dispatch.MatmulProblem(
         op="nm",
         m=rows,
         k=k,
         n=n_out,
         dtype=dtype,
-        weight_bytes=nm_weight_bytes(k, n_out, n, m, dtype),
-        flop_fraction=1.0,
-        efficiency=eff,
+        weight_bytes=weight_bytes,
+        flop_fraction=flop_fraction,
+        efficiency=efficiency,
         config=(n, m),
+        densify_bytes=nm_weight_bytes(k, n_out, n, m, dtype) + k * n_out * itemsize,
     )
 
 
-def nm_cost_model(platform: str, *, rows: int, k: int, n_out: int, n: int, m: int, dtype) -> dict:
-    """Predicted seconds ``{"dense": ..., "kernel": ...}`` on ``platform`` ("tpu"/"cuda") from the roofline
-    of :func:`pallas_kernels.dispatch.estimate_seconds` (public peak figures, estimated efficiencies)."""
-    prob = nm_problem(rows, k, n_out, n, m, dtype, _PALLAS_KIND[platform])
-    dense, kernel = dispatch.estimate_seconds(prob, dispatch.HARDWARE[platform])
-    return {"dense": dense, "kernel": kernel}
+def sparse_problem(rows: int, w: NMWeight, backend: str, *, x_dtype=None) -> dispatch.MatmulProblem:
+    """The cost-model view of ``(rows, K) @ w`` on ``backend`` (``"xla"`` or a kernel family).
+
+    Without sparse tensor cores (none reachable from Pallas on Hopper/TPU) the kernels save bytes, not
+    FLOPs (``flop_fraction=1``), so they can only beat dense ``jnp.dot`` where the product is memory bound.
+    The ``"dense"`` option pays ``densify_bytes`` (decompressing the stored weight on every call).
+
+    Args:
+      rows: rows of the activations (batch dims flattened).
+      w: the stored weight.
+      backend: ``"xla"`` or a kernel family (``"tpu"``, ``"mosaic_gpu"``, ...).
+      x_dtype: activation dtype (default: the weight's); the problem runs in the promoted dtype.
+
+    Returns:
+      A :class:`~pallas_kernels.dispatch.MatmulProblem`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from pallas_kernels.nm import pack_nm
+      >>> sparse_problem(1, pack_nm(jnp.ones((64, 8)), n=2, m=4), "tpu").flop_fraction
+      1.0
+    """
+    dtype = jnp.result_type(x_dtype or w.values.dtype, w.values.dtype)
+    return _problem(rows, w.shape[0], w.shape[1], w.n, w.m, dtype, backend)
 
 
-def unsupported_reason(
-    platform: str,
-    *,
+def plan(
     rows: int,
-    k: int,
-    n_out: int,
-    n: int,
-    m: int,
-    dtype,
-    pack_tile: int | None = None,
-) -> str | None:
-    """Why the ``platform`` kernel cannot run this problem (``None`` if it can)."""
-    if platform == "tpu":
-        return (
-            None
-            if jnp.issubdtype(dtype, jnp.floating)
-            else f"dtype {jnp.dtype(dtype).name} is not floating"
-        )
-    if platform == "cuda":
-        return _mgpu.unsupported_reason(
-            rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype, pack_tile=pack_tile
-        )
-    return "no Pallas backend for this platform"
-
-
-def use_nm_kernel(
-    platform: str,
+    w: NMWeight,
     *,
-    rows: int,
-    k: int,
-    n_out: int,
-    n: int,
-    m: int,
-    dtype,
-    pack_tile: int | None = None,
-) -> bool:
-    """The ``impl="auto"`` rule: kernel iff it can run and :func:`pallas_kernels.dispatch.choose` predicts it
-    beats dense ``jnp.dot`` (by the shared 1.1x margin)."""
-    if (
-        unsupported_reason(
-            platform, rows=rows, k=k, n_out=n_out, n=n, m=m, dtype=dtype, pack_tile=pack_tile
-        )
-        is not None
-    ):
-        return False
-    prob = nm_problem(rows, k, n_out, n, m, dtype, _PALLAS_KIND[platform])
-    return dispatch.choose(prob, platform) == "sparse"
+    impl: dispatch.Impl = "auto",
+    interpret: dispatch.Interpret | None = None,
+    platforms: Sequence[str] | None = None,
+    gpu_backend: str | None = None,
+    x_dtype=None,
+) -> dispatch.Plan:
+    """Which backend each platform branch runs for ``(rows, K) @ w`` (what :func:`nm_matmul` will do).
+
+    Args:
+      rows: rows of the activations (batch dims flattened).
+      w: the stored weight.
+      impl, interpret, platforms, gpu_backend: as for :func:`nm_matmul`.
+      x_dtype: activation dtype (default: the weight's).
+
+    Returns:
+      A :class:`~pallas_kernels.dispatch.Plan`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from pallas_kernels.nm import pack_nm
+      >>> plan(8, pack_nm(jnp.ones((64, 8)), n=2, m=4), impl="dense").branches
+      (('default', 'dense'),)
+    """
+    dtype = jnp.result_type(x_dtype or w.values.dtype, w.values.dtype)
+    dims = dict(
+        rows=rows, k=w.shape[0], n_out=w.shape[1], n=w.n, m=w.m, dtype=dtype, pack_tile=w.pack_tile
+    )
+    return dispatch.make_plan(
+        impl=impl,
+        interpret=interpret,
+        platforms=platforms,
+        gpu_backend=gpu_backend,
+        kernels={
+            name: functools.partial(kernel.unsupported_reason, **dims)
+            for name, kernel in _KERNELS.items()
+        },
+        problem=functools.partial(_problem, rows, w.shape[0], w.shape[1], w.n, w.m, dtype),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,39 +230,14 @@ class _Config:
     m: int
     shape: tuple[int, int]
     pack_tile: int
-    branches: tuple[tuple[str, str], ...]  # (platform, kind), "default" included
     out_dtype: Any
     blocks: tuple[int, int, int] | None
 
 
-def plan(
-    rows: int, w: NMWeight, *, impl: str = "auto", interpret: str | None = None, x_dtype=None
-) -> tuple:
-    """``((platform, kind), ...)``: the backend each platform branch runs for ``(rows, K) @ w``."""
-    dispatch.check_impl(impl)
-    dtype = jnp.result_type(x_dtype or w.values.dtype, w.values.dtype)
-    dims = dict(
-        rows=rows, k=w.shape[0], n_out=w.shape[1], n=w.n, m=w.m, dtype=dtype, pack_tile=w.pack_tile
-    )
-    dispatch.check_interpret(impl, interpret, lambda: unsupported_reason("cuda", **dims))
-    if interpret is not None:
-        return (("default", f"interpret_{interpret}"),)
-    current = dispatch.check_pallas_available(impl)
-    branches = [("default", "dense")]
-    for platform in ("tpu", "cuda"):
-        if impl in ("dense", "xla"):
-            kind = "dense"
-        elif impl == "pallas":
-            reason = unsupported_reason(platform, **dims)
-            if reason is not None and platform == current:
-                raise ValueError(
-                    f"impl='pallas' cannot run on {platform}: {reason}. Use impl='auto' or 'xla'."
-                )
-            kind = "dense" if reason is not None else _PALLAS_KIND[platform]
-        else:
-            kind = _PALLAS_KIND[platform] if use_nm_kernel(platform, **dims) else "dense"
-        branches.append((platform, kind))
-    return tuple(branches)
+class _Static(NamedTuple):
+    plan: dispatch.Plan
+    config: _Config
+    strict: str | None  # the platform where impl="pallas" must not fall back
 
 
 def _weight(cfg: _Config, values, meta) -> NMWeight:
@@ -218,31 +246,34 @@ def _weight(cfg: _Config, values, meta) -> NMWeight:
     )
 
 
-def _product(op: str, kind: str, cfg: _Config, a, values, meta):
-    """op "fwd": a = x (B, K) -> (B, N); op "dx": a = dy (B, N) -> (B, K)."""
+def _kernel(backend: str) -> tuple[_Kernel, Any]:
+    """The kernel family of a backend name and its ``interpret`` argument (``None``: compile)."""
+    if backend.startswith("interpret_"):
+        mode = backend.removeprefix("interpret_")
+        return _KERNELS["tpu" if mode == "hlo" else mode], compat.interpret_params(mode)
+    return _KERNELS[backend], None
+
+
+def _forward(backend: str, cfg: _Config, x, values, meta):
     w = _weight(cfg, values, meta)
-    if kind == "dense":
-        fn = _ref.nm_matmul_xla if op == "fwd" else _ref.nm_dx_xla
-        return fn(a, w, cfg.out_dtype)
-    if kind in ("tpu", "interpret_hlo", "interpret_tpu"):
-        interp = {"tpu": False, "interpret_hlo": True, "interpret_tpu": "tpu"}[kind]
-        fn = _tpu.nm_matmul_tpu if op == "fwd" else _tpu.nm_dx_tpu
-        return fn(a, w, out_dtype=cfg.out_dtype, interpret=interp, blocks=cfg.blocks)
-    interp = compat.mosaic_gpu_interpret_params() if kind == "interpret_mosaic_gpu" else None
-    fn = _mgpu.nm_matmul_mosaic_gpu if op == "fwd" else _mgpu.nm_dx_mosaic_gpu
-    return fn(a, w, out_dtype=cfg.out_dtype, interpret=interp)
+    if backend in ("dense", "xla"):
+        strategy = "densify" if backend == "dense" else _ref.pick_strategy(x.shape[0], w)
+        return _ref.nm_matmul_xla(x, w, cfg.out_dtype, strategy)
+    kernel, interpret = _kernel(backend)
+    return kernel.forward(x, w, cfg.out_dtype, cfg.blocks, interpret)
 
 
-def _run(cfg: _Config, op: str, a, values, meta):
-    kinds = dict(cfg.branches)
-    default_kind = kinds.pop("default")
-    default = functools.partial(_product, op, default_kind, cfg)
-    if all(kind == default_kind for kind in kinds.values()):
-        return default(a, values, meta)
-    per_platform = {
-        plat: functools.partial(_product, op, kind, cfg) for plat, kind in kinds.items()
-    }
-    return dispatch.platform_switch(a, values, meta, default=default, **per_platform)
+def _grad_x(backend: str, cfg: _Config, dy, values, meta):
+    w = _weight(cfg, values, meta)
+    if backend in ("dense", "xla"):
+        strategy = "densify" if backend == "dense" else _ref.pick_strategy(dy.shape[0], w)
+        return _ref.nm_dx_xla(dy, w, cfg.out_dtype, strategy)
+    kernel, interpret = _kernel(backend)
+    return kernel.grad_x(dy, w, cfg.out_dtype, cfg.blocks, interpret)
+
+
+def _run(s: _Static, product, *args):
+    return dispatch.run_plan(s.plan, product, s.config, *args, strict=s.strict)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,19 +281,19 @@ def _run(cfg: _Config, op: str, a, values, meta):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _nm_matmul_2d(cfg: _Config, x2, values, meta):
-    return _run(cfg, "fwd", x2, values, meta)
+def _nm_matmul_2d(s: _Static, x2, values, meta):
+    return _run(s, _forward, x2, values, meta)
 
 
-def _fwd(cfg, x2, values, meta):
-    return _run(cfg, "fwd", x2, values, meta), (x2, values, meta)
+def _fwd(s, x2, values, meta):
+    return _run(s, _forward, x2, values, meta), (x2, values, meta)
 
 
-def _bwd(cfg, res, dy):
+def _bwd(s, res, dy):
     x2, values, meta = res
-    dx_cfg = dataclasses.replace(cfg, out_dtype=x2.dtype)
-    dx = _run(dx_cfg, "dx", dy, values, meta)
-    dvalues = _ref.nm_dvalues_xla(x2, dy, _weight(cfg, values, meta))
+    dx_static = s._replace(config=dataclasses.replace(s.config, out_dtype=x2.dtype))
+    dx = _run(dx_static, _grad_x, dy, values, meta)
+    dvalues = _ref.nm_dvalues_xla(x2, dy, _weight(s.config, values, meta))
     return dx, dvalues, None
 
 
@@ -277,24 +308,33 @@ def nm_matmul(
     n: int | None = None,
     m: int | None = None,
     preferred_element_type: Any = None,
-    interpret: Interpret | None = None,
+    interpret: dispatch.Interpret | None = None,
     blocks: tuple[int, int, int] | None = None,
+    platforms: Sequence[str] | None = None,
+    gpu_backend: str | None = None,
 ) -> Float[Array, "*batch N"]:
     """``x @ unpack_nm(w_nm)`` without materialising the dense weight on TPU/GPU; differentiable.
 
     Args:
       x: activations ``(..., K)``.
       w_nm: :class:`NMWeight` from :func:`pack_nm` (weight ``(K, N)``, groups along ``K``).
-      impl: ``"auto"`` (per platform, :func:`use_nm_kernel`: the Pallas kernel where the shared cost model
-        predicts it beats dense ``jnp.dot``, else decompress + ``jnp.dot``), ``"dense"``/``"xla"``
-        (decompress + ``jnp.dot`` everywhere), ``"pallas"`` (the current platform's kernel; raises on CPU
-        unless ``interpret`` is given).
+      impl: ``"auto"`` (per platform, the measured table or cost model of :mod:`pallas_kernels.dispatch`
+        picks decompress + ``jnp.dot`` or the sparse path), ``"dense"`` (decompress + ``jnp.dot``),
+        ``"xla"`` (the sparse XLA reference, see :mod:`pallas_kernels.nm.reference`), ``"pallas"`` (the
+        current platform's kernel; raises on CPU unless ``interpret`` is given).
       n, m: optional expected pattern; a weight packed with another N:M raises ``ValueError``.
       preferred_element_type: output dtype (default: promoted input dtype). Accumulation is f32.
       interpret: with ``impl="pallas"``, run a kernel in interpret mode on any host: ``"hlo"``, ``"tpu"``
         (TPU interpret mode: also checks block bounds and output revisits) or ``"mosaic_gpu"``.
       blocks: ``(bm, bg, bn)`` tile override for the TPU kernel (``bg`` in groups, a multiple of
         ``w_nm.pack_tile``).
+      platforms: platforms to build kernel branches for (default: those of this process's devices, see
+        :func:`~pallas_kernels.dispatch.target_platforms`); e.g. ``("cpu", "tpu")`` to export for TPU from a
+        CPU host.
+      gpu_backend: force the GPU kernel family (``"mosaic_gpu"`` or ``"triton"``; default: by device).
+
+    Returns:
+      ``(..., N)`` in ``preferred_element_type``.
 
     Gradients flow to ``x`` and ``w_nm.values`` and equal those of the dense masked product.
 
@@ -321,14 +361,24 @@ def nm_matmul(
     out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(x.dtype, w_nm.values.dtype))
     batch = x.shape[:-1]
     rows = max(math.prod(batch), 1)
+    p = plan(
+        rows,
+        w_nm,
+        impl=impl,
+        interpret=interpret,
+        platforms=platforms,
+        gpu_backend=gpu_backend,
+        x_dtype=x.dtype,
+    )
     cfg = _Config(
         n=w_nm.n,
         m=w_nm.m,
         shape=w_nm.shape,
         pack_tile=w_nm.pack_tile,
-        branches=plan(rows, w_nm, impl=impl, interpret=interpret, x_dtype=x.dtype),
         out_dtype=out_dtype,
         blocks=blocks,
     )
-    y = _nm_matmul_2d(cfg, x.reshape(-1, x.shape[-1]), w_nm.values, w_nm.meta)
+    strict = dispatch.default_platform() if impl == "pallas" and interpret is None else None
+    static = _Static(plan=p, config=cfg, strict=strict)
+    y = _nm_matmul_2d(static, x.reshape(-1, x.shape[-1]), w_nm.values, w_nm.meta)
     return y.reshape(*batch, w_nm.shape[1])

@@ -33,20 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from pallas_kernels.nm.masks import MAX_M, nm_mask
+
 __all__ = [
     "NMWeight",
     "index_bits",
     "default_pack_tile",
     "check_nm",
-    "nm_mask",
     "pack_nm",
     "unpack_nm",
     "unpack_indices",
     "is_nm_mask",
     "nm_nbytes",
 ]
-
-MAX_M = 16
 
 
 @jax.tree_util.register_dataclass
@@ -155,21 +154,6 @@ def _check_pack_tile(pack_tile, m):
 # masks
 
 
-def nm_mask(w: Float[ArrayLike, "K N"], n: int, m: int) -> Bool[Array, "K N"]:
-    """The N:M magnitude mask: ``True`` at the ``n`` largest ``|w|`` of every ``m`` rows (ties: lower row).
-
-    Example::
-
-      >>> import jax.numpy as jnp
-      >>> nm_mask(jnp.array([[1.], [-4.], [3.], [2.]]), 2, 4)[:, 0].tolist()
-      [False, True, True, False]
-    """
-    w = jnp.asarray(w)
-    check_nm(n, m, k=w.shape[0])
-    idx = _top_positions(jnp.abs(w).astype(jnp.float32), n, m)
-    return _positions_to_mask(idx, m, w.shape)
-
-
 def is_nm_mask(mask: Bool[ArrayLike, "K N"], n: int, m: int) -> Bool[Array, ""]:
     """True iff every group of ``m`` rows (per column) has at most ``n`` ``True`` entries."""
     mask = jnp.asarray(mask)
@@ -185,13 +169,6 @@ def _top_positions(score, n, m):
     _, pos = jax.lax.top_k(g, n)  # (G, N, n)
     pos = jnp.sort(pos, axis=-1)
     return pos.transpose(2, 0, 1).astype(jnp.int32)  # (n, G, N)
-
-
-def _positions_to_mask(idx, m, shape):
-    onehot = (
-        idx[:, :, None, :] == jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
-    )  # (n, G, m, N)
-    return jnp.any(onehot, axis=0).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +219,8 @@ def pack_nm(
     Args:
       w: dense weight, contraction axis first (Flax ``Dense`` kernel layout ``(in, out)``).
       mask: optional bool ``(K, N)`` N:M mask (at most ``n`` ``True`` per group of ``m`` rows per column).
-        When omitted, the ``n`` largest ``|w|`` of every group are kept (:func:`nm_mask`). Outside ``jit`` a
+        When omitted, the ``n`` largest ``|w|`` of every group are kept
+        (``nm_mask(jnp.abs(w), n, m, axis=0)``). Outside ``jit`` a
         mask that is not N:M raises ``ValueError``; under ``jit`` it cannot be checked and the first ``n``
         masked positions of an over-full group are kept.
       n, m: keep ``n`` of every ``m`` (``1 <= n <= m <= 16``); ``K`` must be divisible by ``m``.
@@ -260,7 +238,9 @@ def pack_nm(
       >>> import jax, jax.numpy as jnp
       >>> w = jax.random.normal(jax.random.key(0), (64, 8))
       >>> w_nm = jax.jit(lambda w: pack_nm(w, n=2, m=4))(w)
-      >>> bool((unpack_nm(w_nm) == jnp.where(nm_mask(w, 2, 4), w, 0)).all())
+      >>> from pallas_kernels.nm.masks import nm_mask
+      >>> keep = nm_mask(jnp.abs(w), 2, 4, axis=0)
+      >>> bool((unpack_nm(w_nm) == jnp.where(keep, w, 0)).all())
       True
     """
     w = jnp.asarray(w)
@@ -273,9 +253,8 @@ def pack_nm(
         pack_tile = default_pack_tile(groups, m)
     _check_pack_tile(pack_tile, m)
 
-    if mask is None:
-        score = jnp.abs(w).astype(jnp.float32)
-        keep = None
+    if mask is None:  # the one N:M rule: nm_mask on |w| along K
+        keep = nm_mask(jnp.abs(w), n, m, axis=0)
     else:
         mask = jnp.asarray(mask)
         if mask.shape != w.shape:
@@ -291,17 +270,14 @@ def pack_nm(
                     f"{counts[g, j]} > n={n} entries; allowed: at most n={n} True per group of m={m} rows along K"
                 )
         keep = mask
-        # masked positions first, then the lowest unmasked ones (top_k ties -> lower index) as zero padding
-        score = mask.astype(jnp.float32)
-
-    idx = _top_positions(score, n, m)  # (n, G, N)
+    # masked positions first, then the lowest unmasked ones (top_k ties -> lower index) as zero padding
+    idx = _top_positions(keep.astype(jnp.float32), n, m)  # (n, G, N)
     grouped = w.reshape(groups, m, cols)
     vals = jnp.take_along_axis(grouped, idx.transpose(1, 0, 2), axis=1).transpose(
         1, 0, 2
     )  # (n, G, N)
-    if keep is not None:
-        kept = jnp.take_along_axis(keep.reshape(groups, m, cols), idx.transpose(1, 0, 2), axis=1)
-        vals = jnp.where(kept.transpose(1, 0, 2), vals, jnp.zeros((), vals.dtype))
+    kept = jnp.take_along_axis(keep.reshape(groups, m, cols), idx.transpose(1, 0, 2), axis=1)
+    vals = jnp.where(kept.transpose(1, 0, 2), vals, jnp.zeros((), vals.dtype))
     meta = _pack_indices(idx, m, pack_tile)
     return NMWeight(values=vals, meta=meta, n=n, m=m, shape=(k, cols), pack_tile=pack_tile)
 

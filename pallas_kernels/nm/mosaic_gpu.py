@@ -195,11 +195,11 @@ def nm_matmul_mosaic_gpu(
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * TILE, TILE), pl.ds(nj * TILE, TILE)])
         plgpu.wait_smem_to_gmem(0)
 
-    out = compat.mosaic_gpu_kernel_with_params(
+    out = compat.mosaic_gpu_kernel(
         body,
         out_type=jax.ShapeDtypeStruct((bp, cols), out_dtype),
         scratch_types=dict(
-            o_smem=plgpu.SMEM((TILE, TILE), out_dtype),
+            o_smem=plgpu.SMEM((TILE, TILE), out_dtype, transforms=_transforms(out_dtype)),
             idx_smem=plgpu.SMEM((TILE, TILE), jnp.int32),
             w_smem=plgpu.SMEM((m, TILE, TILE), dtype, transforms=tr),
         ),
@@ -283,11 +283,11 @@ def nm_dx_mosaic_gpu(
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(row0, TILE), pl.ds(gi * TILE, TILE)])
             plgpu.wait_smem_to_gmem(0)
 
-    out = compat.mosaic_gpu_kernel_with_params(
+    out = compat.mosaic_gpu_kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m * bp, gt), out_dtype),
         scratch_types=dict(
-            o_smem=plgpu.SMEM((TILE, TILE), out_dtype),
+            o_smem=plgpu.SMEM((TILE, TILE), out_dtype, transforms=_transforms(out_dtype)),
             idx_smem=plgpu.SMEM((TILE, TILE), jnp.int32),
             w_smem=plgpu.SMEM((m, TILE, TILE), dtype, transforms=tr),
             **({"wt_smem": plgpu.SMEM((TILE, TILE), dtype, transforms=tr)} if interp else {}),

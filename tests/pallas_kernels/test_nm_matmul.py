@@ -6,14 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import compat
-from pallas_kernels.nm import nm_cost_model, nm_matmul, pack_nm, plan, unpack_nm, use_nm_kernel
+from pallas_kernels import compat, dispatch
+from pallas_kernels.nm import nm_matmul, pack_nm, plan, sparse_problem, unpack_nm
 from pallas_kernels.nm.reference import nm_matmul_dense_masked
 from pallas_kernels.nm.tpu import nm_dx_tpu, nm_matmul_tpu
 
 NMS = [(2, 4), (1, 4), (2, 8), (4, 8)]
 DTYPES = [jnp.float32, jnp.bfloat16]
 K, N = 256, 128
+ACCEL = ("cpu", "tpu", "cuda")  # build every branch, to lower for each from this CPU host
 
 
 def _tol(dtype):
@@ -161,23 +162,30 @@ def test_tpu_interpret_mode_gradients_bf16():
 
 # ------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_rule_memory_bound_only():
-    """Cost model: the kernel only saves weight bytes, so it is picked for few rows and dense at >= 256 rows."""
-    kw = dict(k=4096, n_out=4096, n=2, m=4, dtype=jnp.bfloat16)
-    assert use_nm_kernel("tpu", rows=1, **kw) and use_nm_kernel("tpu", rows=16, **kw)
-    assert not use_nm_kernel("tpu", rows=256, **kw) and not use_nm_kernel("tpu", rows=4096, **kw)
-    for platform in ("tpu", "cuda"):
-        t1, t16 = (nm_cost_model(platform, rows=r, **kw) for r in (1, 16))
-        t256, t4k = (nm_cost_model(platform, rows=r, **kw) for r in (256, 4096))
-        assert t1["kernel"] < t1["dense"] and t16["kernel"] < t16["dense"]  # fewer bytes to read
-        assert t256["kernel"] > t256["dense"] and t4k["kernel"] > t4k["dense"]  # no FLOP savings
-        # the bytes model: 2:4 bf16 reads 0.5625x the dense weight bytes, so M=1 gains at most 1/0.5625
-        assert t1["dense"] / t1["kernel"] <= 1 / 0.5625 + 1e-9
-    # the plan per platform branch
+    """Cost model: the kernel only saves weight bytes (and the per-call decompression of the dense option),
+    so it is picked for few rows and dense at 4096 rows."""
     w_nm = pack_nm(jnp.zeros((4096, 4096), jnp.bfloat16))
-    assert dict(plan(1, w_nm))["tpu"] == "tpu" and dict(plan(4096, w_nm))["tpu"] == "dense"
-    assert dict(plan(1, w_nm))["default"] == "dense"
-    assert plan(1, w_nm, impl="pallas", interpret="tpu") == (("default", "interpret_tpu"),)
-    with pytest.raises(ValueError, match="impl='pallas' needs a TPU or CUDA GPU"):
+    for platform, kernel in (("tpu", "tpu"), ("cuda", "mosaic_gpu")):
+        hw = dispatch.HARDWARE[platform]
+        t1, t16, t256, t4k = (
+            dispatch.estimate_seconds(sparse_problem(r, w_nm, kernel), hw)
+            for r in (1, 16, 256, 4096)
+        )
+        assert t1[1] < t1[0] and t16[1] < t16[0]  # fewer bytes to read
+        assert (
+            t4k[1] > t4k[0]
+        )  # no FLOP savings: compute bound, the decompression no longer matters
+        assert t256[1] / t256[0] > t16[1] / t16[0]  # the advantage shrinks with the rows
+        # 2:4 bf16 reads 0.5625x the dense weight bytes; dense also decompresses (reads it, writes K*N)
+        assert t1[0] / t1[1] <= (1 + 0.5625 + 1) / 0.5625 + 1e-9
+    # the plan per platform branch
+    assert plan(1, w_nm, platforms=ACCEL).backend("tpu") == "tpu"
+    assert plan(4096, w_nm, platforms=ACCEL).backend("tpu") == "dense"
+    assert plan(1, w_nm).branches == (
+        ("default", plan(1, w_nm).backend("cpu")),
+    )  # CPU host: one branch
+    assert plan(1, w_nm, impl="pallas", interpret="tpu").branches == (("default", "interpret_tpu"),)
+    with pytest.raises(ValueError, match="impl='pallas' needs a TPU or GPU"):
         plan(1, w_nm, impl="pallas")
     with pytest.raises(ValueError, match="needs impl='pallas'"):
         plan(1, w_nm, impl="auto", interpret="hlo")
@@ -196,37 +204,53 @@ def _abstract_problem(rows, k=4096, cols=4096, n=2, m=4, dtype=jnp.bfloat16):
 
 def test_cross_lowering_tpu_forward_and_grad():
     x, w_nm = _abstract_problem(8)
-    fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="tpu")
+    fwd = _lowered_text(lambda x, w: nm_matmul(x, w, platforms=ACCEL), x, w_nm, platform="tpu")
     assert "tpu_custom_call" in fwd and "nm2_4_matmul" in fwd
 
     def loss(x, values, meta):
-        return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+        return jnp.sum(
+            nm_matmul(x, w_nm.replace(values=values, meta=meta), platforms=ACCEL).astype(
+                jnp.float32
+            )
+        )
 
     grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="tpu")
     assert "nm2_4_matmul_dx" in grad
     # 4096 rows: the dispatch rule picks the XLA path, no kernel in the program
     big = _lowered_text(
-        lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="tpu"
+        lambda x, w: nm_matmul(x, w, platforms=ACCEL),
+        _abstract_problem(4096)[0],
+        w_nm,
+        platform="tpu",
     )
     assert "tpu_custom_call" not in big
 
 
 def test_cross_lowering_cuda_forward_and_grad():
     x, w_nm = _abstract_problem(8)
-    fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform="cuda")
+    fwd = _lowered_text(lambda x, w: nm_matmul(x, w, platforms=ACCEL), x, w_nm, platform="cuda")
     assert "mosaic_gpu" in fwd
 
     def loss(x, values, meta):
-        return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+        return jnp.sum(
+            nm_matmul(x, w_nm.replace(values=values, meta=meta), platforms=ACCEL).astype(
+                jnp.float32
+            )
+        )
 
     grad = _lowered_text(jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform="cuda")
     assert "mosaic_gpu" in grad  # the dx kernel (the forward output is unused by grad)
     big = _lowered_text(
-        lambda x, w: nm_matmul(x, w), _abstract_problem(4096)[0], w_nm, platform="cuda"
+        lambda x, w: nm_matmul(x, w, platforms=ACCEL),
+        _abstract_problem(4096)[0],
+        w_nm,
+        platform="cuda",
     )
     assert "mosaic_gpu" not in big  # FLOP bound: dense jnp.dot
     f32 = _lowered_text(
-        lambda x, w: nm_matmul(x, w), *_abstract_problem(8, dtype=jnp.float32), platform="cuda"
+        lambda x, w: nm_matmul(x, w, platforms=ACCEL),
+        *_abstract_problem(8, dtype=jnp.float32),
+        platform="cuda",
     )
     assert "mosaic_gpu" not in f32  # wgmma kernel is 16-bit only: XLA path
 
@@ -283,9 +307,15 @@ def test_cross_lowering_all_patterns(nm):
         x, w_nm = _abstract_problem(8, n=n, m=m, dtype=dtype)
 
         def loss(x, values, meta, w_nm=w_nm):
-            return jnp.sum(nm_matmul(x, w_nm.replace(values=values, meta=meta)).astype(jnp.float32))
+            return jnp.sum(
+                nm_matmul(x, w_nm.replace(values=values, meta=meta), platforms=ACCEL).astype(
+                    jnp.float32
+                )
+            )
 
-        fwd = _lowered_text(lambda x, w: nm_matmul(x, w), x, w_nm, platform=platform)
+        fwd = _lowered_text(
+            lambda x, w: nm_matmul(x, w, platforms=ACCEL), x, w_nm, platform=platform
+        )
         grad = _lowered_text(
             jax.grad(loss, argnums=(0, 1)), x, w_nm.values, w_nm.meta, platform=platform
         )
@@ -304,3 +334,56 @@ def test_mosaic_gpu_rejects_what_it_cannot_tile():
     x, w_nm = _problem(2, 4, jnp.bfloat16, (1,), k=256, cols=96)
     with pytest.raises(ValueError, match="N=96 is not a multiple of the 64-column tile"):
         nm_matmul(x, w_nm, impl="pallas", interpret="mosaic_gpu")
+
+
+@pytest.mark.parametrize("rows, nm", [(1, (2, 4)), (2, (2, 4)), (4, (1, 4)), (1, (4, 8))])
+def test_sparse_xla_gather_path_forward_and_gradients(rows, nm):
+    """impl='xla' is the sparse XLA reference: gather the kept activations (n/m of the FLOPs) while
+    rows * n <= m; values and gradients equal the dense masked product."""
+    from pallas_kernels.nm import reference
+
+    x, w_nm = _problem(*nm, jnp.float32, (rows,), seed=17)
+    assert reference.pick_strategy(rows, w_nm) == "gather"
+    jaxpr = str(jax.make_jaxpr(lambda x, w: nm_matmul(x, w, impl="xla"))(x, w_nm))
+    assert "gather" in jaxpr and f"f32[{K},{N}]" not in jaxpr  # no dense (K, N) weight is built
+    dy = jnp.asarray(np.random.default_rng(18).standard_normal((rows, N)), jnp.float32)
+    _close(nm_matmul(x, w_nm, impl="xla"), _ref(x, w_nm), jnp.float32)
+    g = _loss_grads(lambda x, w: nm_matmul(x, w, impl="xla"), x, w_nm, dy)
+    r = _loss_grads(nm_matmul_dense_masked, x, w_nm, dy)
+    for a, b in zip(g, r):
+        _close(a, b, jnp.float32)
+
+
+def test_removed_names_warn_and_keep_their_old_behaviour():
+    import pallas_kernels
+    from pallas_kernels import nm
+    from pallas_kernels.nm.masks import nm_mask
+
+    w = jnp.array([[-5.0], [1.0], [2.0], [3.0]])
+    with pytest.warns(DeprecationWarning, match=r"pallas_kernels.nm_mask is deprecated"):
+        old_top = pallas_kernels.nm_mask
+    with pytest.warns(DeprecationWarning, match=r"pallas_kernels.nm.nm_mask is deprecated"):
+        old = nm.nm_mask
+    assert old is old_top
+    assert old(w, 2, 4)[:, 0].tolist() == [True, False, False, True]  # ranks |w|
+    assert nm_mask(w, 2, 4, axis=0)[:, 0].tolist() == [False, False, True, True]  # ranks the score
+    for name in ("nm_problem", "use_nm_kernel", "nm_cost_model"):
+        with pytest.warns(DeprecationWarning, match=f"pallas_kernels.nm.{name} is deprecated"):
+            getattr(nm, name)
+    kw = dict(k=4096, n_out=4096, n=2, m=4, dtype=jnp.bfloat16)
+    with pytest.warns(DeprecationWarning):
+        assert nm.use_nm_kernel("tpu", rows=1, **kw) and not nm.use_nm_kernel(
+            "tpu", rows=4096, **kw
+        )
+    with pytest.raises(AttributeError, match="has no attribute 'nm_masks'"):
+        nm.nm_masks  # noqa: B018
+
+
+def test_one_nm_mask_for_jaxsparse_and_the_kernels():
+    import jaxsparse
+    from pallas_kernels.nm.masks import nm_mask
+
+    assert jaxsparse.nm_mask is nm_mask
+    w = jax.random.normal(jax.random.key(3), (64, 8))
+    packed = unpack_nm(pack_nm(w, n=2, m=4))
+    assert bool((packed == jnp.where(nm_mask(jnp.abs(w), 2, 4, axis=0), w, 0)).all())
