@@ -15,6 +15,7 @@ RUNS = {
     "block_sparse_mlp": ["--steps", "12", "--d", "64", "--tokens", "64", "--block", "16"],
     "nm_transformer": ["--steps", "6", "--val-batches", "1", "--max-bytes", "200000"],
     "prune_language_model": ["--steps", "10", "--calib-seqs", "4", "--val-batches", "1"],
+    "second_wave_fidelity": ["--steps", "60", "--seeds", "1"],
 }
 
 
