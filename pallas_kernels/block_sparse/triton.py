@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from pallas_kernels import compat
+from pallas_kernels import _triton, compat
 from pallas_kernels.block_sparse.format import BlockSparseWeight
 
 __all__ = [
@@ -57,40 +58,34 @@ __all__ = [
     "unsupported_reason",
 ]
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MIN_DIM = 16  # tt.dot needs M, N, K >= 16
-
-
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
+SUPPORTED_DTYPES = _triton.SUPPORTED_DTYPES
 
 
 def unsupported_reason(shape: tuple[int, int], block: tuple[int, int], dtype) -> str | None:
     """Why the Triton kernels cannot run this configuration, or ``None`` if they can."""
     del shape
-    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-        return (
-            f"dtype {jnp.dtype(dtype)} is not supported by the Triton kernels "
-            "(float32, bfloat16, float16)"
-        )
+    reason = _triton.dtype_reason(dtype, "the Triton kernels")
+    if reason is not None:
+        return reason
     for name, b in zip(("bk", "bn"), block):
-        if not _is_pow2(b) or b < MIN_DIM:
+        if not _triton.is_tile(int(b)):
             return (
                 f"{name}={b} cannot be tiled by the Triton kernels: Triton tensors have power-of-two "
-                f"sizes and tt.dot needs every dim >= {MIN_DIM}, so it must be a power of two >= {MIN_DIM}"
+                f"sizes and tt.dot needs every dim >= {_triton.MIN_DIM}, so it must be a power of two "
+                f">= {_triton.MIN_DIM}"
             )
     return None
 
 
 def pick_block_m(m: int, block_m: int | None = None) -> int:
     """Rows per program: ``block_m`` (a power of two >= 16) or the power of two covering ``m``, in [16, 64]."""
-    if block_m is not None:
-        if not isinstance(block_m, int) or not _is_pow2(block_m) or block_m < MIN_DIM:
-            raise ValueError(
-                f"block_m must be a power of two >= {MIN_DIM} for the Triton kernels; got {block_m!r}."
-            )
-        return block_m
-    return min(64, max(MIN_DIM, 1 << max(m - 1, 0).bit_length()))
+    if block_m is None:
+        return _triton.tile_covering(m, cap=64)
+    if not _triton.is_tile(block_m):
+        raise ValueError(
+            f"block_m must be a power of two >= {_triton.MIN_DIM} for the Triton kernels; got {block_m!r}."
+        )
+    return block_m
 
 
 def _num_warps(rows: int, cols: int) -> int:
@@ -174,7 +169,7 @@ def _reduce_call(lhs, data, ptr, in_idx, perm, *, transpose_w, block_m, interpre
             flops=2 * mb * bm * cap * bk * bn,
             bytes_accessed=itemsize * (m * cap * lhs_b + mb * cap * bk * bn + m * n_out * out_b),
         ),
-        interpret=interpret,
+        interpret=_triton.interpret_flag(interpret),
         name="bsr_matmul_t_triton" if transpose_w else "bsr_matmul_triton",
     )(*args)
 
@@ -186,7 +181,7 @@ def matmul(
     col_ptr: Int[Array, " nbp1"],
     *,
     block_m: int | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision=None,
 ) -> Float[Array, "M N"]:
     """``x @ W`` for column-grouped stored blocks: column block ``j`` owns ``col_ptr[j]:col_ptr[j+1]``."""
@@ -211,7 +206,7 @@ def matmul_t(
     row_ptr: Int[Array, " kbp1"],
     *,
     block_m: int | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision=None,
 ) -> Float[Array, "M K"]:
     """``dy @ W.T`` from the transposed view: K block ``k`` owns transposed entries ``row_ptr[k]:row_ptr[k+1]``,
@@ -265,7 +260,7 @@ def sddmm(
     block: tuple[int, int],
     dtype,
     block_m: int | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision=None,
 ) -> Float[Array, "cap bk bn"]:
     """``dW_b = x[:, k_b].T @ dy[:, j_b]`` for every stored block ``b``; padding slots get zero."""
@@ -284,7 +279,7 @@ def sddmm(
             flops=2 * m * cap * bk * bn,
             bytes_accessed=itemsize * (m * cap * (bk + bn) + cap * bk * bn),
         ),
-        interpret=interpret,
+        interpret=_triton.interpret_flag(interpret),
         name="bsr_sddmm_triton",
     )(nnz_arr, row_idx, col_idx, x, dy.astype(x.dtype))
 
@@ -307,22 +302,21 @@ def _flat(a: Array) -> Array:
 def bsr_matmul_triton(
     x: Float[Array, "... K"],
     w: BlockSparseWeight,
-    *,
     block_m: int | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision=None,
 ) -> Float[Array, "... N"]:
     """Forward ``x @ W`` with the Triton kernel (``interpret=True`` runs it on any host).
 
     Args:
-      x: activations ``(..., K)`` in ``w``'s dtype.
+      x: activations ``(..., K)`` (cast to ``w.dtype``).
       w: the block-sparse weight (blocks powers of two >= 16).
       block_m: rows per program (power of two >= 16); default from :func:`pick_block_m`.
-      interpret: run in the Pallas HLO interpreter instead of compiling for the GPU.
+      interpret: ``True`` runs the Pallas HLO interpreter; ``False``/``None`` compile for the GPU.
       precision: ``lax.dot_general`` precision of the in-kernel dots (float32 inputs: ``None`` = TF32 on GPU).
 
     Returns:
-      ``(..., N)`` in ``x.dtype``, accumulated in float32.
+      ``(..., N)`` in ``w.dtype``, accumulated in float32.
     """
     _check(x, w, w.shape[0], "x")
     if x.size == 0:
@@ -342,9 +336,8 @@ def bsr_matmul_triton(
 def bsr_matmul_t_triton(
     dy: Float[Array, "... N"],
     w: BlockSparseWeight,
-    *,
     block_m: int | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision=None,
 ) -> Float[Array, "... K"]:
     """dX of ``x @ W``: ``dy @ W.T`` on the transposed view of ``w`` (same arguments as
@@ -369,9 +362,8 @@ def bsr_sddmm_triton(
     x: Float[Array, "... K"],
     dy: Float[Array, "... N"],
     w: BlockSparseWeight,
-    *,
     block_m: int | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision=None,
 ) -> Float[Array, "cap bk bn"]:
     """dW of ``x @ W`` at the stored blocks only: ``(x.T @ dy)`` sampled at ``w``'s blocks, in ``w.dtype``,

@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from pallas_kernels import compat
+from pallas_kernels import _triton, compat
 from pallas_kernels.nm import _tiles
 from pallas_kernels.nm.format import NMWeight, index_bits
 
@@ -57,46 +57,32 @@ __all__ = [
     "unsupported_reason",
 ]
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MIN_DIM = 16  # tt.dot needs M, N, K >= 16
+SUPPORTED_DTYPES = _triton.SUPPORTED_DTYPES
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-def _pow2_at_least(v: int, lo: int, hi: int) -> int:
-    return min(hi, max(lo, 1 << max(v - 1, 0).bit_length()))
-
-
-def unsupported_reason(dtype) -> str | None:
-    """Why the Triton N:M kernels cannot run this dtype, or ``None`` (every shape and pattern is tiled)."""
-    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-        return (
-            f"dtype {jnp.dtype(dtype)} is not supported by the Triton N:M kernels "
-            "(float32, bfloat16, float16)"
-        )
-    return None
+def unsupported_reason(dtype, **problem) -> str | None:
+    """Why the Triton N:M kernels cannot run ``dtype``, or ``None``. Every shape and N:M pattern is tiled
+    (edges are masked), so the other problem fields (``rows=``, ``k=``, ``n_out=``, ...) are ignored."""
+    del problem
+    return _triton.dtype_reason(dtype, "the Triton N:M kernels")
 
 
 def choose_blocks(
     rows: int, groups: int, cols: int, blocks: tuple[int, int, int] | None = None
 ) -> tuple[int, int, int]:
     """``(bm, bg, bn)``: rows, groups and columns per tile, powers of two >= 16 (``blocks`` if given)."""
-    if blocks is not None:
-        if len(blocks) != 3 or not all(
-            isinstance(b, int) and _is_pow2(b) and b >= MIN_DIM for b in blocks
-        ):
-            raise ValueError(
-                f"blocks must be (bm, bg, bn), each a power of two >= {MIN_DIM} for the Triton kernels; "
-                f"got {blocks!r}."
-            )
-        return tuple(blocks)  # type: ignore[return-value]
-    return (
-        _pow2_at_least(rows, MIN_DIM, 64),
-        _pow2_at_least(groups, MIN_DIM, 32),
-        _pow2_at_least(cols, MIN_DIM, 64),
-    )
+    if blocks is None:
+        return (
+            _triton.tile_covering(rows, cap=64),
+            _triton.tile_covering(groups, cap=32),
+            _triton.tile_covering(cols, cap=64),
+        )
+    if len(blocks) != 3 or not all(_triton.is_tile(b) for b in blocks):
+        raise ValueError(
+            f"blocks must be (bm, bg, bn), each a power of two >= {_triton.MIN_DIM} for the Triton "
+            f"kernels; got {blocks!r}."
+        )
+    return tuple(blocks)  # type: ignore[return-value]
 
 
 def _positions(meta_ref, s, g, c, valid, *, m, pack_tile):
@@ -274,7 +260,7 @@ def _call(kernel, grid, out_shape, w: NMWeight, rows, blocks, prec, interpret, n
             bytes_accessed=sum(a.size * a.dtype.itemsize for a in args)
             + math.prod(out_shape.shape) * jnp.dtype(out_shape.dtype).itemsize,
         ),
-        interpret=interpret,
+        interpret=_triton.interpret_flag(interpret),
         name=name,
     )(*args)
 
@@ -282,10 +268,9 @@ def _call(kernel, grid, out_shape, w: NMWeight, rows, blocks, prec, interpret, n
 def nm_matmul_triton(
     x: Float[Array, "... K"],
     w: NMWeight,
-    *,
     out_dtype=None,
     blocks: tuple[int, int, int] | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision: Any = None,
 ) -> Float[Array, "... N"]:
     """Forward ``x @ unpack_nm(w)`` with the Triton kernel (``interpret=True`` runs it on any host).
@@ -295,7 +280,7 @@ def nm_matmul_triton(
       w: the :class:`NMWeight`.
       out_dtype: output dtype (default: the promoted dtype); accumulation is float32.
       blocks: ``(bm, bg, bn)`` rows / groups / columns per tile, powers of two >= 16.
-      interpret: run in the Pallas HLO interpreter instead of compiling for the GPU.
+      interpret: ``True`` runs the Pallas HLO interpreter; ``False``/``None`` compile for the GPU.
       precision: ``lax.dot_general`` precision of the in-kernel dots (float32: ``None`` = TF32 on GPU).
 
     Returns:
@@ -329,10 +314,9 @@ def nm_matmul_triton(
 def nm_dx_triton(
     dy: Float[Array, "... N"],
     w: NMWeight,
-    *,
     out_dtype=None,
     blocks: tuple[int, int, int] | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision: Any = None,
 ) -> Float[Array, "... K"]:
     """dX of ``x @ unpack_nm(w)``: ``dy @ unpack_nm(w).T`` from the same compressed weight (arguments as in
@@ -366,9 +350,8 @@ def nm_dvalues_triton(
     x: Float[Array, "... K"],
     dy: Float[Array, "... N"],
     w: NMWeight,
-    *,
     blocks: tuple[int, int, int] | None = None,
-    interpret: bool = False,
+    interpret: Any = False,
     precision: Any = None,
 ) -> Float[Array, "n G N"]:
     """Gradient w.r.t. ``w.values`` (``(n, G, N)``, ``w.values.dtype``): ``x.T @ dy`` at the kept positions,

@@ -165,6 +165,8 @@ def test_bsr_rejects_what_triton_cannot_tile():
         bsr_triton.bsr_matmul_triton(x, w, block_m=24, interpret=True)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 64\)"):
         bsr_triton.bsr_matmul_triton(x[:, :32], w, interpret=True)
+    with pytest.raises(ValueError, match="interpret must be None/False .* or True.*got 'tpu'"):
+        bsr_triton.bsr_matmul_triton(x, w, interpret="tpu")
     assert "float64" in bsr_triton.unsupported_reason((64, 64), (16, 16), np.float64)
 
 
