@@ -53,6 +53,7 @@ from jaxsparse.oneshot import (
     random_masks,
     snip_masks,
 )
+from jaxsparse.pruning_at_init import grasp_masks, synflow_masks
 from jaxsparse.schedules import (
     ANNEALING_KINDS,
     DECAYS,
@@ -65,6 +66,7 @@ from jaxsparse.schedules import (
 )
 from jaxsparse.sharding import place_like
 from jaxsparse.stats import flops, global_sparsity, sparsity_summary
+from jaxsparse.transforms.acdc import acdc, acdc_phases
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, SparseState, sparse_training
 from jaxsparse.transforms.dst import (
     GROWTH_MODES,
@@ -75,8 +77,32 @@ from jaxsparse.transforms.dst import (
     snfs,
     static_sparse,
 )
+from jaxsparse.transforms.gsm import global_sparse_momentum
+from jaxsparse.transforms.movement import (
+    MOVEMENT_METHODS,
+    init_movement_scores,
+    movement_masked,
+    movement_masks,
+    movement_regularizer,
+    movement_schedule,
+)
 from jaxsparse.transforms.nm import sr_ste_decay
 from jaxsparse.transforms.pruning import fixed_masks, gradual_magnitude_pruning, one_shot_pruning
+from jaxsparse.transforms.soups import (
+    SOUPS,
+    SoupResult,
+    greedy_soup,
+    soup,
+    sparse_model_soups,
+    swa_update,
+)
+from jaxsparse.transforms.srigl import (
+    ConstantFanIn,
+    SRigLState,
+    constant_fan_in,
+    fan_in_matmul,
+    srigl,
+)
 
 __version__ = "0.2.0.dev0"
 
@@ -130,6 +156,29 @@ __all__ = [
     "snfs",
     "granet",
     "sr_ste_decay",
+    # second wave: structured DST, alternating, soups, movement, GSM, pruning at init
+    "srigl",
+    "SRigLState",
+    "ConstantFanIn",
+    "constant_fan_in",
+    "fan_in_matmul",
+    "acdc",
+    "acdc_phases",
+    "global_sparse_momentum",
+    "MOVEMENT_METHODS",
+    "init_movement_scores",
+    "movement_masked",
+    "movement_masks",
+    "movement_regularizer",
+    "movement_schedule",
+    "SOUPS",
+    "SoupResult",
+    "soup",
+    "greedy_soup",
+    "swa_update",
+    "sparse_model_soups",
+    "grasp_masks",
+    "synflow_masks",
     # forward-time estimators
     "BACKWARDS",
     "STRUCTURE_DECAY_KINDS",

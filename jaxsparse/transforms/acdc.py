@@ -236,7 +236,6 @@ def acdc(
 
 
 def _bare_rule(*args: Any, **kwargs: Any) -> MaskAlgorithm:
-    """AC/DC's bare mask rule: ``acdc``'s arguments without ``inner`` and ``seed`` (no momentum reset)."""
     return _build(*args, **kwargs)[0]
 
 
@@ -250,4 +249,5 @@ acdc.__signature__ = _sig.replace(
     return_annotation=optax.GradientTransformationExtraArgs,
 )
 _bare_rule.__signature__ = _sig.replace(return_annotation=MaskAlgorithm)
+_bare_rule.__doc__, _bare_rule.__name__, _bare_rule.__qualname__ = acdc.__doc__, "acdc", "acdc"
 acdc.rule = _bare_rule
