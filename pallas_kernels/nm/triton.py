@@ -67,16 +67,38 @@ def unsupported_reason(dtype, **problem) -> str | None:
     return _triton.dtype_reason(dtype, "the Triton N:M kernels")
 
 
+_ACC_BUDGET = 16384  # float32 accumulator elements per program (64 KiB of registers) [estimate]
+
+
 def choose_blocks(
-    rows: int, groups: int, cols: int, blocks: tuple[int, int, int] | None = None
+    rows: int,
+    groups: int,
+    cols: int,
+    blocks: tuple[int, int, int] | None = None,
+    *,
+    acc_dims: tuple[int, int] = (0, 2),
+    acc_count: int = 1,
 ) -> tuple[int, int, int]:
-    """``(bm, bg, bn)``: rows, groups and columns per tile, powers of two >= 16 (``blocks`` if given)."""
+    """``(bm, bg, bn)``: rows, groups and columns per tile, powers of two >= 16 (``blocks`` if given).
+
+    The default covers the problem up to ``(64, 32, 64)``, then halves the accumulator dims (``acc_dims``
+    of ``(bm, bg, bn)``, ``acc_count`` accumulators: 1 for the forward, ``m`` for dX and d(values)) until
+    they fit a register budget [estimate; not tuned on a GPU].
+    """
     if blocks is None:
-        return (
+        tiles = [
             _triton.tile_covering(rows, cap=64),
             _triton.tile_covering(groups, cap=32),
             _triton.tile_covering(cols, cap=64),
-        )
+        ]
+        a, b = acc_dims
+        while (
+            tiles[a] * tiles[b] * acc_count > _ACC_BUDGET
+            and max(tiles[a], tiles[b]) > _triton.MIN_DIM
+        ):
+            big = a if tiles[a] >= tiles[b] else b
+            tiles[big] //= 2
+        return tuple(tiles)  # type: ignore[return-value]
     if len(blocks) != 3 or not all(_triton.is_tile(b) for b in blocks):
         raise ValueError(
             f"blocks must be (bm, bg, bn), each a power of two >= {_triton.MIN_DIM} for the Triton "
@@ -327,7 +349,9 @@ def nm_dx_triton(
     out_dtype = jnp.dtype(out_dtype or dtype)
     if rows == 0:
         return jnp.zeros((*dy.shape[:-1], k), out_dtype)
-    bm, bg, bn = blocks = choose_blocks(rows, w.groups, cols, blocks)
+    bm, bg, bn = blocks = choose_blocks(
+        rows, w.groups, cols, blocks, acc_dims=(0, 1), acc_count=w.m
+    )
     dx = _call(
         _dx_kernel,
         (pl.cdiv(rows, bm), pl.cdiv(w.groups, bg)),
@@ -367,7 +391,9 @@ def nm_dvalues_triton(
     k, cols = w.shape
     if rows == 0:
         return jnp.zeros(w.values.shape, w.values.dtype)
-    bm, bg, bn = blocks = choose_blocks(rows, w.groups, cols, blocks)
+    bm, bg, bn = blocks = choose_blocks(
+        rows, w.groups, cols, blocks, acc_dims=(1, 2), acc_count=w.m
+    )
     return _call(
         _dv_kernel,
         (pl.cdiv(w.groups, bg), pl.cdiv(cols, bn)),

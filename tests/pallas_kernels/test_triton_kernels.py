@@ -310,3 +310,15 @@ def test_triton_branch_never_breaks_other_platforms():
     assert _lowered(f, *args).count(TRITON_CALL) == 2
     tpu = jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert TRITON_CALL not in tpu
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+def test_nm_default_tiles_fit_the_accumulator_budget(m):
+    """dX and d(values) keep m accumulators per program: the default tiles shrink so they fit."""
+    for acc_dims in ((0, 2), (0, 1), (1, 2)):
+        count = 1 if acc_dims == (0, 2) else m
+        for rows, groups, cols in ((1, 8, 16), (4096, 1024, 4096), (100, 300, 70)):
+            tiles = nm_triton.choose_blocks(rows, groups, cols, acc_dims=acc_dims, acc_count=count)
+            assert all(t >= 16 and t & (t - 1) == 0 for t in tiles)
+            a, b = (tiles[d] for d in acc_dims)
+            assert a * b * count <= nm_triton._ACC_BUDGET or max(a, b) == 16
