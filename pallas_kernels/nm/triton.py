@@ -243,7 +243,7 @@ def _dv_kernel(x_ref, dy_ref, meta_ref, o_ref, *, n, m, pack_tile, shape, rows, 
     for s in range(n):
         idx = _positions(meta_ref, s, g_col, c, ok, m=m, pack_tile=pack_tile)
         dv = jnp.zeros((bg, bn), jnp.float32)
-        for p in range(m):  # positions of one slot are distinct per group: one p hits
+        for p in range(m):  # one position per entry: exactly one p hits
             dv = jnp.where(idx == p, dense[p], dv)
         compat.triton_store(o_ref.at[s, g_col, c], dv.astype(o_ref.dtype), mask=ok)
 
