@@ -30,6 +30,26 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+__all__ = [
+    "JAX_VERSION",
+    "TESTED_JAX",
+    "cost_estimate",
+    "interpret_params",
+    "jax_version_tested",
+    "mosaic_gpu_interpret_params",
+    "mosaic_gpu_kernel",
+    "mosaic_gpu_lane_params",
+    "mosaic_gpu_load",
+    "reset_tpu_interpret_state",
+    "tpu_compiler_params",
+    "tpu_interpret_guard",
+    "tpu_interpret_params",
+    "triton_compiler_params",
+    "triton_load",
+    "triton_lowering_target",
+    "triton_store",
+]
+
 
 def _parse_version(text: str) -> tuple[int, int, int]:
     parts = []
@@ -60,20 +80,20 @@ def jax_version_tested(version: tuple[int, int, int] | None = None) -> bool:
 
 
 def interpret_params(mode: str) -> Any:
-    """The ``interpret`` value of a Pallas call for an interpret mode: ``"hlo"`` (``True``, the HLO
-    interpreter), ``"tpu"`` (TPU interpret mode) or ``"mosaic_gpu"`` (Mosaic-GPU interpret mode).
+    """The ``interpret`` value of a Pallas call for an interpret mode: ``"hlo"`` and ``"triton"`` (``True``,
+    the HLO interpreter), ``"tpu"`` (TPU interpret mode) or ``"mosaic_gpu"`` (Mosaic-GPU interpret mode).
 
     Example:
       >>> interpret_params("hlo")
       True
     """
-    if mode == "hlo":
+    if mode in ("hlo", "triton"):
         return True
     if mode == "tpu":
         return tpu_interpret_params()
     if mode == "mosaic_gpu":
         return mosaic_gpu_interpret_params()
-    raise ValueError(f"mode must be 'hlo', 'tpu' or 'mosaic_gpu'; got {mode!r}.")
+    raise ValueError(f"mode must be 'hlo', 'tpu', 'mosaic_gpu' or 'triton'; got {mode!r}.")
 
 
 # --------------------------------------------------------------------------------------------- TPU

@@ -8,6 +8,7 @@ platform   forward                         dX                                  d
 =========  ==============================  ==================================  =====================
 tpu        Mosaic TPU (scalar prefetch)    Mosaic TPU, transposed pattern      Mosaic TPU SDDMM
 cuda       Mosaic GPU (TMA + wgmma, sm90)  Mosaic GPU on transposed blocks     XLA SDDMM
+cuda/rocm  Triton (sm80-89, ROCm)          Triton, transposed view             Triton SDDMM
 other      XLA reference                   XLA reference                       XLA reference
 =========  ==============================  ==================================  =====================
 
@@ -33,7 +34,10 @@ from pallas_kernels import compat, dispatch
 from pallas_kernels.block_sparse import mosaic_gpu as mgpu_kernels
 from pallas_kernels.block_sparse import reference
 from pallas_kernels.block_sparse import tpu as tpu_kernels
+from pallas_kernels.block_sparse import triton as triton_kernels
 from pallas_kernels.block_sparse.format import BlockSparseWeight, with_data
+
+__all__ = ["bsr_matmul", "plan", "sparse_problem"]
 
 
 class _Kernel(NamedTuple):
@@ -137,6 +141,13 @@ _KERNELS: dict[str, _Kernel] = {
         _mgpu_grad_w,
         _mgpu_efficiency,
     ),
+    "triton": _Kernel(
+        triton_kernels.unsupported_reason,
+        triton_kernels.bsr_matmul_triton,
+        triton_kernels.bsr_matmul_t_triton,
+        triton_kernels.bsr_sddmm_triton,
+        triton_kernels.estimated_efficiency,
+    ),
 }
 
 
@@ -162,7 +173,9 @@ def sparse_problem(m: int, w: BlockSparseWeight, backend: str) -> dispatch.Matmu
     Example:
       >>> import jax.numpy as jnp
       >>> from pallas_kernels.block_sparse import block_sparse_from_dense
-      >>> w = block_sparse_from_dense(jnp.ones((256, 256)), jnp.eye(2, dtype=bool), block=(128, 128))
+      >>> w = block_sparse_from_dense(
+      ...     jnp.ones((256, 256)), jnp.eye(2, dtype=bool), block=(128, 128), capacity=2
+      ... )
       >>> sparse_problem(8, w, "tpu").flop_fraction
       0.5
     """
@@ -212,7 +225,9 @@ def plan(
     Example:
       >>> import jax.numpy as jnp
       >>> from pallas_kernels.block_sparse import block_sparse_from_dense
-      >>> w = block_sparse_from_dense(jnp.ones((256, 256)), jnp.eye(2, dtype=bool), block=(128, 128))
+      >>> w = block_sparse_from_dense(
+      ...     jnp.ones((256, 256)), jnp.eye(2, dtype=bool), block=(128, 128), capacity=2
+      ... )
       >>> plan(8, w, impl="xla", platforms=("cpu", "tpu")).branches
       (('default', 'xla'), ('tpu', 'xla'))
     """
@@ -334,8 +349,10 @@ def bsr_matmul(
         Pallas kernel; raises if the current platform's kernel cannot run this block size / dtype).
       interpret: run the Pallas kernels in interpret mode on any host (needs ``impl="pallas"``): ``"hlo"``
         (``interpret=True``), ``"tpu"`` (TPU interpret mode: checks block bounds and output revisits),
-        ``"mosaic_gpu"`` (Mosaic-GPU interpret mode, 16-bit dtypes, blocks multiple of 64).
-      block_m: rows per kernel step (TPU default up to 256; Mosaic GPU ``tile_m``, default 128).
+        ``"mosaic_gpu"`` (Mosaic-GPU interpret mode, 16-bit dtypes, blocks multiple of 64), ``"triton"`` (the
+        Triton kernels in the HLO interpreter, blocks powers of two >= 16).
+      block_m: rows per kernel step (TPU default up to 256; Mosaic GPU ``tile_m``, default 128; Triton a
+        power of two >= 16, default up to 64).
       platforms: platforms to build kernel branches for (default: those of this process's devices, see
         :func:`~pallas_kernels.dispatch.target_platforms`); e.g. ``("cpu", "tpu")`` to export for TPU from a
         CPU host.

@@ -21,6 +21,16 @@ import numpy as np
 from jax.experimental import checkify
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+__all__ = [
+    "BlockSparseWeight",
+    "block_mask_from_dense",
+    "block_mask_of",
+    "block_sparse_from_dense",
+    "block_sparse_to_dense",
+    "live_mask",
+    "with_data",
+]
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,8 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import compat
 
+__all__ = ["matmul", "transposed_blocks", "unsupported_reason"]
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SWIZZLE_BYTES = 128
 

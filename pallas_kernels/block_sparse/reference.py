@@ -21,6 +21,14 @@ from jaxtyping import Array, Float
 
 from pallas_kernels.block_sparse.format import BlockSparseWeight, block_sparse_to_dense, live_mask
 
+__all__ = [
+    "dense_masked_reference",
+    "matmul",
+    "matmul_transposed",
+    "pick_strategy",
+    "sddmm",
+]
+
 Strategy = Literal["densify", "gather"]
 
 

@@ -32,6 +32,8 @@ from jaxtyping import Array, Float, Int
 
 from pallas_kernels import compat
 
+__all__ = ["matmul", "matmul_t", "pick_block_m", "sddmm", "sublane", "unsupported_reason"]
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 

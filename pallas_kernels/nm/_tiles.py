@@ -7,6 +7,8 @@ from jax import lax
 
 from pallas_kernels.nm.format import index_bits
 
+__all__ = ["decode_positions", "plane"]
+
 
 def decode_positions(words, s, *, m, pack_tile, tile_groups, store):
     """Unpacks slot ``s`` of a meta tile into positions, chunk by chunk.

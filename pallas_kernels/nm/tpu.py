@@ -42,10 +42,10 @@ def resolve_interpret(interpret: Any) -> Any:
     """``False``/``None`` (compile), ``True``/``"hlo"`` (HLO interpreter) or ``"tpu"`` (TPU interpret mode)."""
     if interpret is None or interpret is False:
         return False
-    if interpret is True or interpret == "hlo":
+    if interpret is True:
         return True
-    if interpret == "tpu":
-        return compat.tpu_interpret_params()
+    if interpret in ("hlo", "tpu"):
+        return compat.interpret_params(interpret)
     if isinstance(interpret, pltpu.InterpretParams):
         return interpret
     raise ValueError(f"interpret={interpret!r} is not allowed: use False, True/'hlo' or 'tpu'")

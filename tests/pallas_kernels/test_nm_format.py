@@ -13,13 +13,13 @@ from pallas_kernels.nm import (
     NMWeight,
     index_bits,
     is_nm_mask,
-    nm_mask,
     nm_matmul,
     nm_nbytes,
     pack_nm,
     unpack_indices,
     unpack_nm,
 )
+from pallas_kernels.nm.masks import nm_mask
 
 NM_ALL = [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (3, 8), (1, 16), (8, 16), (16, 16), (5, 7)]
 
@@ -36,7 +36,7 @@ def _counts(mask, m):
 @functools.partial(jax.jit, static_argnames=("n", "m"))
 def _magnitude_round_trip(w, *, n, m):
     w_nm = pack_nm(w, n=n, m=m)
-    return unpack_nm(w_nm), nm_mask(w, n, m), unpack_indices(w_nm)
+    return unpack_nm(w_nm), nm_mask(jnp.abs(w), n, m, axis=0), unpack_indices(w_nm)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m"))
@@ -96,7 +96,7 @@ def test_round_trip_explicit_mask_at_most_n(nm, groups, cols, seed, keep):
 def test_pack_inside_jit_matches_eager_and_round_trips():
     rng = np.random.default_rng(0)
     w = _weight(rng, 96, 40, jnp.bfloat16)
-    mask = nm_mask(w, 2, 8)
+    mask = nm_mask(jnp.abs(w), 2, 8, axis=0)
     f = jax.jit(lambda w, mask: unpack_nm(pack_nm(w, mask, n=2, m=8)))
     np.testing.assert_array_equal(np.asarray(f(w, mask)), np.asarray(jnp.where(mask, w, 0)))
     a, b = jax.jit(lambda w: pack_nm(w, n=2, m=8))(w), pack_nm(w, n=2, m=8)
@@ -113,7 +113,8 @@ def test_pack_tile_variants_round_trip():
         w_nm = pack_nm(w, n=2, m=4, pack_tile=tile)
         assert w_nm.meta.shape[1] == -(-100 // tile) * tile // 16
         np.testing.assert_array_equal(
-            np.asarray(unpack_nm(w_nm)), np.asarray(jnp.where(nm_mask(w, 2, 4), w, 0))
+            np.asarray(unpack_nm(w_nm)),
+            np.asarray(jnp.where(nm_mask(jnp.abs(w), 2, 4, axis=0), w, 0)),
         )
 
 
