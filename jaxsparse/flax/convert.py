@@ -4,9 +4,9 @@ Tree level (Linen variables, NNX pure dicts/States; any nesting):
 
 * :func:`compress` turns every layer node ``{"kernel": (K, N), ...}`` whose mask (from any jaxsparse
   algorithm: ``SparseState.masks``, ``None`` for dense leaves) is given into the layer layout of
-  :mod:`jaxsparse.flax` — ``kernel_blocks`` / ``kernel_values`` in ``params`` plus the index leaves in a
-  ``pattern`` tree — and :func:`decompress` inverts it: ``decompress(*compress(p, masks))[0]`` equals
-  ``apply_masks(p, masks)`` bit for bit.
+  :mod:`jaxsparse.flax` — ``kernel_blocks`` / ``kernel_values`` in ``params`` plus one pattern object
+  per layer (``<layer>/pattern``) in a ``pattern`` tree — and :func:`decompress` inverts it:
+  ``decompress(*compress(p, masks))[0]`` equals ``apply_masks(p, masks)`` bit for bit.
 * :func:`to_sparse_nnx` / :func:`to_dense_nnx` swap ``nnx.Linear`` <-> :class:`~jaxsparse.flax.nnx.BlockSparseLinear`
   / :class:`~jaxsparse.flax.nnx.NMLinear` in a whole NNX model (returns a new model).
 
@@ -15,8 +15,8 @@ Checkpoints: :func:`save` writes ``<dir>/arrays`` with :func:`jaxsparse.checkpoi
 without JAX). :func:`restore` checks the layout against the target *before* reading arrays and raises a
 ``ValueError`` naming the first mismatching layer or leaf, so nothing is half-loaded.
 
-On-disk layout of one compressed layer (paths are ``/``-joined tree paths; ``docs/compressed_format.md`` has
-a PyTorch loader):
+On-disk layout of one compressed layer (paths are ``/``-joined tree paths, the index arrays below
+``<layer>/pattern/``; ``docs/compressed_format.md`` has a PyTorch loader):
 
 * block-sparse, ``W: (K, N)`` used as ``x @ W`` (PyTorch ``weight = W.T``): ``kernel_blocks
   [capacity, bk, bn]`` (entries ``0 .. nnz-1`` live, sorted by output block column then input block row;
@@ -26,15 +26,15 @@ a PyTorch loader):
 * N:M, groups of ``m`` along ``K``: ``kernel_values [n, K/m, N]`` and ``meta [n, ceil(G/pack_tile) *
   pack_tile / F, N]`` int32 (``F = 32 / bits`` positions per word, ``bits`` = 1, 2 or 4); position of slot
   ``s``, group ``g``, column ``j``: tile ``t = g // pack_tile``, ``c, r = divmod(g % pack_tile, pack_tile // F)``,
-  word ``meta[s, t * pack_tile // F + r, j]``, bits ``[c * bits, (c + 1) * bits)``; ``nm_config = [n, m,
-  pack_tile]``.
+  word ``meta[s, t * pack_tile // F + r, j]``, bits ``[c * bits, (c + 1) * bits)``; ``n``, ``m`` and
+  ``pack_tile`` are static (in ``layout.json``, not arrays).
 
 Example:
   >>> import jax.numpy as jnp
   >>> params = {"fc": {"kernel": jnp.arange(16.0).reshape(4, 4), "bias": jnp.zeros(4)}}
   >>> masks = {"fc": {"kernel": jnp.kron(jnp.eye(2), jnp.ones((2, 2))).astype(bool), "bias": None}}
   >>> cparams, pattern = compress(params, masks, format="block", block=(2, 2))
-  >>> cparams["fc"]["kernel_blocks"].shape, int(pattern["fc"]["nnz"])
+  >>> cparams["fc"]["kernel_blocks"].shape, int(pattern["fc"]["pattern"].nnz)
   ((2, 2, 2), 2)
   >>> dense, dmasks = decompress(cparams, pattern)
   >>> bool((dense["fc"]["kernel"] == jnp.where(masks["fc"]["kernel"], params["fc"]["kernel"], 0)).all())
@@ -57,13 +57,12 @@ from jaxtyping import PyTree
 from jaxsparse import checkpoint as _ckpt
 from jaxsparse.flax import _core
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear
-from jaxsparse.flax.train import _names
 from pallas_kernels.block_sparse import (
     block_mask_of,
     block_sparse_from_dense,
     block_sparse_to_dense,
 )
-from pallas_kernels.nm import index_bits, pack_nm, unpack_indices, unpack_nm
+from pallas_kernels.nm import pack_nm, unpack_indices, unpack_nm
 
 __all__ = [
     "compress",
@@ -85,7 +84,7 @@ def _flat(tree: PyTree, keep_none: bool = False) -> dict[str, Any]:
     leaves = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=(lambda x: x is None) if keep_none else None
     )[0]
-    return {"/".join(_names(p)): leaf for p, leaf in leaves}
+    return {"/".join(_core.path_names(p)): leaf for p, leaf in leaves}
 
 
 def _set(d: dict, path: list[str], value: Any) -> None:
@@ -144,7 +143,8 @@ def compress(
 
     Returns:
       ``(params, pattern)`` as nested dicts: compressed layers hold ``kernel_blocks``/``kernel_values``
-      instead of ``kernel``; ``pattern`` holds their index leaves at the same layer paths.
+      instead of ``kernel``; ``pattern`` holds their pattern objects (``BlockSparsePattern`` /
+      ``NMPattern``) at ``<layer path>/pattern``, exactly the layers' ``sparse_pattern`` collection.
     """
     if format not in ("block", "nm"):
         raise ValueError(f"format must be 'block' or 'nm'; got {format!r}.")
@@ -186,7 +186,7 @@ def compress(
                 )
             w = block_sparse_from_dense(leaf, jnp.asarray(bmask), block=tuple(block), capacity=cap)
             _set(out_p, path[:-1] + [_core.BLOCK_PARAM], w.data)
-            fields = _core.block_pattern(w)
+            _set(pattern, path[:-1] + [_core.PATTERN], _core.BlockSparsePattern.of(w))
         else:
             counts = (
                 mask.reshape(mask.shape[0] // m, m, -1).sum(1) if mask.shape[0] % m == 0 else None
@@ -206,51 +206,50 @@ def compress(
                 )
             w = pack_nm(leaf, jnp.asarray(mask), n=n, m=m, pack_tile=pack_tile)
             _set(out_p, path[:-1] + [_core.NM_PARAM], w.values)
-            fields = _core.nm_pattern(w)
-        for f, value in fields.items():
-            _set(pattern, path[:-1] + [f], value)
+            _set(pattern, path[:-1] + [_core.PATTERN], _core.NMPattern.of(w))
     return out_p, pattern
 
 
 def decompress(params: PyTree, pattern: PyTree) -> tuple[dict, dict]:
     """Inverse of :func:`compress`: ``(dense params, masks)`` with ``kernel`` back in every compressed layer.
 
-    ``masks`` holds the stored positions (bool ``(K, N)``; for N:M, positions padded into under-full groups
-    are included) and ``None`` for every other leaf, ready for jaxsparse's ``fixed_masks``.
+    Jittable: the N:M config and block shapes are static metadata of the pattern objects.
+
+    Args:
+      params: compressed params (``kernel_blocks`` / ``kernel_values`` leaves).
+      pattern: the matching pattern tree (Linen ``sparse_pattern``, NNX ``SparsePattern`` state, or
+        :func:`compress` output).
+
+    Returns:
+      ``(params, masks)``: ``masks`` holds the stored positions (bool ``(K, N)``; for N:M, positions padded
+      into under-full groups are included) and ``None`` for every other leaf, ready for jaxsparse's
+      ``fixed_masks``.
     """
-    flat_p, flat_s = _flat(params), _flat(pattern)
+    patterns = _core.patterns_of(pattern)
     out_p: dict = {}
     masks: dict = {}
-    for name, leaf in flat_p.items():
+    for name, leaf in _flat(params).items():
         path = name.split("/")
         layer = "/".join(path[:-1])
-        get = lambda f: flat_s.get(f"{layer}/{f}" if layer else f)  # noqa: E731
-        if path[-1] == _core.BLOCK_PARAM:
-            fields = {f: get(f) for f in _core.BLOCK_PATTERN_FIELDS}
-            if any(v is None for v in fields.values()):
-                raise ValueError(
-                    f"'{name}': the pattern tree lacks the block indices of layer '{layer}'."
-                )
-            w = _core.block_weight(leaf, fields)
-            kernel = block_sparse_to_dense(w)
-            bk, bn = w.block
-            mask = jnp.repeat(jnp.repeat(block_mask_of(w), bk, 0), bn, 1)
-        elif path[-1] == _core.NM_PARAM:
-            meta, cfg = get("meta"), get("nm_config")
-            if meta is None or cfg is None:
-                raise ValueError(
-                    f"'{name}': the pattern tree lacks 'meta'/'nm_config' of layer '{layer}'."
-                )
-            n, m, tile = _core.static_nm_config(cfg, f"'{name}'")
-            w = _core.nm_weight(leaf, meta, n=n, m=m, pack_tile=tile)
-            kernel = unpack_nm(w)
-            idx = unpack_indices(w)
-            hit = idx[:, :, None, :] == jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
-            mask = hit.any(0).reshape(w.shape)
-        else:
+        if path[-1] not in (_core.BLOCK_PARAM, _core.NM_PARAM):
             _set(out_p, path, leaf)
             _set(masks, path, None)
             continue
+        kind = _core.BlockSparsePattern if path[-1] == _core.BLOCK_PARAM else _core.NMPattern
+        if not isinstance(patterns.get(layer), kind):
+            raise ValueError(
+                f"'{name}': the pattern tree has no {kind.__name__} at '{layer}/{_core.PATTERN}'."
+            )
+        w = patterns[layer].weight(leaf)
+        if kind is _core.BlockSparsePattern:
+            kernel = block_sparse_to_dense(w)
+            bk, bn = w.block
+            mask = jnp.repeat(jnp.repeat(block_mask_of(w), bk, 0), bn, 1)
+        else:
+            kernel = unpack_nm(w)
+            idx = unpack_indices(w)
+            hit = idx[:, :, None, :] == jnp.arange(w.m, dtype=jnp.int32)[None, None, :, None]
+            mask = hit.any(0).reshape(w.shape)
         _set(out_p, path[:-1] + ["kernel"], kernel)
         _set(masks, path[:-1] + ["kernel"], mask)
     return out_p, masks
@@ -296,7 +295,7 @@ def to_sparse_nnx(
     cparams, pattern = compress(
         params, masks, format=format, block=block, capacity=capacity, n=n, m=m
     )
-    flat_c, flat_s = _flat(cparams), _flat(pattern)
+    flat_c, patterns = _flat(cparams), _core.patterns_of(pattern)
 
     def make(path, node):
         layer = "/".join(str(k) for k in path)
@@ -311,10 +310,8 @@ def to_sparse_nnx(
             impl=impl,
             rngs=nnx.Rngs(0),
         )
+        w = patterns[layer].weight(flat_c[key])
         if format == "block":
-            w = _core.block_weight(
-                flat_c[key], {f: flat_s[f"{layer}/{f}"] for f in _core.BLOCK_PATTERN_FIELDS}
-            )
             new = BlockSparseLinear(
                 node.in_features,
                 node.out_features,
@@ -324,20 +321,17 @@ def to_sparse_nnx(
                 **common,
             )
             new.kernel_blocks[...] = w.data
-            for f in _core.BLOCK_PATTERN_FIELDS:
-                getattr(new, f)[...] = getattr(w, f)
         else:
-            cfg = np.asarray(flat_s[f"{layer}/nm_config"])
             new = NMLinear(
                 node.in_features,
                 node.out_features,
-                n=int(cfg[0]),
-                m=int(cfg[1]),
-                pack_tile=int(cfg[2]),
+                n=w.n,
+                m=w.m,
+                pack_tile=w.pack_tile,
                 **common,
             )
-            new.kernel_values[...] = flat_c[key]
-            new.meta[...] = flat_s[f"{layer}/meta"]
+            new.kernel_values[...] = w.values
+        new.pattern.set_value(patterns[layer])
         if node.bias is not None:
             new.bias[...] = node.bias[...]
         return new
@@ -371,66 +365,30 @@ def to_dense_nnx(model: nnx.Module) -> nnx.Module:
 # ----------------------------------------------------------------------------------------- checkpoints
 def layout(tree: PyTree) -> dict:
     """The JSON-able description of ``tree``: every compressed layer's format metadata and every leaf's
-    shape and dtype (``tree`` may hold ``jax.ShapeDtypeStruct`` leaves)."""
+    shape and dtype (``tree`` may hold ``jax.ShapeDtypeStruct`` leaves).
+
+    Layers are found by their pattern objects (:func:`jaxsparse.flax._core.layer_layouts`), so the static
+    config (block, capacity, n, m, pack_tile) is described for abstract trees too.
+
+    Args:
+      tree: a compressed model's state, Linen variables or a training state.
+
+    Returns:
+      ``{"version", "layers": {layer path: format metadata}, "leaves": {path: {"shape", "dtype"}}}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsparse.flax.linen import BlockSparseDense
+      >>> v = BlockSparseDense(4, block=(2, 2), capacity=3).init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> layout(jax.eval_shape(lambda: v))["layers"][""]["capacity"]
+      3
+    """
     flat = _flat(tree)
     leaves = {
         k: {"shape": list(np.shape(v)), "dtype": str(jnp.dtype(v.dtype))} for k, v in flat.items()
     }
 
-    # A layer's values and indices share its path, either exactly (an NNX model state) or below different
-    # top-level keys (Linen {"params", "sparse_pattern"}, a training state {"params": ..., "pattern": ...}).
-    full: dict[str, dict[str, str]] = {}
-    below: dict[str, dict[str, str]] = {}
-    for name in flat:
-        parts = name.split("/")
-        full.setdefault("/".join(parts[:-1]), {})[parts[-1]] = name
-        if len(parts) > 2:
-            below.setdefault("/".join(parts[1:-1]), {})[parts[-1]] = name
-    by_layer: dict[str, dict[str, str]] = {}
-    claimed: set[str] = set()
-    for candidates in (full, below):
-        for layer, fields in candidates.items():
-            for value, needed in (
-                (_core.BLOCK_PARAM, _core.BLOCK_PATTERN_FIELDS),
-                (_core.NM_PARAM, _core.NM_PATTERN_FIELDS),
-            ):
-                if (
-                    value in fields
-                    and fields[value] not in claimed
-                    and all(f in fields for f in needed)
-                ):
-                    by_layer[layer] = fields
-                    claimed.add(fields[value])
-    layers = {}
-    for layer, fields in by_layer.items():
-        if _core.BLOCK_PARAM in fields and all(f in fields for f in _core.BLOCK_PATTERN_FIELDS):
-            cap, bk, bn = flat[fields[_core.BLOCK_PARAM]].shape
-            kb = flat[fields["row_ptr"]].shape[0] - 1
-            nb = flat[fields["col_ptr"]].shape[0] - 1
-            layers[layer] = {
-                "format": "block_sparse",
-                "shape": [kb * bk, nb * bn],
-                "block": [bk, bn],
-                "capacity": cap,
-                "dtype": leaves[fields[_core.BLOCK_PARAM]]["dtype"],
-                "arrays": {f: fields[f] for f in (_core.BLOCK_PARAM, *_core.BLOCK_PATTERN_FIELDS)},
-            }
-        elif _core.NM_PARAM in fields and all(f in fields for f in _core.NM_PATTERN_FIELDS):
-            n, g, cols = flat[fields[_core.NM_PARAM]].shape
-            layers[layer] = {
-                "format": "nm",
-                "n": n,
-                "groups": g,
-                "out_features": cols,
-                "dtype": leaves[fields[_core.NM_PARAM]]["dtype"],
-                "arrays": {f: fields[f] for f in (_core.NM_PARAM, *_core.NM_PATTERN_FIELDS)},
-            }
-            cfg = flat[fields["nm_config"]]
-            if not isinstance(cfg, (jax.ShapeDtypeStruct, jax.core.Tracer)):
-                n_, m, tile = (int(v) for v in np.asarray(cfg))
-                layers[layer].update(
-                    m=m, pack_tile=tile, bits=int(index_bits(m)), shape=[g * m, cols]
-                )
+    layers = _core.layer_layouts(tree)
     return {"version": LAYOUT_VERSION, "layers": layers, "leaves": leaves}
 
 

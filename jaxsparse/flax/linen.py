@@ -5,8 +5,9 @@ Drop-in for :class:`flax.linen.Dense` (``features``, ``use_bias``, ``dtype``, ``
 
 * ``params``: ``kernel_blocks [capacity, bk, bn]`` (block-sparse) or ``kernel_values [n, K // m, N]`` (N:M),
   and ``bias``; these are the only trainable leaves.
-* ``sparse_pattern``: the non-trainable index leaves (block indices / N:M ``meta`` and ``nm_config``). Pass
-  it to ``apply`` with the params: ``model.apply({"params": p, "sparse_pattern": s}, x)``.
+* ``sparse_pattern``: one ``pattern`` per layer, a :class:`~jaxsparse.flax.BlockSparsePattern` or
+  :class:`~jaxsparse.flax.NMPattern` (index arrays; the static config is pytree metadata). Pass it to
+  ``apply`` with the params: ``model.apply({"params": p, "sparse_pattern": s}, x)``.
 
 The per-layer layout is the same as the NNX layers', so :mod:`jaxsparse.flax.train` and
 :mod:`jaxsparse.flax.convert` work on both.
@@ -17,45 +18,47 @@ Example:
   >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 8)))
   >>> sorted(variables), variables["params"]["kernel_blocks"].shape
   (['params', 'sparse_pattern'], (4, 2, 2))
-  >>> layer.apply(variables, jnp.ones((3, 8))).shape
+  >>> type(variables["sparse_pattern"]["pattern"]).__name__
+  'BlockSparsePattern'
+  >>> jax.jit(layer.apply)(variables, jnp.ones((3, 8))).shape
   (3, 4)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from flax.typing import Dtype, Initializer, PrecisionLike
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 from jaxsparse.flax import _core
+from jaxsparse.flax._core import PATTERN, PATTERN_COLLECTION, BlockSparsePattern, NMPattern
+from pallas_kernels.nm import check_nm
 
 __all__ = ["BlockSparseDense", "NMDense", "PATTERN_COLLECTION"]
 
-PATTERN_COLLECTION = _core.PATTERN_COLLECTION
 _default_kernel_init = nn.initializers.lecun_normal()
 
 
-def _check_pattern(module: nn.Module, fields: tuple[str, ...], packed: dict) -> None:
-    if module.is_initializing():
-        return  # the pattern is created from the packed initial kernel
-    missing = [f for f in fields if not module.has_variable(PATTERN_COLLECTION, f)]
-    if missing:
+def _pattern_variable(
+    module: nn.Module, make: Callable[[], BlockSparsePattern | NMPattern]
+) -> BlockSparsePattern | NMPattern:
+    """The layer's pattern object: created by ``make`` at init, read from ``sparse_pattern`` at apply."""
+    if not module.is_initializing() and not module.has_variable(PATTERN_COLLECTION, PATTERN):
         raise ValueError(
-            f"'{PATTERN_COLLECTION}/{missing[0]}' is missing: apply the layer with both collections, "
-            f"model.apply({{'params': ..., '{PATTERN_COLLECTION}': ...}}, x)."
+            f"'{PATTERN_COLLECTION}/{PATTERN}' of layer '{'/'.join(module.scope.path)}' is missing: apply "
+            f"the layer with both collections, model.apply({{'params': ..., '{PATTERN_COLLECTION}': "
+            f"...}}, x)."
         )
+    return module.variable(PATTERN_COLLECTION, PATTERN, make).value
 
 
-def _missing(name: str):
-    def init():
-        raise ValueError(
-            f"'{PATTERN_COLLECTION}/{name}' is missing: apply the layer with both collections, "
-            f"model.apply({{'params': ..., '{PATTERN_COLLECTION}': ...}}, x)."
-        )
-
-    return init
+def _bias(module: nn.Module, features: int) -> Float[Array, " N"] | None:
+    if not module.use_bias:
+        return None
+    return module.param("bias", module.bias_init, (features,), module.param_dtype)
 
 
 class BlockSparseDense(nn.Module):
@@ -67,24 +70,26 @@ class BlockSparseDense(nn.Module):
       capacity / density / block_mask: stored block slots, or a fraction of blocks, or an initial
         ``(Kb, Nb)`` bool mask (default mask: the ``capacity`` largest-L2 blocks of the initial kernel).
       impl, interpret: passed to :func:`~pallas_kernels.block_sparse.bsr_matmul`.
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as :class:`flax.linen.Dense`.
     """
 
     features: int
     block: tuple[int, int]
     capacity: int | None = None
     density: float | None = None
-    block_mask: Any = None
+    block_mask: Bool[ArrayLike, "Kb Nb"] | None = None
     use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Any = _default_kernel_init
-    bias_init: Any = nn.initializers.zeros_init()
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    kernel_init: Initializer = _default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
     impl: str = "auto"
     interpret: str | None = None
 
     @nn.compact
     def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
+        """``inputs @ W + bias`` on :func:`~pallas_kernels.block_sparse.bsr_matmul`."""
         k = inputs.shape[-1]
         where = (
             f"BlockSparseDense(features={self.features}) at {'/'.join(self.scope.path) or '<root>'}"
@@ -100,32 +105,19 @@ class BlockSparseDense(nn.Module):
         packed = {}
 
         def init_data(key):
-            packed["w"] = _core.init_block_sparse(
-                self.kernel_init(key, (k, self.features), self.param_dtype), block, capacity, mask
-            )
+            kernel = self.kernel_init(key, (k, self.features), self.param_dtype)
+            packed["w"] = _core.init_block_sparse(kernel, block, capacity, mask)
             return packed["w"].data
 
         data = self.param(_core.BLOCK_PARAM, init_data)
-        _check_pattern(self, _core.BLOCK_PATTERN_FIELDS, packed)
-        pattern = {}
-        for f in _core.BLOCK_PATTERN_FIELDS:
-            init = (lambda f=f: getattr(packed["w"], f)) if self.is_initializing() else _missing(f)
-            pattern[f] = self.variable(PATTERN_COLLECTION, f, init).value
-        if data.shape != (capacity, *block):
-            raise ValueError(
-                f"{where}: params '{_core.BLOCK_PARAM}' has shape {data.shape}, but the layer stores "
-                f"(capacity, bk, bn) = {(capacity, *block)}."
-            )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        return _core.block_sparse_apply(
+        pattern = _pattern_variable(self, lambda: BlockSparsePattern.of(packed["w"]))
+        want = {"shape": (k, self.features), "block": block, "capacity": capacity}
+        pattern = _core.check_pattern(pattern, BlockSparsePattern, want, where)
+        return _core.sparse_apply(
             inputs,
             data,
             pattern,
-            bias,
+            _bias(self, self.features),
             dtype=self.dtype,
             precision=self.precision,
             impl=self.impl,
@@ -141,65 +133,54 @@ class NMDense(nn.Module):
       n, m: keep ``n`` of every ``m`` consecutive inputs per output.
       mask: optional initial ``(in, features)`` N:M bool mask (default: magnitude mask of the initial kernel).
       pack_tile, impl, interpret: see :func:`pallas_kernels.nm.pack_nm` / :func:`~pallas_kernels.nm.nm_matmul`.
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as :class:`flax.linen.Dense`.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> v = NMDense(4).init(jax.random.key(0), jnp.ones((1, 16)))
-      >>> v["params"]["kernel_values"].shape, v["sparse_pattern"]["nm_config"].tolist()
-      ((2, 4, 4), [2, 4, 16])
+      >>> p = v["sparse_pattern"]["pattern"]
+      >>> v["params"]["kernel_values"].shape, (p.n, p.m, p.pack_tile, p.shape)
+      ((2, 4, 4), (2, 4, 16, (16, 4)))
     """
 
     features: int
     n: int = 2
     m: int = 4
-    mask: Any = None
+    mask: Bool[ArrayLike, "K N"] | None = None
     pack_tile: int | None = None
     use_bias: bool = True
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    precision: Any = None
-    kernel_init: Any = _default_kernel_init
-    bias_init: Any = nn.initializers.zeros_init()
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    precision: PrecisionLike = None
+    kernel_init: Initializer = _default_kernel_init
+    bias_init: Initializer = nn.initializers.zeros_init()
     impl: str = "auto"
     interpret: str | None = None
 
     @nn.compact
     def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
+        """``inputs @ W + bias`` on :func:`~pallas_kernels.nm.nm_matmul`."""
         k = inputs.shape[-1]
-        from pallas_kernels.nm import check_nm, default_pack_tile
-
+        where = f"NMDense(features={self.features}) at {'/'.join(self.scope.path) or '<root>'}"
         check_nm(self.n, self.m, k=k)
-        pack_tile = self.pack_tile or default_pack_tile(k // self.m, self.m)
         packed = {}
 
         def init_values(key):
             kernel = self.kernel_init(key, (k, self.features), self.param_dtype)
-            packed["w"] = _core.init_nm(kernel, self.n, self.m, self.mask, pack_tile)
+            packed["w"] = _core.init_nm(kernel, self.n, self.m, self.mask, self.pack_tile)
             return packed["w"].values
 
         values = self.param(_core.NM_PARAM, init_values)
-        _check_pattern(self, _core.NM_PATTERN_FIELDS, packed)
-        pattern = {}
-        for f in _core.NM_PATTERN_FIELDS:
-            init = (
-                (lambda f=f: _core.nm_pattern(packed["w"])[f])
-                if self.is_initializing()
-                else _missing(f)
-            )
-            pattern[f] = self.variable(PATTERN_COLLECTION, f, init).value
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        return _core.nm_apply(
+        pattern = _pattern_variable(self, lambda: NMPattern.of(packed["w"]))
+        want = {"shape": (k, self.features), "n": self.n, "m": self.m}
+        if self.pack_tile is not None:
+            want["pack_tile"] = self.pack_tile
+        pattern = _core.check_pattern(pattern, NMPattern, want, where)
+        return _core.sparse_apply(
             inputs,
             values,
-            pattern["meta"],
-            bias,
-            n=self.n,
-            m=self.m,
-            pack_tile=pack_tile,
+            pattern,
+            _bias(self, self.features),
             dtype=self.dtype,
             precision=self.precision,
             impl=self.impl,

@@ -8,7 +8,10 @@ TPU/GPU, the XLA reference or dense ``jnp.dot`` elsewhere, as the ops' dispatch 
 
 Storage: only the stored values are :class:`flax.nnx.Param` (``kernel_blocks [capacity, bk, bn]`` or
 ``kernel_values [n, K // m, N]``, plus ``bias``), so ``nnx.state(model, nnx.Param)`` is exactly what an
-optimizer should see. Indices are :class:`SparsePattern` variables (non-trainable). The capacity (stored
+optimizer should see. The indices are one :class:`SparsePattern` variable, ``pattern``, holding a
+:class:`~jaxsparse.flax.BlockSparsePattern` or :class:`~jaxsparse.flax.NMPattern` (read it with
+``layer.pattern.get_value()``); the static config (block, capacity, n, m, pack_tile) is Python ints on the
+layer and static metadata of the pattern, so every method runs under ``nnx.jit``. The capacity (stored
 block slots) is static, so a changed mask is re-packed on device into the same shapes
 (:meth:`BlockSparseLinear.set_block_mask` or the tree functions in :mod:`jaxsparse.flax.train`) without
 recompiling.
@@ -17,22 +20,22 @@ Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
   >>> layer = BlockSparseLinear(8, 4, block=(2, 2), density=0.5, rngs=nnx.Rngs(0))
-  >>> layer.kernel_blocks.shape, int(layer.block_mask().sum())
-  ((4, 2, 2), 4)
+  >>> layer.kernel_blocks.shape, int(layer.block_mask().sum()), layer.pattern.get_value().capacity
+  ((4, 2, 2), 4, 4)
   >>> bool(jnp.allclose(layer(jnp.ones((3, 8))), jnp.ones((3, 8)) @ layer.todense() + layer.bias[...]))
   True
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.linear import default_kernel_init
+from flax.typing import Dtype, Initializer, PrecisionLike
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxsparse.flax import _core
+from jaxsparse.flax._core import BlockSparsePattern, NMPattern
 from pallas_kernels.block_sparse import BlockSparseWeight, block_mask_of, block_sparse_to_dense
 from pallas_kernels.nm import NMWeight, check_nm, unpack_nm
 
@@ -40,7 +43,18 @@ __all__ = ["SparsePattern", "BlockSparseLinear", "NMLinear"]
 
 
 class SparsePattern(nnx.Variable):
-    """Non-trainable index metadata of a compressed kernel (block indices, N:M positions)."""
+    """Non-trainable variable holding a layer's pattern object (block indices or N:M positions).
+
+    Its value is a :class:`~jaxsparse.flax.BlockSparsePattern` or :class:`~jaxsparse.flax.NMPattern`; filter
+    with it to split the indices from the trainable params:
+    ``graphdef, params, pattern = nnx.split(model, nnx.Param, SparsePattern)``.
+    """
+
+
+def _bias(
+    use_bias: bool, init: Initializer, rngs: nnx.Rngs, n: int, dtype: Dtype
+) -> nnx.Param | None:
+    return nnx.Param(init(rngs.params(), (n,), dtype)) if use_bias else nnx.data(None)
 
 
 class BlockSparseLinear(nnx.Module):
@@ -55,6 +69,14 @@ class BlockSparseLinear(nnx.Module):
         of the initial dense kernel.
       impl, interpret: passed to :func:`~pallas_kernels.block_sparse.bsr_matmul`.
       use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as :class:`flax.nnx.Linear`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> layer = BlockSparseLinear(8, 8, block=(4, 4), capacity=2, rngs=nnx.Rngs(0))
+      >>> src = nnx.jit(lambda l, m: l.set_block_mask(m))(layer, jnp.array([[1, 0], [0, 0]], bool))
+      >>> layer.block_mask().tolist(), int(layer.pattern.get_value().nnz)
+      ([[True, False], [False, False]], 1)
     """
 
     def __init__(
@@ -67,11 +89,11 @@ class BlockSparseLinear(nnx.Module):
         density: float | None = None,
         block_mask: Bool[ArrayLike, "Kb Nb"] | None = None,
         use_bias: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        precision: Any = None,
-        kernel_init: Any = default_kernel_init,
-        bias_init: Any = nnx.initializers.zeros_init(),
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = nnx.initializers.zeros_init(),
         impl: str = "auto",
         interpret: str | None = None,
         rngs: nnx.Rngs,
@@ -85,32 +107,24 @@ class BlockSparseLinear(nnx.Module):
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         w = _core.init_block_sparse(kernel, self.block, self.capacity, block_mask)
         self.kernel_blocks = nnx.Param(w.data)
-        for f, value in _core.block_pattern(w).items():
-            setattr(self, f, SparsePattern(value))
-        self.bias = (
-            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-            if use_bias
-            else nnx.data(None)
-        )
+        self.pattern = SparsePattern(BlockSparsePattern.of(w))
+        self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
         self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
         self.impl, self.interpret = impl, interpret
 
-    def _pattern(self) -> dict[str, Array]:
-        return {f: getattr(self, f)[...] for f in _core.BLOCK_PATTERN_FIELDS}
-
     @property
     def weight(self) -> BlockSparseWeight:
         """The kernel as a :class:`~pallas_kernels.block_sparse.BlockSparseWeight`."""
-        return _core.block_weight(self.kernel_blocks[...], self._pattern())
+        return self.pattern.get_value().weight(self.kernel_blocks[...])
 
     def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
-        bias = self.bias[...] if self.bias is not None else None
-        return _core.block_sparse_apply(
+        """``inputs @ W + bias`` on :func:`~pallas_kernels.block_sparse.bsr_matmul`."""
+        return _core.sparse_apply(
             inputs,
             self.kernel_blocks[...],
-            self._pattern(),
-            bias,
+            self.pattern.get_value(),
+            self.bias[...] if self.bias is not None else None,
             dtype=self.dtype,
             precision=self.precision,
             impl=self.impl,
@@ -126,17 +140,23 @@ class BlockSparseLinear(nnx.Module):
         return block_sparse_to_dense(self.weight)
 
     def set_block_mask(self, block_mask: Bool[ArrayLike, "Kb Nb"]) -> Int[Array, " cap"]:
-        """Re-packs in place to ``block_mask`` (same capacity, works under ``nnx.jit``); returns the slot sources.
+        """Re-packs in place to ``block_mask`` (same capacity, works under ``nnx.jit``).
 
-        Kept blocks keep their values, new blocks start at zero. Move slot-shaped optimizer state with
-        :func:`jaxsparse.flax.train.take_slots` and the returned sources.
+        Kept blocks keep their values, new blocks start at zero.
+
+        Args:
+          block_mask: ``(Kb, Nb)`` bool with at most ``capacity`` blocks.
+
+        Returns:
+          The ``[capacity]`` slot sources: move slot-shaped optimizer state with
+          :func:`jaxsparse.flax.train.take_slots` and them.
         """
-        grid = self.weight.grid_shape
-        mask = _core.check_block_mask(block_mask, grid, self.capacity, type(self).__name__)
+        mask = _core.check_block_mask(
+            block_mask, self.pattern.get_value().grid_shape, self.capacity, type(self).__name__
+        )
         w, src = _core.repack(self.weight, mask)
         self.kernel_blocks[...] = w.data
-        for f, value in _core.block_pattern(w).items():
-            getattr(self, f)[...] = value
+        self.pattern.set_value(BlockSparsePattern.of(w))
         return src
 
 
@@ -154,7 +174,7 @@ class NMLinear(nnx.Module):
     Example:
       >>> from flax import nnx
       >>> layer = NMLinear(16, 4, n=2, m=4, rngs=nnx.Rngs(0))
-      >>> layer.kernel_values.shape, int((layer.todense() != 0).sum())
+      >>> layer.kernel_values.shape, int((nnx.jit(lambda l: l.todense())(layer) != 0).sum())
       ((2, 4, 4), 32)
     """
 
@@ -168,11 +188,11 @@ class NMLinear(nnx.Module):
         mask: Bool[ArrayLike, "K N"] | None = None,
         pack_tile: int | None = None,
         use_bias: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        precision: Any = None,
-        kernel_init: Any = default_kernel_init,
-        bias_init: Any = nnx.initializers.zeros_init(),
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = nnx.initializers.zeros_init(),
         impl: str = "auto",
         interpret: str | None = None,
         rngs: nnx.Rngs,
@@ -181,13 +201,8 @@ class NMLinear(nnx.Module):
         kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
         w = _core.init_nm(kernel, n, m, mask, pack_tile)
         self.kernel_values = nnx.Param(w.values)
-        self.meta = SparsePattern(w.meta)
-        self.nm_config = SparsePattern(_core.nm_pattern(w)["nm_config"])
-        self.bias = (
-            nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-            if use_bias
-            else nnx.data(None)
-        )
+        self.pattern = SparsePattern(NMPattern.of(w))
+        self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
         self.in_features, self.out_features, self.use_bias = in_features, out_features, use_bias
         self.n, self.m, self.pack_tile = n, m, w.pack_tile
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
@@ -196,20 +211,15 @@ class NMLinear(nnx.Module):
     @property
     def weight(self) -> NMWeight:
         """The kernel as a :class:`~pallas_kernels.nm.NMWeight`."""
-        return _core.nm_weight(
-            self.kernel_values[...], self.meta[...], n=self.n, m=self.m, pack_tile=self.pack_tile
-        )
+        return self.pattern.get_value().weight(self.kernel_values[...])
 
     def __call__(self, inputs: Float[Array, "... K"]) -> Float[Array, "... N"]:
-        bias = self.bias[...] if self.bias is not None else None
-        return _core.nm_apply(
+        """``inputs @ W + bias`` on :func:`~pallas_kernels.nm.nm_matmul`."""
+        return _core.sparse_apply(
             inputs,
             self.kernel_values[...],
-            self.meta[...],
-            bias,
-            n=self.n,
-            m=self.m,
-            pack_tile=self.pack_tile,
+            self.pattern.get_value(),
+            self.bias[...] if self.bias is not None else None,
             dtype=self.dtype,
             precision=self.precision,
             impl=self.impl,

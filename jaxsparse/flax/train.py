@@ -12,9 +12,11 @@ Everything works on the pair ``(params, pattern)`` of trees, identical for both 
   rebuild with ``nnx.merge(graphdef, params, pattern)``.
 * Linen: ``params, pattern = variables["params"], variables["sparse_pattern"]``.
 
-Layers are named by their path (``"mlp/fc1"``). :func:`block_gmp_step` is gradual magnitude pruning on blocks
-(Zhu & Gupta's schedule over blocks, gated with ``lax.cond``); :func:`block_magnitude_masks` +
-:func:`repack_blocks` are the pieces for any other block rule.
+A layer is found by its pattern object (:class:`~jaxsparse.flax.BlockSparsePattern`) and named by its path
+(``"mlp/fc1"``; ``""`` for a root layer); its values are the ``kernel_blocks`` leaf at the same path in
+``params``. :func:`block_gmp_step` is gradual magnitude pruning on blocks (Zhu & Gupta's schedule over
+blocks, gated with ``lax.cond``); :func:`block_magnitude_masks` + :func:`repack_blocks` are the pieces for any
+other block rule.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -25,14 +27,13 @@ Example:
   >>> opt_state = tx.init(params)
   >>> masks = block_magnitude_masks(params, pattern, sparsity=0.75)   # keep 2 of the 8 blocks
   >>> params, pattern, opt_state = repack_blocks(params, pattern, masks, opt_state=opt_state, tx=tx)
-  >>> int(pattern["nnz"]), params["kernel_blocks"].shape
+  >>> int(pattern["pattern"].nnz), params["kernel_blocks"].shape
   (2, (4, 2, 2))
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +41,23 @@ import optax
 from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
+from jaxsparse._deprecations import module_getattr
+from jaxsparse.allocation import keep_count
 from jaxsparse.flax import _core
-from jaxsparse.flax._core import live_block_scores, repack, slot_sources, take_slots
+from jaxsparse.flax._core import (
+    BlockSparsePattern,
+    live_block_scores,
+    repack,
+    slot_sources,
+    take_slots,
+)
 from jaxsparse.masks import topk_mask
 from jaxsparse.schedules import polynomial_sparsity, update_gate
 from pallas_kernels.block_sparse import BlockSparseWeight, block_mask_of
 
 __all__ = [
     "block_sparse_weights",
-    "block_masks",
+    "stored_block_masks",
     "block_magnitude_masks",
     "repack_blocks",
     "block_gmp_step",
@@ -59,63 +68,85 @@ __all__ = [
 ]
 
 
-def _names(path: tuple) -> tuple[str, ...]:
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
-            continue  # the value of an NNX Variable
-        names.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return tuple(names)
-
-
-def _split(path: tuple) -> tuple[str, str]:
-    names = _names(path)
-    return "/".join(names[:-1]), names[-1]
-
-
 def block_sparse_weights(params: PyTree, pattern: PyTree) -> dict[str, BlockSparseWeight]:
-    """Every block-sparse layer in ``(params, pattern)`` as ``{layer path: BlockSparseWeight}``."""
-    data = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        layer, name = _split(path)
-        if name == _core.BLOCK_PARAM:
-            data[layer] = leaf
-    fields: dict[str, dict[str, Array]] = {layer: {} for layer in data}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(pattern)[0]:
-        layer, name = _split(path)
-        if layer in fields and name in _core.BLOCK_PATTERN_FIELDS:
-            fields[layer][name] = leaf
-    out = {}
-    for layer, d in data.items():
-        missing = [f for f in _core.BLOCK_PATTERN_FIELDS if f not in fields[layer]]
-        if missing:
-            raise ValueError(
-                f"layer '{layer}' has '{_core.BLOCK_PARAM}' in params but the pattern tree lacks "
-                f"{missing}; pass the matching sparse_pattern / SparsePattern state."
-            )
-        out[layer] = _core.block_weight(d, fields[layer])
-    return out
+    """Every block-sparse layer in ``(params, pattern)`` as a weight.
+
+    Args:
+      params: the trainable tree (holds each layer's ``kernel_blocks``).
+      pattern: the tree of pattern objects (NNX ``SparsePattern`` state or Linen ``sparse_pattern``).
+
+    Returns:
+      ``{layer path: BlockSparseWeight}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsparse.flax.linen import BlockSparseDense
+      >>> v = BlockSparseDense(4, block=(2, 2), capacity=3).init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> {k: (w.shape, w.capacity) for k, w in block_sparse_weights(v["params"], v["sparse_pattern"]).items()}
+      {'': ((8, 4), 3)}
+    """
+    patterns = {
+        k: p for k, p in _core.patterns_of(pattern).items() if isinstance(p, BlockSparsePattern)
+    }
+    data = _core.leaves_named(params, _core.BLOCK_PARAM)
+    for layer in sorted(set(data) ^ set(patterns)):
+        has, lacks = ("params", "pattern") if layer in data else ("pattern", "params")
+        raise ValueError(
+            f"layer '{layer}' is block-sparse in the {has} tree but the {lacks} tree has no "
+            f"{'BlockSparsePattern' if layer in data else repr(_core.BLOCK_PARAM)} at that path; pass "
+            f"matching params and sparse_pattern / SparsePattern trees."
+        )
+    return {layer: patterns[layer].weight(data[layer]) for layer in data}
 
 
-def block_masks(params: PyTree, pattern: PyTree) -> dict[str, Bool[Array, "Kb Nb"]]:
-    """``{layer path: (Kb, Nb) bool mask of its stored blocks}``."""
+def stored_block_masks(params: PyTree, pattern: PyTree) -> dict[str, Bool[Array, "Kb Nb"]]:
+    """The block mask each layer stores now (reads it; :func:`jaxsparse.block_mask` builds one from scores).
+
+    Args:
+      params, pattern: the layers' trees (see the module docstring).
+
+    Returns:
+      ``{layer path: (Kb, Nb) bool mask of its live blocks}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsparse.flax.linen import BlockSparseDense
+      >>> mask = jnp.array([[True, False], [False, False]])
+      >>> v = BlockSparseDense(4, block=(2, 2), block_mask=mask).init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> stored_block_masks(v["params"], v["sparse_pattern"])[""].tolist()
+      [[True, False], [False, False]]
+    """
     return {k: block_mask_of(w) for k, w in block_sparse_weights(params, pattern).items()}
 
 
 def block_magnitude_masks(
     params: PyTree, pattern: PyTree, sparsity: Float[ArrayLike, ""], pool: str = "l2"
 ) -> dict[str, Bool[Array, "Kb Nb"]]:
-    """Per layer, keep the ``round((1 - sparsity) * Kb * Nb)`` stored blocks of largest norm (never grows).
+    """Per layer, keep its ``keep_count(sparsity, Kb * Nb)`` stored blocks of largest norm (never grows).
 
-    ``sparsity`` may be traced; at least one block is kept. Blocks not stored are never selected.
+    The count is :func:`jaxsparse.keep_count`, the rule of every jaxsparse API, on the layer's block grid
+    (at least one block is kept, which only matters at ``sparsity == 1``). Blocks not stored are never
+    selected, so a layer holding fewer blocks keeps all of them.
+
+    Args:
+      params, pattern: the layers' trees (see the module docstring).
+      sparsity: fraction of each layer's block grid to prune; may be traced.
+      pool: block norm, ``"l2"``, ``"l1"`` or ``"max"``.
+
+    Returns:
+      ``{layer path: (Kb, Nb) bool mask}`` for :func:`repack_blocks`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsparse.flax.linen import BlockSparseDense
+      >>> v = BlockSparseDense(4, block=(2, 2), capacity=8).init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> int(block_magnitude_masks(v["params"], v["sparse_pattern"], 0.7)[""].sum())  # 8 - floor(5.6)
+      3
     """
     out = {}
     for layer, w in block_sparse_weights(params, pattern).items():
         scores = live_block_scores(w, pool)
-        total = scores.size
-        k = jnp.clip(
-            jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32)) * total), 1, total
-        ).astype(jnp.int32)
+        k = jnp.clip(keep_count(sparsity, scores.size), 1, scores.size)
         out[layer] = topk_mask(scores, k) & jnp.isfinite(scores)
     return out
 
@@ -126,7 +157,7 @@ def repack_blocks(
     masks: Mapping[str, Bool[ArrayLike, "Kb Nb"]],
     *,
     opt_state: optax.OptState | None = None,
-    tx: Any = None,
+    tx: optax.GradientTransformation | None = None,
 ) -> tuple[PyTree, PyTree, optax.OptState | None]:
     """Re-packs the named layers to new block masks at fixed capacity; moves optimizer state with the blocks.
 
@@ -140,6 +171,15 @@ def repack_blocks(
 
     Returns:
       ``(params, pattern, opt_state)`` with the same tree structures, shapes and dtypes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsparse.flax.linen import BlockSparseDense
+      >>> v = BlockSparseDense(4, block=(2, 2), capacity=2).init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> mask = jnp.array([[False, True], [False, False]])
+      >>> params, pattern, _ = jax.jit(repack_blocks)(v["params"], v["sparse_pattern"], {"": mask})
+      >>> int(pattern["pattern"].nnz), params["kernel_blocks"].shape
+      (1, (2, 2, 2))
     """
     weights = block_sparse_weights(params, pattern)
     unknown = sorted(set(masks) - set(weights))
@@ -153,32 +193,28 @@ def repack_blocks(
         mask = _core.check_block_mask(mask, w.grid_shape, w.capacity, f"layer '{layer}'")
         new_w[layer], sources[layer] = repack(w, mask)
 
-    def put_params(path, leaf):
-        layer, name = _split(path)
-        return new_w[layer].data if (layer in new_w and name == _core.BLOCK_PARAM) else leaf
+    def by_layer(values, fallback):
+        def put(path, leaf):
+            names = _core.path_names(path)
+            layer = "/".join(names[:-1])
+            hit = bool(names) and names[-1] == _core.BLOCK_PARAM and layer in values
+            return values[layer] if hit else fallback(leaf)
 
-    def put_pattern(path, leaf):
-        layer, name = _split(path)
-        return (
-            getattr(new_w[layer], name)
-            if (layer in new_w and name in _core.BLOCK_PATTERN_FIELDS)
-            else leaf
-        )
+        return put
 
-    new_params = jax.tree_util.tree_map_with_path(put_params, params)
-    new_pattern = jax.tree_util.tree_map_with_path(put_pattern, pattern)
+    new_params = jax.tree_util.tree_map_with_path(
+        by_layer({k: w.data for k, w in new_w.items()}, lambda leaf: leaf), params
+    )
+    new_pattern = _core.replace_patterns(
+        pattern, {k: BlockSparsePattern.of(w) for k, w in new_w.items()}
+    )
     if opt_state is not None:
         if tx is None:
             raise ValueError(
                 "repack_blocks: pass tx= (the optax transformation) together with opt_state=."
             )
         none = jnp.zeros((0,), jnp.int32)
-
-        def src_of(path, leaf):
-            layer, name = _split(path)
-            return sources[layer] if (layer in sources and name == _core.BLOCK_PARAM) else none
-
-        src_tree = jax.tree_util.tree_map_with_path(src_of, params)
+        src_tree = jax.tree_util.tree_map_with_path(by_layer(sources, lambda leaf: none), params)
 
         def move(leaf, src):
             if (
@@ -200,7 +236,7 @@ def block_gmp_step(
     opt_state: optax.OptState,
     step: Int[ArrayLike, ""],
     *,
-    tx: Any,
+    tx: optax.GradientTransformation,
     final_sparsity: float,
     begin_step: int,
     end_step: int,
@@ -210,9 +246,33 @@ def block_gmp_step(
 ) -> tuple[PyTree, PyTree, optax.OptState]:
     """Gradual magnitude pruning over blocks, for use inside a jitted step (``lax.cond`` on the update grid).
 
-    On update steps (:func:`jaxsparse.schedules.update_gate`) each layer keeps its largest-norm stored blocks
-    down to ``polynomial_sparsity(...)(step)`` of its block grid and is re-packed in place of capacity; other
-    steps pass the trees through. Call it after ``optax.apply_updates``.
+    On update steps (:func:`jaxsparse.update_gate`) each layer keeps its largest-norm stored blocks down to
+    ``polynomial_sparsity(...)(step)`` of its block grid (:func:`block_magnitude_masks`) and is re-packed in
+    place of capacity; other steps pass the trees through. Call it after ``optax.apply_updates``.
+
+    Args:
+      params, pattern: the layers' trees (see the module docstring).
+      opt_state, tx: the optax state (its moments move with the blocks) and its transformation.
+      step: the step counter (traced).
+      final_sparsity, begin_step, end_step, frequency, initial_sparsity: as
+        :func:`jaxsparse.polynomial_sparsity` / :func:`jaxsparse.update_gate`.
+      pool: block norm, ``"l2"``, ``"l1"`` or ``"max"``.
+
+    Returns:
+      ``(params, pattern, opt_state)``, same structures and shapes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxsparse.flax.linen import BlockSparseDense
+      >>> v = BlockSparseDense(4, block=(2, 2), capacity=8).init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> tx = optax.sgd(0.1)
+      >>> trees = (v["params"], v["sparse_pattern"], tx.init(v["params"]))
+      >>> step = jax.jit(lambda trees, i: block_gmp_step(*trees, i, tx=tx, final_sparsity=0.5,
+      ...                                                begin_step=0, end_step=2, frequency=1))
+      >>> for i in range(3):
+      ...     trees = step(trees, i)
+      >>> int(trees[1]["pattern"].nnz), step._cache_size()
+      (4, 1)
     """
     gate = update_gate(frequency, begin_step, end_step)
     schedule = polynomial_sparsity(
@@ -225,3 +285,9 @@ def block_gmp_step(
         return repack_blocks(p, s, masks, opt_state=o, tx=tx)
 
     return lax.cond(gate(step), update, lambda trees: trees, (params, pattern, opt_state))
+
+
+__getattr__ = module_getattr(
+    __name__,
+    {"block_masks": ("jaxsparse.flax.train.stored_block_masks", stored_block_masks)},
+)

@@ -87,7 +87,7 @@ def test_linen_block_round_trip_from_a_jaxsparse_algorithm(tmp_path):
     assert (
         desc["layers"]["fc1"]["format"] == "block_sparse" and desc["layers"]["fc1"]["capacity"] == 5
     )
-    assert desc["layers"]["fc1"]["arrays"]["col_ptr"] == "sparse_pattern/fc1/col_ptr"
+    assert desc["layers"]["fc1"]["arrays"]["col_ptr"] == "sparse_pattern/fc1/pattern/col_ptr"
 
 
 def test_nm_round_trip_linen_and_nnx():

@@ -1,11 +1,15 @@
 """Sparse NNX/Linen layers == the masked dense computation (forward and gradients), Flax conventions, errors."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+import jaxsparse.flax
+from jaxsparse.flax import BlockSparsePattern, NMPattern, convert, train
 from jaxsparse.flax.linen import BlockSparseDense, NMDense
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear, SparsePattern
 from pallas_kernels.block_sparse import (
@@ -135,8 +139,8 @@ def test_nm_layers_match_masked_dense(framework):
         layer = NMLinear(K, N, n=2, m=4, impl="xla", rngs=nnx.Rngs(0))
         layer.bias[...] = jnp.arange(N, dtype=jnp.float32)
         graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-        values, bias, meta = layer.kernel_values[...], layer.bias[...], layer.meta[...]
-        pack_tile = layer.pack_tile
+        values, bias = layer.kernel_values[...], layer.bias[...]
+        meta, pack_tile = layer.pattern.get_value().meta, layer.pack_tile
 
         def apply(values, bias, x):
             p = jax.tree.map(lambda v: v, params)
@@ -146,9 +150,9 @@ def test_nm_layers_match_masked_dense(framework):
     else:
         model = NMDense(N, n=2, m=4, impl="xla")
         v = model.init(jax.random.key(0), x)
-        values, meta = v["params"]["kernel_values"], v["sparse_pattern"]["meta"]
+        values, meta = v["params"]["kernel_values"], v["sparse_pattern"]["pattern"].meta
         bias = jnp.arange(N, dtype=jnp.float32)
-        pack_tile = int(v["sparse_pattern"]["nm_config"][2])
+        pack_tile = v["sparse_pattern"]["pattern"].pack_tile
 
         def apply(values, bias, x):
             return model.apply(
@@ -200,7 +204,96 @@ def test_bad_layer_arguments():
         BlockSparseLinear(K, N, block=BLOCK, block_mask=jnp.ones((2, 2), bool), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="not divisible by m"):
         NMLinear(10, N, n=2, m=4, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="sparse_pattern/row_idx' is missing"):
+    with pytest.raises(ValueError, match="'sparse_pattern/pattern' of layer '' is missing"):
         model = BlockSparseDense(N, block=BLOCK, capacity=2)
         v = model.init(jax.random.key(0), _x())
         model.apply({"params": v["params"]}, _x())
+
+
+def _nnx_layers():
+    return [
+        BlockSparseLinear(K, N, block=BLOCK, capacity=3, impl="xla", rngs=nnx.Rngs(0)),
+        NMLinear(K, N, n=2, m=4, impl="xla", rngs=nnx.Rngs(0)),
+    ]
+
+
+def test_one_pattern_object_per_layer_with_static_config():
+    """Each layer stores one pattern object; the static config is pytree metadata, never an array."""
+    x = _x()
+    for layer, kind, n_leaves in zip(_nnx_layers(), (BlockSparsePattern, NMPattern), (9, 1)):
+        (var,) = jax.tree.leaves(
+            nnx.state(layer, SparsePattern), is_leaf=lambda v: isinstance(v, nnx.Variable)
+        )
+        assert (
+            isinstance(var.get_value(), kind) and len(jax.tree.leaves(var.get_value())) == n_leaves
+        )
+    linen = [
+        BlockSparseDense(N, block=BLOCK, capacity=3).init(jax.random.key(0), x),
+        NMDense(N, n=2, m=4).init(jax.random.key(0), x),
+    ]
+    for v, kind in zip(linen, (BlockSparsePattern, NMPattern)):
+        assert list(v["sparse_pattern"]) == ["pattern"]
+        assert isinstance(v["sparse_pattern"]["pattern"], kind)
+    p = linen[1]["sparse_pattern"]["pattern"]
+    assert (p.n, p.m, p.shape) == (2, 4, (K, N))
+    assert [leaf.shape for leaf in jax.tree.leaves(p)] == [p.meta.shape]  # n, m, pack_tile: static
+    b = linen[0]["sparse_pattern"]["pattern"]
+    assert (b.shape, b.block, b.capacity, b.grid_shape) == ((K, N), BLOCK, 3, (4, 2))
+
+
+def test_every_layer_method_runs_under_jit():
+    """Methods, decompress and layout work on traced / abstract state (the old N:M config was an int32 array
+    read back on the host: ``decompress`` raised under jit and layout lost m / pack_tile when abstract)."""
+    x = _x()
+    for layer in _nnx_layers():
+        eager = (layer(x), layer.todense(), jax.tree.leaves(layer.weight))
+        traced = nnx.jit(lambda m: (m(x), m.todense(), jax.tree.leaves(m.weight)))(layer)
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(traced)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    block = _nnx_layers()[0]
+    np.testing.assert_array_equal(nnx.jit(lambda m: m.block_mask())(block), block.block_mask())
+    v = NMDense(N, n=2, m=4, impl="xla").init(jax.random.key(0), x)
+    np.testing.assert_array_equal(
+        jax.jit(NMDense(N, n=2, m=4, impl="xla").apply)(v, x),
+        NMDense(N, n=2, m=4, impl="xla").apply(v, x),
+    )
+    params, pattern = {"fc": v["params"]}, {"fc": v["sparse_pattern"]}
+    dense, masks = jax.jit(convert.decompress)(params, pattern)
+    eager_dense, eager_masks = convert.decompress(params, pattern)
+    np.testing.assert_array_equal(dense["fc"]["kernel"], eager_dense["fc"]["kernel"])
+    np.testing.assert_array_equal(masks["fc"]["kernel"], eager_masks["fc"]["kernel"])
+    assert int(masks["fc"]["kernel"].sum()) == K * N // 2
+    abstract = jax.eval_shape(lambda: {"params": params, "sparse_pattern": pattern})
+    desc = jaxsparse.flax._core.layer_layouts(abstract)["fc"]
+    assert (desc["n"], desc["m"], desc["pack_tile"], desc["shape"]) == (2, 4, 16, [K, N])
+
+
+def test_linen_layer_rejects_a_pattern_of_another_config():
+    x = _x()
+    v4 = NMDense(N, n=2, m=4).init(jax.random.key(0), x)
+    v8 = NMDense(N, n=2, m=8).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="has m=8, the layer has m=4"):
+        NMDense(N, n=2, m=4).apply(
+            {"params": v4["params"], "sparse_pattern": v8["sparse_pattern"]}, x
+        )
+    vb = BlockSparseDense(N, block=BLOCK, capacity=3).init(jax.random.key(0), x)
+    half = BlockSparseDense(N, block=BLOCK, capacity=3).init(jax.random.key(0), x[..., : K // 2])
+    with pytest.raises(ValueError, match=r"has shape=\(8, 8\), the layer has shape=\(16, 8\)"):
+        BlockSparseDense(N, block=BLOCK, capacity=3).apply(
+            {"params": vb["params"], "sparse_pattern": half["sparse_pattern"]}, x
+        )
+    with pytest.raises(ValueError, match="must be a BlockSparsePattern; got NMPattern"):
+        BlockSparseDense(N, block=BLOCK, capacity=3).apply(
+            {"params": vb["params"], "sparse_pattern": v4["sparse_pattern"]}, x
+        )
+
+
+def test_block_masks_is_a_deprecated_name_for_stored_block_masks():
+    for module in (jaxsparse.flax, train):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn = module.block_masks
+        assert fn is train.stored_block_masks
+        assert [w.category for w in caught] == [DeprecationWarning]
+        assert "stored_block_masks" in str(caught[0].message)
+        assert "block_masks" not in module.__all__ and "stored_block_masks" in module.__all__
