@@ -215,11 +215,15 @@ def sparse_training(
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int; got {seed!r}.")
 
+    # one compiled computation (cached per params shapes) instead of hundreds of eager ops; the mask rules batch
+    # leaves by shape, so its size does not grow with the number of leaves
+    init_masks = jax.jit(algorithm.init)
+
     def init_fn(params):
         params = unwrap(params)
         _check_params(params)
         key = jax.random.PRNGKey(seed)
-        masks, extra = algorithm.init(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF))
+        masks, extra = init_masks(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF))
         check_same_structure("params", params, "initial masks", masks)
         masks = place_like(masks, params)
         return SparseState(
@@ -254,7 +258,14 @@ def sparse_training(
         ctx = ctx._replace(extra=extra)
         do_update = algorithm.is_update(state.step) & finite
 
-        masks, extra = lax.cond(do_update, algorithm.update, lambda c: (c.masks, c.extra), ctx)
+        # the flag also comes back out of the cond: every leaf's select then reads one materialised bool, where
+        # XLA would otherwise fuse (and so duplicate) the all-leaves finiteness reduction into each leaf's update
+        masks, extra, do_update = lax.cond(
+            do_update,
+            lambda c: (*algorithm.update(c), jnp.ones((), bool)),
+            lambda c: (c.masks, c.extra, jnp.zeros((), bool)),
+            ctx,
+        )
         inner_state, grad_masks = state.inner_state, masks
         if (
             algorithm.grows

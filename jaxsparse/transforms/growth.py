@@ -2,12 +2,17 @@
 
 Every function is pure, works on masks pytrees (``None`` for dense leaves) and takes *traced* counts: the number of
 connections dropped and grown changes over training (a cosine-decayed fraction of the active ones), so selection
-goes through :func:`jaxsparse.topk_masks` (exact count, no sort, no gather) rather than ``lax.top_k``.
+goes through :func:`jaxsparse.topk_masks`' selection (exact count, no sort, no gather) rather than ``lax.top_k``,
+run on leaves stacked by shape (one selection per distinct shape, not per leaf).
 
 The rule, per masked leaf (Evci et al. 2020, RigL):
 
 1. *drop*: keep the ``n_keep`` largest drop scores among the active positions (inactive positions score ``-inf``);
 2. *grow*: among the positions **not kept** (just-dropped ones included) turn on the ``n_grow`` largest grow scores.
+
+Non-finite inputs cannot break the counts: scores are made finite before ranking (``NaN`` lowest, ``+inf``
+highest; a ``NaN`` weight ranks as ``|w| = 0``) while excluded positions keep ``-inf`` below all of them, so a NaN
+gradient or weight never makes growth land on a kept connection or the drop keep an inactive one.
 
 A just-dropped connection that is grown again is simply kept (it never left ``old & new``), so it keeps its value and
 its optimizer moments; only ``new & ~old`` connections count as grown (see :func:`jaxsparse.sparse_training`).
@@ -20,8 +25,11 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtri
 from jaxtyping import ArrayLike, Float, PRNGKeyArray, PyTree
 
+from jaxsparse import _groups as _g
+from jaxsparse._scores import allowed_scores, finite_scores
 from jaxsparse._tree import check_same_structure, is_none
-from jaxsparse.masks import random_scores, topk_masks
+from jaxsparse.masks import random_scores
+from jaxsparse.transforms import _stacked as _st
 
 __all__ = ["active_counts", "drop_counts", "drop_scores", "prune_and_regrow", "drop_and_grow"]
 
@@ -85,7 +93,7 @@ def drop_scores(
             is_leaf=is_none,
         )
     return jax.tree.map(
-        lambda m, s: None if m is None else jnp.where(m, s, -jnp.inf), masks, mags, is_leaf=is_none
+        lambda m, s: None if m is None else allowed_scores(s, m), masks, mags, is_leaf=is_none
     )
 
 
@@ -98,14 +106,21 @@ def _normal_scores(key: PRNGKeyArray, masks: PyTree) -> PyTree:
 
 
 def prune_and_regrow(
-    masks: PyTree, drop_score: PyTree, n_keep: PyTree, grow_score: PyTree, n_grow: PyTree
+    masks: PyTree,
+    drop_score: PyTree,
+    n_keep: PyTree,
+    grow_score: PyTree,
+    n_grow: PyTree,
+    layer_axes: tuple[int | None, ...] | None = None,
 ) -> tuple[PyTree, PyTree]:
     """Keeps the top-``n_keep`` drop scores per leaf, then turns on the top-``n_grow`` grow scores among the rest.
 
     ``drop_score`` should be ``-inf`` at inactive positions (see :func:`drop_scores`) so that only active
     connections are kept; ``n_keep`` / ``n_grow`` are per-leaf (possibly traced) ints. Returns ``(new_masks, kept)``;
     ``new_masks`` has exactly ``n_keep + n_grow`` active entries per leaf whenever ``n_keep <= n_active`` and
-    ``n_keep + n_grow <= size``.
+    ``n_keep + n_grow <= size``. Leaves of equal shape are processed together (one selection per shape).
+    ``layer_axes`` (one int or ``None`` per masked leaf, in tree order) makes a stacked leaf's layer slices
+    separate units; its counts are then per slice.
 
     >>> import jax.numpy as jnp
     >>> m = {"w": jnp.array([True, True, False, False])}
@@ -116,16 +131,23 @@ def prune_and_regrow(
     """
     check_same_structure("masks", masks, "drop_score", drop_score)
     check_same_structure("masks", masks, "grow_score", grow_score)
-    kept = topk_masks(_live(masks, drop_score), _live(masks, n_keep))
-    candidates = jax.tree.map(
-        lambda k, s: None if k is None else jnp.where(k, -jnp.inf, s.astype(jnp.float32)),
-        kept,
-        _live(masks, grow_score),
-        is_leaf=is_none,
+    live, (ms, drops, keeps, grows, ngrows) = _st.live_leaves(
+        masks, drop_score, n_keep, grow_score, n_grow
     )
-    grown = topk_masks(candidates, _live(masks, n_grow))
-    new = jax.tree.map(lambda k, g: None if k is None else k | g, kept, grown, is_leaf=is_none)
-    return new, kept
+    if not live:
+        return masks, masks
+    g = _g.grouping([m.shape for m in ms], layer_axes)
+    new, kept = _st.regrow_groups(
+        g,
+        _g.stack(g, ms),
+        _g.stack(g, [allowed_scores(d, m) for d, m in zip(drops, ms)]),
+        _g.per_unit(g, keeps),
+        _g.stack(g, [finite_scores(x) for x in grows]),
+        _g.per_unit(g, ngrows),
+    )
+    return _st.rebuild(masks, live, _g.unstack(g, new)), _st.rebuild(
+        masks, live, _g.unstack(g, kept)
+    )
 
 
 def drop_and_grow(
@@ -135,11 +157,13 @@ def drop_and_grow(
     fraction: Float[ArrayLike, ""],
     key: PRNGKeyArray | None = None,
     noise: float = 0.0,
+    layer_axes: tuple[int | None, ...] | None = None,
 ) -> PyTree:
     """One RigL/SET-style update: per leaf drop ``floor(n_active * fraction)`` smallest ``|w|`` and grow as many.
 
     Per-leaf nnz is unchanged. ``grow_score`` is the dense gradient magnitude (RigL), random numbers (SET) or a
-    momentum magnitude (SNFS without redistribution).
+    momentum magnitude (SNFS without redistribution). Leaves of equal shape are stacked and updated together;
+    ``layer_axes`` (see :func:`prune_and_regrow`) applies the rule to every layer slice of a stacked leaf.
 
     >>> import jax.numpy as jnp
     >>> m = {"w": jnp.array([True, True, False, False])}
@@ -147,11 +171,21 @@ def drop_and_grow(
     >>> drop_and_grow(m, p, {"w": jnp.array([0.0, 0.0, 0.2, 0.9])}, 0.5)["w"].tolist()
     [True, False, False, True]
     """
-    n_drop = drop_counts(masks, fraction)
-    n_keep = jax.tree.map(
-        lambda a, d: None if a is None else a - d, active_counts(masks), n_drop, is_leaf=is_none
+    check_same_structure("masks", masks, "params", params)
+    check_same_structure("masks", masks, "grow_score", grow_score)
+    live, (ms, ps, grows) = _st.live_leaves(masks, params, grow_score)
+    if not live:
+        return masks
+    g = _g.grouping([m.shape for m in ms], layer_axes)
+    noise_key = key if (noise and key is not None) else None
+    new = _st.drop_and_grow_groups(
+        g,
+        _g.stack(g, ms),
+        _g.stack(g, [jnp.where(jnp.isnan(p), jnp.zeros((), p.dtype), p) for p in ps]),
+        _g.stack(g, [finite_scores(x) for x in grows]),
+        fraction,
+        noise_key,
+        noise,
+        _st.unit_seeds(g, noise_key, masks, live) if noise_key is not None else None,
     )
-    new, _ = prune_and_regrow(
-        masks, drop_scores(params, masks, key, noise), n_keep, grow_score, n_drop
-    )
-    return new
+    return _st.rebuild(masks, live, _g.unstack(g, new))

@@ -59,6 +59,9 @@ def test_sharded_update_equals_single_device_and_gathers_no_parameter(make):
     params, grads = params_and_grads()
     state = tx.init(params)
     state = state._replace(step=jnp.ones((), jnp.int32))  # step 1 is a mask-update step
+    params = jaxsparse.apply_masks(
+        params, state.masks
+    )  # pruned weights are zero from the first step on
 
     single = jax.jit(tx.update)
     u1, s1 = single(grads, state, params)
@@ -99,3 +102,26 @@ def test_gather_detection_sees_a_sort():
     w = jax.device_put(jnp.ones(SHAPES["dense0"]), NamedSharding(mesh, SPECS["dense0"]))
     hlo = jax.jit(lambda w: jnp.sort(w.ravel()).reshape(w.shape)).lower(w).compile().as_text()
     assert "all-gather" in hlo or "all-to-all" in hlo
+
+
+@pytest.mark.parametrize("n_leaves", [2, 6])
+def test_topk_tie_pass_is_one_loop_for_all_sharded_leaves(n_leaves):
+    """Ties at the threshold (equal scores) force the tie-breaking pass: it is one loop with one all-reduce per
+    pass for all leaves of a shape, so the compiled HLO has the same collectives for 2 and for 6 leaves, and
+    still no gather."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+    sharding = NamedSharding(mesh, P("x", "y"))
+    scores = {
+        f"w{i}": jax.device_put(jnp.ones((64, 32)).at[0, 0].set(2.0), sharding)
+        for i in range(n_leaves)
+    }
+    ks = {k: 7 for k in scores}
+    compiled = jax.jit(jaxsparse.topk_masks).lower(scores, ks).compile()
+    out = compiled(scores, ks)
+    for k in scores:
+        m = np.asarray(out[k])
+        assert m.sum() == 7 and m[0, 0] and m.ravel()[1:7].all()  # the 2.0, then ties by flat index
+    hlo = compiled.as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    n_reduce = hlo.count("all-reduce(") + hlo.count("all-reduce-start(")
+    assert 0 < n_reduce <= 8, n_reduce  # a handful for the whole pytree, not one (or more) per leaf
