@@ -71,7 +71,6 @@ def _use_gloo() -> None:
     Must run before the first backend is created.
     """
     import jax
-
     from jax._src import distributed, xla_bridge
     from jax._src.lib import _jax
 
