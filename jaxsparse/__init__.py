@@ -77,6 +77,7 @@ from jaxsparse.transforms.dst import (
     snfs,
     static_sparse,
 )
+from jaxsparse.transforms.dst_ee import DSTEEState, dst_ee
 from jaxsparse.transforms.gsm import global_sparse_momentum
 from jaxsparse.transforms.movement import (
     MOVEMENT_METHODS,
@@ -164,6 +165,8 @@ __all__ = [
     "fan_in_matmul",
     "acdc",
     "acdc_phases",
+    "dst_ee",
+    "DSTEEState",
     "global_sparse_momentum",
     "MOVEMENT_METHODS",
     "init_movement_scores",
