@@ -89,6 +89,22 @@ def configs() -> dict[str, tuple[optax.GradientTransformation, Callable | None]]
             None,
         ),
         "rigl_80": (js.rigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
+        # SRigL: constant fan-in + neuron ablation (per-column top-k on update steps)
+        "srigl_80": (js.srigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
+        # AC/DC with 100-step compressed / decompressed phases: a mask edge every 100 steps
+        "acdc_80": (
+            js.acdc(
+                adam,
+                SPARSITY,
+                total_steps=20 * UPDATE_EVERY,
+                warmup=0.0,
+                compressed=0.05,
+                decompressed=0.05,
+                cycles_end=1.0,
+                final_compressed=0.05,
+            ),
+            None,
+        ),
         # 2:4 straight-through estimators: the mask is recomputed from the weights on every step
         "ste_2:4": (adam, lambda p: js.ste_nm(p, 2, 4)),
         "sr_ste_2:4": (
