@@ -75,8 +75,8 @@ __all__ = [
 
 Impl = Literal["auto", "dense", "xla", "pallas"]
 IMPLS: tuple[str, ...] = ("auto", "dense", "xla", "pallas")
-Interpret = Literal["hlo", "tpu", "mosaic_gpu"]
-INTERPRET_MODES: tuple[str, ...] = ("hlo", "tpu", "mosaic_gpu")
+Interpret = Literal["hlo", "tpu", "mosaic_gpu", "triton"]
+INTERPRET_MODES: tuple[str, ...] = ("hlo", "tpu", "mosaic_gpu", "triton")
 PLATFORMS: tuple[str, ...] = ("cpu", "tpu", "cuda", "rocm")
 """Platforms a plan can hold a branch for (``lax.platform_dependent`` names)."""
 
@@ -349,10 +349,10 @@ def make_plan(
                 f"interpret={interpret!r} runs the Pallas kernels, so it needs impl='pallas'; "
                 f"got impl={impl!r}."
             )
-        if interpret == "mosaic_gpu":  # the TPU kernels run any tiling in interpret mode
-            reason = _reason(kernels, "mosaic_gpu")
+        if interpret in ("mosaic_gpu", "triton"):  # TPU kernels run any tiling in interpret mode
+            reason = _reason(kernels, interpret)
             if reason:
-                raise ValueError(f"interpret='mosaic_gpu' cannot run: {reason}.")
+                raise ValueError(f"interpret={interpret!r} cannot run: {reason}.")
         return Plan(branches=(("default", f"interpret_{interpret}"),))
     if gpu_backend is not None and gpu_backend not in ("mosaic_gpu", "triton"):
         raise ValueError(
@@ -367,7 +367,8 @@ def make_plan(
     if impl == "pallas" and kernel_backend(current, gpu_backend) is None:
         raise ValueError(
             f"impl='pallas' needs a TPU or GPU, but the default backend is {current!r}; pass "
-            f"interpret='hlo'|'tpu'|'mosaic_gpu' to run the kernels in interpret mode, or use impl='xla'."
+            f"interpret='hlo'|'tpu'|'mosaic_gpu'|'triton' to run the kernels in interpret mode, or use "
+            "impl='xla'."
         )
     branches = [("default", _branch(impl, "cpu", None, None, problem))]
     for platform in dict.fromkeys(platforms):

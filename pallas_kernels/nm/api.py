@@ -1,6 +1,6 @@
 """``nm_matmul``: ``x @ W`` for an N:M-sparse weight, one entry point for every platform, with ``custom_vjp``.
 
-* forward: Pallas kernel (Mosaic TPU / Mosaic GPU), the sparse XLA reference (gather) or decompress + dot;
+* forward: Pallas kernel (Mosaic TPU / Mosaic GPU / Triton), the sparse XLA reference (gather) or decompress + dot;
 * ``dx = dy @ W.T``: the same kernels walk the same compressed weight (no transposed metadata: the groups
   run along ``K``, which is the output axis of ``dx``);
 * ``d values``: dense ``x.T @ dy`` (XLA), gathered at the kept positions (without sparse tensor cores an
@@ -29,6 +29,7 @@ from pallas_kernels import compat, dispatch
 from pallas_kernels.nm import mosaic_gpu as _mgpu
 from pallas_kernels.nm import reference as _ref
 from pallas_kernels.nm import tpu as _tpu
+from pallas_kernels.nm import triton as _triton_nm
 from pallas_kernels.nm.format import NMWeight, check_nm, index_bits
 
 __all__ = ["nm_matmul", "nm_weight_bytes", "plan", "sparse_problem", "validate_nm_weight"]
@@ -121,6 +122,12 @@ def _mgpu_efficiency(rows: int) -> float:
 _KERNELS: dict[str, _Kernel] = {
     "tpu": _Kernel(_tpu_reason, _tpu_forward, _tpu_grad_x, lambda rows: 0.7),
     "mosaic_gpu": _Kernel(_mgpu.unsupported_reason, _mgpu_forward, _mgpu_grad_x, _mgpu_efficiency),
+    "triton": _Kernel(
+        _triton_nm.unsupported_reason,
+        _triton_nm.nm_matmul_triton,
+        _triton_nm.nm_dx_triton,
+        _triton_nm.estimated_efficiency,
+    ),
 }
 
 
@@ -325,9 +332,9 @@ def nm_matmul(
       n, m: optional expected pattern; a weight packed with another N:M raises ``ValueError``.
       preferred_element_type: output dtype (default: promoted input dtype). Accumulation is f32.
       interpret: with ``impl="pallas"``, run a kernel in interpret mode on any host: ``"hlo"``, ``"tpu"``
-        (TPU interpret mode: also checks block bounds and output revisits) or ``"mosaic_gpu"``.
+        (TPU interpret mode: also checks block bounds and output revisits), ``"mosaic_gpu"`` or ``"triton"``.
       blocks: ``(bm, bg, bn)`` tile override for the TPU kernel (``bg`` in groups, a multiple of
-        ``w_nm.pack_tile``).
+        ``w_nm.pack_tile``) or the Triton kernels (powers of two >= 16).
       platforms: platforms to build kernel branches for (default: those of this process's devices, see
         :func:`~pallas_kernels.dispatch.target_platforms`); e.g. ``("cpu", "tpu")`` to export for TPU from a
         CPU host.

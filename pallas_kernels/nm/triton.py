@@ -51,6 +51,7 @@ from pallas_kernels.nm.format import NMWeight, index_bits
 __all__ = [
     "SUPPORTED_DTYPES",
     "choose_blocks",
+    "estimated_efficiency",
     "nm_dvalues_triton",
     "nm_dx_triton",
     "nm_matmul_triton",
@@ -65,6 +66,13 @@ def unsupported_reason(dtype, **problem) -> str | None:
     (edges are masked), so the other problem fields (``rows=``, ``k=``, ``n_out=``, ...) are ignored."""
     del problem
     return _triton.dtype_reason(dtype, "the Triton N:M kernels")
+
+
+def estimated_efficiency(rows: int) -> float:
+    """Throughput per FLOP relative to the dense GEMM [estimate, never measured]: the in-kernel decode (gather
+    load, shifts, ``n`` selects per weight element, redone per row tile) costs CUDA-core time, and a row tile
+    has >= 16 rows."""
+    return 0.5 * min(max(rows, 1), _triton.MIN_DIM) / _triton.MIN_DIM
 
 
 _ACC_BUDGET = 16384  # float32 accumulator elements per program (64 KiB of registers) [estimate]

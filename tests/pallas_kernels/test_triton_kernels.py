@@ -14,8 +14,12 @@ from hypothesis import strategies as st
 from jax import lax
 
 from pallas_kernels import compat
+from pallas_kernels.block_sparse import bsr_matmul, with_data
+from pallas_kernels.block_sparse import plan as bsr_plan
 from pallas_kernels.block_sparse import triton as bsr_triton
 from pallas_kernels.block_sparse.format import block_sparse_from_dense, block_sparse_to_dense
+from pallas_kernels.nm import nm_matmul
+from pallas_kernels.nm import plan as nm_plan
 from pallas_kernels.nm import triton as nm_triton
 from pallas_kernels.nm.format import pack_nm, unpack_nm
 
@@ -322,3 +326,67 @@ def test_nm_default_tiles_fit_the_accumulator_budget(m):
             assert all(t >= 16 and t & (t - 1) == 0 for t in tiles)
             a, b = (tiles[d] for d in acc_dims)
             assert a * b * count <= nm_triton._ACC_BUDGET or max(a, b) == 16
+
+
+# -------------------------------------------------------------------------- through the ops' dispatch
+def test_bsr_matmul_runs_triton_kernels_in_interpret_mode():
+    """bsr_matmul(impl="pallas", interpret="triton"): forward, dX and dW all from the Triton kernels."""
+    w, x, dy = _bsr_problem(64, 96, (16, 32), 0.5, jnp.bfloat16, (3, 7), seed=5)
+
+    def loss(x, data):
+        y = bsr_matmul(x, with_data(w, data), impl="pallas", interpret="triton")
+        return jnp.sum(y.astype(jnp.float32) * _f32(dy)), y
+
+    (_, y), (gx, gw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w.data)
+    y_ref, dx_ref, dw_ref = _dense_grads(x, block_sparse_to_dense(w), dy)
+    assert y.dtype == gx.dtype == gw.dtype == jnp.bfloat16
+    _close(y, y_ref, jnp.bfloat16)
+    _close(gx, dx_ref, jnp.bfloat16)
+    _close(gw, _stored_blocks(dw_ref, w), jnp.bfloat16)
+    w24, _, _ = _bsr_problem(96, 64, (24, 32), 0.5, jnp.float32, (2,))
+    with pytest.raises(ValueError, match="interpret='triton' cannot run: bk=24"):
+        bsr_matmul(jnp.zeros((2, 96)), w24, impl="pallas", interpret="triton")
+
+
+def test_nm_matmul_runs_triton_kernels_in_interpret_mode():
+    w, x, dy = _nm_problem(2, 4, 128, 48, jnp.float32, (2, 5), seed=6)
+
+    def loss(x, values):
+        y = nm_matmul(x, w.replace(values=values), impl="pallas", interpret="triton")
+        return jnp.sum(y * dy), y
+
+    (_, y), (gx, gv) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w.values)
+    y_ref, dx_ref, dv_ref = _nm_oracle(x, w, dy)
+    _close(y, y_ref, jnp.float32)
+    _close(gx, dx_ref, jnp.float32)
+    _close(gv, dv_ref, jnp.float32)
+
+
+def test_ops_lower_to_triton_for_cuda_with_gradients():
+    """gpu_backend="triton" (what sm80-sm89 gets): one jitted fwd+bwd lowers to Triton calls for CUDA."""
+    w = jax.eval_shape(
+        lambda: block_sparse_from_dense(
+            jnp.zeros((4096, 4096), jnp.bfloat16),
+            jnp.eye(64, dtype=bool),
+            block=(64, 64),
+            capacity=410,  # 10% of the blocks
+        )
+    )
+    w_nm = jax.eval_shape(lambda: pack_nm(jnp.zeros((4096, 4096), jnp.bfloat16), n=2, m=4))
+    x = _sds((8, 4096), jnp.bfloat16)
+    kw = dict(platforms=("cuda",), gpu_backend="triton")
+
+    def bsr_loss(x, data, pattern):
+        return jnp.sum(bsr_matmul(x, with_data(pattern, data), **kw).astype(jnp.float32))
+
+    def nm_loss(x, values, pattern):
+        return jnp.sum(nm_matmul(x, pattern.replace(values=values), **kw).astype(jnp.float32))
+
+    assert bsr_plan(8, w, **kw).backend("cuda") == "triton"
+    assert nm_plan(8, w_nm, **kw).backend("cuda") == "triton"
+    grad = jax.value_and_grad(bsr_loss, argnums=(0, 1))
+    assert _lowered(grad, x, w.data, w).count(TRITON_CALL) == 3  # forward, dX, dW
+    grad = jax.value_and_grad(nm_loss, argnums=(0, 1))
+    assert (
+        _lowered(grad, x, w_nm.values, w_nm).count(TRITON_CALL) == 2
+    )  # forward, dX (d values: XLA)
