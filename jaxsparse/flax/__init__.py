@@ -41,7 +41,7 @@ Example:
 """
 
 from jaxsparse._deprecations import module_getattr as _module_getattr
-from jaxsparse.flax._core import BlockSparsePattern, NMPattern
+from jaxsparse.flax._core import BlockSparsePattern, NMPattern, upgrade_patterns
 from jaxsparse.flax.convert import compress, decompress, to_dense_nnx, to_sparse_nnx
 from jaxsparse.flax.linen import BlockSparseDense, NMDense
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear, SparsePattern
@@ -81,6 +81,7 @@ __all__ = [
     "decompress",
     "to_sparse_nnx",
     "to_dense_nnx",
+    "upgrade_patterns",
 ]
 
 __getattr__ = _module_getattr(

@@ -201,6 +201,74 @@ def replace_patterns(tree: PyTree, new: Mapping[str, Pattern]) -> PyTree:
     return jax.tree_util.tree_map_with_path(put, tree, is_leaf=is_pattern)
 
 
+def upgrade_patterns(params: Mapping, pattern: Mapping) -> dict:
+    """A pattern tree in the per-field layout of jaxsparse 0.1, as pattern objects (reads old checkpoints).
+
+    jaxsparse 0.1 stored a layer's indices as separate leaves (``row_idx``, ..., ``num_dropped``; N:M:
+    ``meta`` and an int32 ``nm_config = [n, m, pack_tile]``). This replaces each such group by one
+    ``pattern`` object at the same layer path; other entries are kept. Eager (reads ``nm_config``).
+
+    Args:
+      params: nested dicts holding each layer's ``kernel_blocks`` / ``kernel_values`` (their shapes give
+        the block shape and K); may be the same tree as ``pattern`` (a whole NNX model state as pure dicts).
+      pattern: the old pattern tree as nested dicts (e.g. an orbax checkpoint restored without a target,
+        or ``nnx.to_pure_dict`` of an old state).
+
+    Returns:
+      ``pattern`` with the per-field leaves of every layer replaced by ``{"pattern": BlockSparsePattern |
+      NMPattern}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsparse.flax.linen import NMDense
+      >>> v = NMDense(4).init(jax.random.key(0), jnp.ones((1, 16)))
+      >>> p = v["sparse_pattern"]["pattern"]
+      >>> old = {"meta": p.meta, "nm_config": jnp.array([p.n, p.m, p.pack_tile], jnp.int32)}
+      >>> q = upgrade_patterns(v["params"], old)["pattern"]
+      >>> (q.n, q.m, q.pack_tile, q.shape) == (p.n, p.m, p.pack_tile, p.shape), bool((q.meta == p.meta).all())
+      (True, True)
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_pattern)[0]
+    # An old NNX state restored without a target keeps each Variable's value as a {"value": array} level.
+    values = {"/".join(path_names(p)).removesuffix("/value"): leaf for p, leaf in flat}
+
+    def bare(v):
+        return v["value"] if isinstance(v, Mapping) and set(v) == {"value"} else v
+
+    block_fields = [
+        f.name for f in dataclasses.fields(BlockSparsePattern) if not f.metadata.get("static")
+    ]
+
+    def upgrade(node: Mapping, layer: tuple[str, ...]) -> dict:
+        out = {
+            k: upgrade(v, (*layer, str(k))) if isinstance(bare(v), Mapping) else bare(v)
+            for k, v in node.items()
+        }
+        prefix = "/".join(layer) + "/" if layer else ""
+        if all(f in out for f in block_fields):
+            data = values.get(prefix + BLOCK_PARAM)
+            if data is None:
+                raise ValueError(f"upgrade_patterns: params has no '{prefix}{BLOCK_PARAM}'.")
+            _, bk, bn = np.shape(data)
+            shape = (
+                (np.shape(out["row_ptr"])[0] - 1) * bk,
+                (np.shape(out["col_ptr"])[0] - 1) * bn,
+            )
+            fields = {f: jnp.asarray(out.pop(f)) for f in block_fields}
+            out[PATTERN] = BlockSparsePattern(**fields, shape=shape, block=(bk, bn))
+        elif "meta" in out and "nm_config" in out:
+            vals = values.get(prefix + NM_PARAM)
+            if vals is None:
+                raise ValueError(f"upgrade_patterns: params has no '{prefix}{NM_PARAM}'.")
+            n, m, tile = (int(v) for v in np.asarray(out.pop("nm_config")))
+            _, groups, cols = np.shape(vals)
+            meta = jnp.asarray(out.pop("meta"))
+            out[PATTERN] = NMPattern(meta=meta, n=n, m=m, pack_tile=tile, shape=(groups * m, cols))
+        return out
+
+    return upgrade(pattern, ())
+
+
 # ------------------------------------------------------------------------------------------- validation
 def check_block(
     block: tuple[int, int], in_features: int, out_features: int, where: str

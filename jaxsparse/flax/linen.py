@@ -47,10 +47,17 @@ def _pattern_variable(
 ) -> BlockSparsePattern | NMPattern:
     """The layer's pattern object: created by ``make`` at init, read from ``sparse_pattern`` at apply."""
     if not module.is_initializing() and not module.has_variable(PATTERN_COLLECTION, PATTERN):
+        old = any(module.has_variable(PATTERN_COLLECTION, f) for f in ("row_idx", "meta"))
+        hint = (
+            f"this '{PATTERN_COLLECTION}' has the per-field layout of jaxsparse 0.1: convert it with "
+            f"jaxsparse.flax.upgrade_patterns(params, {PATTERN_COLLECTION})"
+            if old
+            else f"apply the layer with both collections, model.apply({{'params': ..., "
+            f"'{PATTERN_COLLECTION}': ...}}, x)"
+        )
         raise ValueError(
-            f"'{PATTERN_COLLECTION}/{PATTERN}' of layer '{'/'.join(module.scope.path)}' is missing: apply "
-            f"the layer with both collections, model.apply({{'params': ..., '{PATTERN_COLLECTION}': "
-            f"...}}, x)."
+            f"'{PATTERN_COLLECTION}/{PATTERN}' of layer '{'/'.join(module.scope.path)}' is missing: "
+            f"{hint}."
         )
     return module.variable(PATTERN_COLLECTION, PATTERN, make).value
 
@@ -71,6 +78,13 @@ class BlockSparseDense(nn.Module):
         ``(Kb, Nb)`` bool mask (default mask: the ``capacity`` largest-L2 blocks of the initial kernel).
       impl, interpret: passed to :func:`~pallas_kernels.block_sparse.bsr_matmul`.
       use_bias, dtype, param_dtype, precision, kernel_init, bias_init: as :class:`flax.linen.Dense`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> v = BlockSparseDense(8, block=(4, 4), capacity=2).init(jax.random.key(0), jnp.ones((1, 16)))
+      >>> p = v["sparse_pattern"]["pattern"]
+      >>> v["params"]["kernel_blocks"].shape, p.shape, p.block, int(p.nnz)
+      ((2, 4, 4), (16, 8), (4, 4), 2)
     """
 
     features: int

@@ -2,6 +2,7 @@
 
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxsparse.flax
-from jaxsparse.flax import BlockSparsePattern, NMPattern, convert, train
+from jaxsparse.flax import BlockSparsePattern, NMPattern, convert, train, upgrade_patterns
 from jaxsparse.flax.linen import BlockSparseDense, NMDense
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear, SparsePattern
 from pallas_kernels.block_sparse import (
@@ -297,3 +298,63 @@ def test_block_masks_is_a_deprecated_name_for_stored_block_masks():
         assert [w.category for w in caught] == [DeprecationWarning]
         assert "stored_block_masks" in str(caught[0].message)
         assert "block_masks" not in module.__all__ and "stored_block_masks" in module.__all__
+
+
+class _OldLayoutMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = BlockSparseDense(N, block=BLOCK, capacity=3, impl="xla", name="fc1")(x)
+        return NMDense(N, n=2, m=4, impl="xla", name="fc2")(h)
+
+
+def _old_layout(node):
+    """A tree with pattern objects in the per-field layout of jaxsparse 0.1 (nm_config as an int32 array)."""
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, BlockSparsePattern):
+            out.update({f: getattr(v, f) for f in ("row_idx", "col_idx", "t_row_idx", "t_col_idx")})
+            out.update(
+                {f: getattr(v, f) for f in ("t_perm", "col_ptr", "row_ptr", "nnz", "num_dropped")}
+            )
+        elif isinstance(v, NMPattern):
+            out.update(meta=v.meta, nm_config=jnp.array([v.n, v.m, v.pack_tile], jnp.int32))
+        else:
+            out[k] = _old_layout(v) if isinstance(v, dict) else v
+    return out
+
+
+def _assert_same_patterns(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)  # static fields included
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_old_per_field_checkpoints_upgrade_to_pattern_objects(tmp_path):
+    import orbax.checkpoint as ocp
+
+    x = _x()
+    model = _OldLayoutMLP()
+    v = model.init(jax.random.key(0), x)
+    old = {"params": v["params"], "sparse_pattern": _old_layout(v["sparse_pattern"])}
+    with pytest.raises(ValueError, match="per-field layout of jaxsparse 0.1"):
+        model.apply(old, x)
+    with (
+        ocp.StandardCheckpointer() as ckptr
+    ):  # an old checkpoint's arrays, read back without a target
+        ckptr.save(tmp_path / "old", old)
+        ckptr.wait_until_finished()
+        read = ckptr.restore(tmp_path / "old")
+    new = upgrade_patterns(read["params"], read["sparse_pattern"])
+    _assert_same_patterns(new, v["sparse_pattern"])
+    y = model.apply({"params": read["params"], "sparse_pattern": new}, x)
+    np.testing.assert_array_equal(y, model.apply(v, x))
+    # An old NNX state as pure dicts, with each Variable's {"value": ...} level, in one tree.
+    layer = _nnx_layers()
+    state = {
+        "fc1": nnx.to_pure_dict(nnx.state(layer[0])),
+        "fc2": nnx.to_pure_dict(nnx.state(layer[1])),
+    }
+    wrapped = jax.tree.map(lambda a: {"value": a}, _old_layout(state))
+    upgraded = upgrade_patterns(wrapped, wrapped)
+    for name, lay in zip(("fc1", "fc2"), layer):
+        _assert_same_patterns(upgraded[name]["pattern"], lay.pattern.get_value())
