@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from jaxsparse import _validation as v
+from jaxsparse.allocation import keep_count
 from jaxsparse.masks import nm_mask, topk_mask
 
 
@@ -68,8 +68,9 @@ def check_vector(name: str, x: Any, length: int, what: str = "in_features") -> A
 
 
 def num_pruned(sparsity: float, size: int) -> int:
-    """``floor(sparsity * size)``, robust to float round-off (0.5 * 10 is 5, not 4)."""
-    return int(math.floor(sparsity * size + 1e-9))
+    """Weights pruned from ``size`` at ``sparsity``: ``size - keep_count(sparsity, size)``, the one count rule of
+    every jaxsparse API (:func:`jaxsparse.keep_count`)."""
+    return size - keep_count(sparsity, size)
 
 
 def keep_mask(score: Array, pattern: Pattern, per_output: bool) -> Array:

@@ -17,9 +17,9 @@ from jaxtyping import PyTree
 from jaxsparse import _validation as v
 from jaxsparse._deprecations import module_getattr
 from jaxsparse._tree import check_same_structure, is_none
-from jaxsparse.allocation import Budget, overall_sparsity
-from jaxsparse.masks import random_scores
-from jaxsparse.oneshot import SCOPES, leaf_sparsities, magnitude_masks, masks_from_scores
+from jaxsparse.allocation import Budget, keep_count, overall_sparsity
+from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
+from jaxsparse.oneshot import SCOPES, leaf_sparsities, masks_from_scores
 from jaxsparse.schedules import polynomial_sparsity, update_gate
 from jaxsparse.transforms._factory import sparse_transform
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext
@@ -172,16 +172,45 @@ def gradual_magnitude_pruning(
             lambda s: None if s is None else s_t * (s / final), finals, is_leaf=is_none
         )
 
+    def prune(params, step, masks):
+        """Magnitude masks at the schedule's counts; from ``end_step`` on exactly the final budget's counts
+        (:func:`jaxsparse.keep_count` in Python doubles, as every other API), not float32 arithmetic."""
+        finals = leaf_sparsities(sparsity, params)
+        done = jnp.asarray(step) >= end_step
+        ks = jax.tree.map(
+            lambda s, f, p: (
+                None if f is None else jnp.where(done, keep_count(f, p.size), keep_count(s, p.size))
+            ),
+            targets(params, step),
+            finals,
+            params,
+            is_leaf=is_none,
+        )
+        scores = jax.tree.map(
+            lambda f, p: None if f is None else jnp.abs(p).astype(jnp.float32),
+            finals,
+            params,
+            is_leaf=is_none,
+        )
+        if masks is not None:  # nested: only weights inside the current masks can stay
+            scores = jax.tree.map(
+                lambda m, x: x if m is None else jnp.where(m, x, -jnp.inf),
+                masks,
+                scores,
+                is_leaf=is_none,
+            )
+        if scope == "layer":
+            return topk_masks(scores, ks)
+        return global_topk_masks(scores, jnp.sum(jnp.stack(jax.tree.leaves(ks))))
+
     def init(params, key):
         finals = leaf_sparsities(sparsity, params)
         if initial_sparsity == 0.0:
             return _ones_like_budget(params, finals), ()
-        return magnitude_masks(params, targets(params, 0), scope), ()
+        return prune(params, 0, None), ()
 
     def update(ctx: MaskContext):
-        return magnitude_masks(
-            ctx.params, targets(ctx.params, ctx.step), scope, ctx.masks
-        ), ctx.extra
+        return prune(ctx.params, ctx.step, ctx.masks), ctx.extra
 
     return MaskAlgorithm(init=init, update=update, is_update=gate)
 

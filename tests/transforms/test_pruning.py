@@ -70,7 +70,8 @@ def test_gmp_erk_keeps_budget_proportions():
     tx = js.gradual_magnitude_pruning(optax.sgd(0.0), budget, 0, 10, 5)
     state = tx.init(params)
     for _t in range(11):
-        _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        params = optax.apply_updates(params, updates)
     for k in ("a", "b"):
         assert int(state.masks[k].sum()) == params[k].size - math.floor(finals[k] * params[k].size)
 
