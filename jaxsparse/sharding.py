@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxsparse._tree import is_none
 
-__all__ = ["place_like"]
+__all__ = ["place_like", "commit_like"]
 
 
 def place_like(tree: Any, params: Any) -> Any:
@@ -41,3 +42,41 @@ def place_like(tree: Any, params: Any) -> Any:
         return jax.device_put(x, sharding)
 
     return jax.tree.map(put, tree, params, is_leaf=is_none)
+
+
+def _replicated(params: Any) -> jax.sharding.Sharding | None:
+    """A sharding that replicates over the devices of the first committed leaf of ``params`` (None if none)."""
+    for p in jax.tree.leaves(params):
+        if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and p.committed:
+            sharding = p.sharding
+            if isinstance(sharding, NamedSharding):
+                return NamedSharding(sharding.mesh, PartitionSpec())
+            if isinstance(sharding, SingleDeviceSharding):
+                return sharding
+            return None
+    return None
+
+
+def commit_like(tree: Any, params: Any) -> Any:
+    """Commits the uncommitted array leaves of ``tree`` (step counters, keys...) next to committed ``params``.
+
+    When the params are committed (``device_put`` to a device or a mesh), a state whose scalars stay
+    uncommitted would come back from the first jitted step committed, and the second step would compile again.
+    Uncommitted leaves are therefore replicated over the params' devices (their mesh, or their device); with
+    uncommitted params nothing changes.
+
+    >>> import jax, jax.numpy as jnp
+    >>> p = jax.device_put({"w": jnp.zeros(2)}, jax.devices()[0])
+    >>> commit_like({"count": jnp.zeros((), jnp.int32)}, p)["count"].committed
+    True
+    """
+    sharding = _replicated(params)
+    if sharding is None:
+        return tree
+
+    def put(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.committed:
+            return jax.device_put(x, sharding)
+        return x
+
+    return jax.tree.map(put, tree)

@@ -49,7 +49,7 @@ from jax import lax
 from jaxtyping import Array, PyTree
 
 from jaxsparse._tree import check_same_structure, is_none, map_masked, unwrap
-from jaxsparse.sharding import place_like
+from jaxsparse.sharding import commit_like, place_like
 
 __all__ = ["MaskAlgorithm", "MaskContext", "SparseState", "sparse_training"]
 
@@ -226,13 +226,14 @@ def sparse_training(
         masks, extra = init_masks(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF))
         check_same_structure("params", params, "initial masks", masks)
         masks = place_like(masks, params)
-        return SparseState(
+        state = SparseState(
             inner_state=inner.init(params),
             masks=masks,
             step=jnp.zeros((), jnp.int32),
             key=key,
             extra=extra,
         )
+        return commit_like(state, params)  # one placement kind for the step's inputs: one compile
 
     def update_fn(grads, state, params=None, **extra_args):
         if params is None:
