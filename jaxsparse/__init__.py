@@ -14,7 +14,16 @@ from jaxsparse import (
     stats,
 )
 from jaxsparse._deprecations import module_getattr as _module_getattr
-from jaxsparse.allocation import DISTRIBUTIONS, Budget, budget, keep_count, leaf_paths, prunable
+from jaxsparse.allocation import (
+    DISTRIBUTIONS,
+    Budget,
+    budget,
+    keep_count,
+    layer_axes,
+    leaf_paths,
+    overall_sparsity,
+    prunable,
+)
 from jaxsparse.estimators import (
     BACKWARDS,
     STRUCTURE_DECAY_KINDS,
@@ -67,6 +76,7 @@ from jaxsparse.schedules import (
 from jaxsparse.sharding import place_like
 from jaxsparse.stats import flops, global_sparsity, sparsity_summary
 from jaxsparse.transforms.acdc import acdc, acdc_phases
+from jaxsparse.transforms.chase import CHANNEL_SCORES, ChaseState, chase, chase_compact
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, SparseState, sparse_training
 from jaxsparse.transforms.dst import (
     GROWTH_MODES,
@@ -113,6 +123,8 @@ __all__ = [
     "Budget",
     "budget",
     "keep_count",
+    "layer_axes",
+    "overall_sparsity",
     "leaf_paths",
     "prunable",
     "leaf_sparsities",
@@ -165,6 +177,10 @@ __all__ = [
     "fan_in_matmul",
     "acdc",
     "acdc_phases",
+    "chase",
+    "ChaseState",
+    "chase_compact",
+    "CHANNEL_SCORES",
     "dst_ee",
     "DSTEEState",
     "global_sparse_momentum",
