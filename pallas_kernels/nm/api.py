@@ -1,10 +1,12 @@
 """``nm_matmul``: ``x @ W`` for an N:M-sparse weight, one entry point for every platform, with ``custom_vjp``.
 
-* forward: Pallas kernel (Mosaic TPU / Mosaic GPU / Triton), the sparse XLA reference (gather) or decompress + dot;
+* forward: Pallas kernel (Mosaic TPU / Mosaic GPU / Triton), the sparse XLA reference (gather) or
+  decompress + dot;
 * ``dx = dy @ W.T``: the same kernels walk the same compressed weight (no transposed metadata: the groups
   run along ``K``, which is the output axis of ``dx``);
 * ``d values``: dense ``x.T @ dy`` (XLA), gathered at the kept positions (without sparse tensor cores an
-  N:M "SDDMM" saves no FLOPs; mask-learning schemes need the dense gradient anyway).
+  N:M "SDDMM" saves no FLOPs; mask-learning schemes need the dense gradient anyway); the Triton family
+  fuses the gather into its tile loop (no dense gradient in memory).
 
 The backend is picked per platform from static shapes by :mod:`pallas_kernels.dispatch`, with the same
 ``impl`` rules, :class:`~pallas_kernels.dispatch.Plan` and branch switcher as ``bsr_matmul``: one jitted
@@ -79,7 +81,8 @@ class _Kernel(NamedTuple):
     (``None``: it can); ``forward(x, w, out_dtype, blocks, interpret)`` and ``grad_x(dy, w, out_dtype, blocks,
     interpret)`` take 2-D activations, ``interpret`` ``None`` (compile) or a
     :func:`pallas_kernels.compat.interpret_params` value; ``efficiency(rows)`` is the throughput per FLOP
-    relative to the dense GEMM [estimate]. A new backend (e.g. ``"triton"``) is one more entry in
+    relative to the dense GEMM [estimate]; ``grad_values(x, dy, w, blocks, interpret)`` is the family's
+    gradient w.r.t. ``w.values`` (``None``: the XLA dense-then-gather). A new backend is one more entry in
     :data:`_KERNELS`.
     """
 
@@ -87,6 +90,7 @@ class _Kernel(NamedTuple):
     forward: Callable[..., Array]
     grad_x: Callable[..., Array]
     efficiency: Callable[[int], float]
+    grad_values: Callable[..., Array] | None = None
 
 
 def _tpu_reason(*, dtype, **_) -> str | None:
@@ -127,6 +131,7 @@ _KERNELS: dict[str, _Kernel] = {
         _triton_nm.nm_matmul_triton,
         _triton_nm.nm_dx_triton,
         _triton_nm.estimated_efficiency,
+        _triton_nm.nm_dvalues_triton,
     ),
 }
 
@@ -279,6 +284,15 @@ def _grad_x(backend: str, cfg: _Config, dy, values, meta):
     return kernel.grad_x(dy, w, cfg.out_dtype, cfg.blocks, interpret)
 
 
+def _grad_values(backend: str, cfg: _Config, x, dy, values, meta):
+    w = _weight(cfg, values, meta)
+    if backend not in ("dense", "xla"):
+        kernel, interpret = _kernel(backend)
+        if kernel.grad_values is not None:
+            return kernel.grad_values(x, dy, w, cfg.blocks, interpret)
+    return _ref.nm_dvalues_xla(x, dy, w)
+
+
 def _run(s: _Static, product, *args):
     return dispatch.run_plan(s.plan, product, s.config, *args, strict=s.strict)
 
@@ -300,7 +314,7 @@ def _bwd(s, res, dy):
     x2, values, meta = res
     dx_static = s._replace(config=dataclasses.replace(s.config, out_dtype=x2.dtype))
     dx = _run(dx_static, _grad_x, dy, values, meta)
-    dvalues = _ref.nm_dvalues_xla(x2, dy, _weight(s.config, values, meta))
+    dvalues = _run(s, _grad_values, x2, dy, values, meta)
     return dx, dvalues, None
 
 
