@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import pathlib
 import sys
@@ -59,6 +60,7 @@ from pallas_kernels.nm import (  # noqa: E402
     sparse_problem,
     unpack_nm,
 )
+from pallas_kernels.nm import reference as nm_reference  # noqa: E402
 
 # CPU dispatch check (issue: impl="auto" must match the better of decompress + dot and the sparse XLA path).
 # A subset that runs in reasonable time on 2 shared cores: 2:4, K=N in {1024, 4096}, M in {1, 16, 128, 1024}
@@ -94,22 +96,26 @@ def cpu_dispatch(grid=CPU_DISPATCH) -> int:
         dot = jax.jit(
             lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
         )
-        fns = {
-            impl: jax.jit(lambda x, w, impl=impl: nm_matmul(x, w, impl=impl))
-            for impl in ("dense", "xla", "auto")
-        }
+        op = nm_matmul
+
+        def jitted(impl, op=op):
+            return jax.jit(lambda x, w: op(x, w, impl=impl))
+
+        fns = {impl: jitted(impl) for impl in ("dense", "xla")}
         key = dispatch.table_key(sparse_problem(m, w_nms[0], "xla"), "cpu")
         row = dispatch_check(
             dense=lambda i: dot(x, dense_w[i]),
             densify=lambda i: fns["dense"](x, w_nms[i]),
             sparse=lambda i: fns["xla"](x, w_nms[i]),
-            auto=lambda i: fns["auto"](x, w_nms[i]),
+            make_auto=lambda: functools.partial(lambda i, f: f(x, w_nms[i]), f=jitted("auto")),
             key=key,
             copies=grid["copies"],
             chain=grid["chain"],
             repeats=grid["repeats"],
         )
         row.update(k=k, n=k, m=m, nm=f"{n_keep}:{m_group}", dtype=dt)
+        # impl="xla" decompresses too at this size (reference.pick_strategy): auto runs the same computation
+        row["sparse_is_densify"] = nm_reference.pick_strategy(m, w_nms[0]) == "densify"
         rows.append(row)
         print_dispatch_row(f"K=N={k} M={m} {n_keep}:{m_group} {dt}", row)
     out = write_dispatch_json("nm_matmul", grid, rows)

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import types
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _measured
+from pallas_kernels import _measured, compat
 
 __all__ = [
     "HARDWARE",
@@ -484,8 +485,12 @@ def _lowering_error(
     structs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]
     args = jax.tree.unflatten(treedef, structs)
     fn = functools.partial(product, backend, static)
+    cross = (
+        backend == "triton" and _local_compute_capability() is None
+    )  # no GPU here to read sm from
     try:
-        jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+        with compat.triton_lowering_target() if cross else contextlib.nullcontext():
+            jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
     except Exception as e:  # any failure of this branch must stay in this branch
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
     return None
