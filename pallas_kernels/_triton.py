@@ -10,6 +10,16 @@ from typing import Any
 
 import jax.numpy as jnp
 
+__all__ = [
+    "MIN_DIM",
+    "SUPPORTED_DTYPES",
+    "dtype_reason",
+    "interpret_flag",
+    "is_pow2",
+    "is_tile",
+    "tile_covering",
+]
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MIN_DIM = 16  # tt.dot needs M, N, K >= 16
 
