@@ -84,11 +84,11 @@ def map_masked(fn: Callable[[Any, Any], Any], params: Any, masks: Any) -> Any:
 
 
 def path_names(path: tuple) -> tuple[str, ...]:
-    """The names of a key path; the ``value`` attribute of an NNX Variable (a trailing ``.value``) is dropped."""
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
+    """The names of a key path; the ``value`` attribute of an NNX Variable is not a level (dropped)."""
     parts = []
     for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue
         for attr in ("key", "name", "idx"):
             if hasattr(k, attr):
                 parts.append(str(getattr(k, attr)))

@@ -26,6 +26,7 @@ from flax.typing import Dtype, PrecisionLike
 from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
+from jaxsparse._tree import path_names  # the one path-naming rule
 from jaxsparse.masks import block_scores, topk_mask
 from pallas_kernels.block_sparse import (
     BlockSparseWeight,
@@ -163,16 +164,6 @@ Pattern = BlockSparsePattern | NMPattern
 def is_pattern(x: object) -> bool:
     """Whether ``x`` is a layer's pattern object (stop flattening there)."""
     return isinstance(x, (BlockSparsePattern, NMPattern))
-
-
-def path_names(path: tuple) -> tuple[str, ...]:
-    """The names of a key path; the ``value`` attribute of an NNX Variable is not a level."""
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
-            continue
-        names.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return tuple(names)
 
 
 def patterns_of(tree: PyTree) -> dict[str, Pattern]:

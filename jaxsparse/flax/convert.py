@@ -10,10 +10,10 @@ Tree level (Linen variables, NNX pure dicts/States; any nesting):
 * :func:`to_sparse_nnx` / :func:`to_dense_nnx` swap ``nnx.Linear`` <-> :class:`~jaxsparse.flax.nnx.BlockSparseLinear`
   / :class:`~jaxsparse.flax.nnx.NMLinear` in a whole NNX model (returns a new model).
 
-Checkpoints: :func:`save` writes ``<dir>/arrays`` with :func:`jaxsparse.checkpoint.save` (orbax) and
-``<dir>/layout.json`` (format metadata of every compressed layer and the shape/dtype of every leaf; readable
-without JAX). :func:`restore` checks the layout against the target *before* reading arrays and raises a
-``ValueError`` naming the first mismatching layer or leaf, so nothing is half-loaded.
+Checkpoints of compressed models and training states: :func:`jaxsparse.checkpoint.save` /
+:func:`jaxsparse.checkpoint.restore` (``<dir>/arrays`` + ``<dir>/layout.json`` with the format metadata of every
+compressed layer; readable without JAX). ``convert.save``, ``convert.restore`` and ``convert.layout`` are
+deprecated names for them.
 
 On-disk layout of one compressed layer (paths are ``/``-joined tree paths, the index arrays below
 ``<layer>/pattern/``; ``docs/compressed_format.md`` has a PyTorch loader):
@@ -43,18 +43,17 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import PyTree
 
+from jaxsparse import _deprecations
 from jaxsparse import checkpoint as _ckpt
+from jaxsparse._tree import leaf_paths, named_leaves
 from jaxsparse.flax import _core
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear
 from pallas_kernels.block_sparse import (
@@ -69,36 +68,18 @@ __all__ = [
     "decompress",
     "to_sparse_nnx",
     "to_dense_nnx",
-    "layout",
-    "save",
-    "restore",
-    "LAYOUT_VERSION",
 ]
-
-LAYOUT_VERSION = 1
-_COLLECTIONS = ("params", _core.PATTERN_COLLECTION)
 
 
 # ----------------------------------------------------------------------------------------- tree helpers
 def _flat(tree: PyTree, keep_none: bool = False) -> dict[str, Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=(lambda x: x is None) if keep_none else None
-    )[0]
-    return {"/".join(_core.path_names(p)): leaf for p, leaf in leaves}
+    return dict(named_leaves(tree, keep_none))
 
 
 def _set(d: dict, path: list[str], value: Any) -> None:
     for k in path[:-1]:
         d = d.setdefault(k, {})
     d[path[-1]] = value
-
-
-def _pure(tree: PyTree) -> dict:
-    """Nested plain dicts (string keys) of a dict / FrozenDict / nnx.State tree."""
-    out: dict = {}
-    for name, leaf in _flat(tree).items():
-        _set(out, name.split("/"), leaf)
-    return out
 
 
 def _block_mask_of_elementwise(name: str, mask: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -296,6 +277,19 @@ def to_sparse_nnx(
         params, masks, format=format, block=block, capacity=capacity, n=n, m=m
     )
     flat_c, patterns = _flat(cparams), _core.patterns_of(pattern)
+    linear = {
+        "/".join(str(k) for k in path)
+        for path, node in nnx.iter_graph(model)
+        if path and isinstance(node, nnx.Linear)
+    }
+    param = _core.BLOCK_PARAM if format == "block" else _core.NM_PARAM
+    if not any(f"{layer}/{param}" in flat_c for layer in linear):
+        masked = [k for k, v in _flat(masks, keep_none=True).items() if v is not None]
+        raise ValueError(
+            "to_sparse_nnx converts no layer: no nnx.Linear kernel has a mask. Masked leaves: "
+            f"{masked}; nnx.Linear kernels: {sorted(f'{layer}/kernel' for layer in linear)}; "
+            f"model paths (jaxsparse.leaf_paths): {leaf_paths(params)}."
+        )
 
     def make(path, node):
         layer = "/".join(str(k) for k in path)
@@ -362,79 +356,13 @@ def to_dense_nnx(model: nnx.Module) -> nnx.Module:
     return _swap(model, make)
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
-def layout(tree: PyTree) -> dict:
-    """The JSON-able description of ``tree``: every compressed layer's format metadata and every leaf's
-    shape and dtype (``tree`` may hold ``jax.ShapeDtypeStruct`` leaves).
-
-    Layers are found by their pattern objects (:func:`jaxsparse.flax._core.layer_layouts`), so the static
-    config (block, capacity, n, m, pack_tile) is described for abstract trees too.
-
-    Args:
-      tree: a compressed model's state, Linen variables or a training state.
-
-    Returns:
-      ``{"version", "layers": {layer path: format metadata}, "leaves": {path: {"shape", "dtype"}}}``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jaxsparse.flax.linen import BlockSparseDense
-      >>> v = BlockSparseDense(4, block=(2, 2), capacity=3).init(jax.random.key(0), jnp.ones((1, 8)))
-      >>> layout(jax.eval_shape(lambda: v))["layers"][""]["capacity"]
-      3
-    """
-    flat = _flat(tree)
-    leaves = {
-        k: {"shape": list(np.shape(v)), "dtype": str(jnp.dtype(v.dtype))} for k, v in flat.items()
-    }
-
-    layers = _core.layer_layouts(tree)
-    return {"version": LAYOUT_VERSION, "layers": layers, "leaves": leaves}
-
-
-def save(directory: str | os.PathLike, tree: PyTree) -> None:
-    """Writes ``tree`` (a compressed model's state, or a whole training state) to ``directory`` (new).
-
-    ``<dir>/arrays``: orbax (:func:`jaxsparse.checkpoint.save`); ``<dir>/layout.json``: :func:`layout`.
-    """
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory):
-        raise ValueError(f"checkpoint directory {directory} already exists.")
-    desc = layout(tree)
-    os.makedirs(directory)
-    _ckpt.save(os.path.join(directory, "arrays"), tree)
-    with open(os.path.join(directory, "layout.json"), "w") as f:
-        json.dump(desc, f, indent=1, sort_keys=True)
-
-
-def restore(directory: str | os.PathLike, target: PyTree) -> PyTree:
-    """Reads a tree written by :func:`save`, laid out like ``target`` (arrays or ``jax.ShapeDtypeStruct``).
-
-    Before any array is read, the stored layout is compared with ``target``'s: a layer whose format, shape,
-    block, capacity, N:M or dtype differs, or any leaf whose path, shape or dtype differs, raises
-    ``ValueError`` naming it. ``target`` is never modified.
-    """
-    directory = os.path.abspath(directory)
-    path = os.path.join(directory, "layout.json")
-    if not os.path.exists(path):
-        raise ValueError(f"{directory} is not a jaxsparse.flax checkpoint (no layout.json).")
-    with open(path) as f:
-        stored = json.load(f)
-    want = layout(target)
-    for layer in sorted(set(stored["layers"]) | set(want["layers"])):
-        a, b = stored["layers"].get(layer), want["layers"].get(layer)
-        if a is None or b is None:
-            raise ValueError(
-                f"layer '{layer}' is compressed in the {'target' if a is None else 'checkpoint'} "
-                f"but not in the {'checkpoint' if a is None else 'target'}."
-            )
-        for key in sorted(set(a) & set(b) - {"arrays"}):
-            if a[key] != b[key]:
-                raise ValueError(
-                    f"layer '{layer}': checkpoint has {key}={a[key]}, the target layer has {key}={b[key]}."
-                )
-    for name in sorted(set(stored["leaves"]) | set(want["leaves"])):
-        a, b = stored["leaves"].get(name), want["leaves"].get(name)
-        if a != b:
-            raise ValueError(f"leaf '{name}': checkpoint has {a}, target has {b}.")
-    return _ckpt.restore(os.path.join(directory, "arrays"), target)
+# ----------------------------------------------------------------------------------------- deprecated
+__getattr__ = _deprecations.module_getattr(
+    __name__,
+    {
+        "save": ("jaxsparse.checkpoint.save", _ckpt.save),
+        "restore": ("jaxsparse.checkpoint.restore", _ckpt.restore),
+        "layout": ("jaxsparse.checkpoint.layout", _ckpt.layout),
+        "LAYOUT_VERSION": ("jaxsparse.checkpoint.LAYOUT_VERSION", _ckpt.LAYOUT_VERSION),
+    },
+)

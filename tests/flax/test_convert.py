@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxsparse
+from jaxsparse import checkpoint
 from jaxsparse.flax import convert
 from jaxsparse.flax.linen import BlockSparseDense, NMDense
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear, SparsePattern
@@ -80,8 +81,8 @@ def test_linen_block_round_trip_from_a_jaxsparse_algorithm(tmp_path):
     np.testing.assert_allclose(y, DenseMLP().apply({"params": params}, x), rtol=1e-5, atol=1e-5)
     # Orbax round trip of the compressed variables, bit-exact, plus a readable layout.
     variables = {"params": cparams, "sparse_pattern": pattern}
-    convert.save(tmp_path / "c", variables)
-    back = convert.restore(tmp_path / "c", jax.eval_shape(lambda: variables))
+    checkpoint.save(tmp_path / "c", variables)
+    back = checkpoint.restore(tmp_path / "c", jax.eval_shape(lambda: variables))
     _assert_trees_equal(back, variables)
     desc = json.load(open(tmp_path / "c" / "layout.json"))
     assert (
@@ -143,11 +144,11 @@ def test_nnx_model_round_trip_and_checkpoint(fmt, tmp_path):
     x = jax.random.normal(jax.random.key(3), (2, 8))
     np.testing.assert_allclose(sparse(x), back(x), rtol=1e-5, atol=1e-5)
     # Checkpoint the compressed model and restore it into a freshly built one.
-    convert.save(tmp_path / "m", nnx.state(sparse))
+    checkpoint.save(tmp_path / "m", nnx.state(sparse))
     fresh = convert.to_sparse_nnx(
         NNXModel(nnx.Rngs(9)), masks if fmt == "nm" else masks, format=fmt, **kw
     )
-    restored = convert.restore(tmp_path / "m", nnx.state(fresh))
+    restored = checkpoint.restore(tmp_path / "m", nnx.state(fresh))
     nnx.update(fresh, restored)
     _assert_trees_equal(nnx.to_pure_dict(nnx.state(fresh)), nnx.to_pure_dict(nnx.state(sparse)))
 
@@ -159,10 +160,10 @@ def test_training_state_checkpoint_and_mismatches(tmp_path):
     _, params, pattern = nnx.split(model, nnx.Param, SparsePattern)
     tx = optax.adamw(1e-3)
     state = {"params": params, "pattern": pattern, "opt": tx.init(params), "step": jnp.int32(7)}
-    convert.save(tmp_path / "s", state)
-    _assert_trees_equal(convert.restore(tmp_path / "s", state), state)
+    checkpoint.save(tmp_path / "s", state)
+    _assert_trees_equal(checkpoint.restore(tmp_path / "s", state), state)
     with pytest.raises(ValueError, match="already exists"):
-        convert.save(tmp_path / "s", state)
+        checkpoint.save(tmp_path / "s", state)
 
     def other(**kw):
         m = nnx.Module()
@@ -174,14 +175,14 @@ def test_training_state_checkpoint_and_mismatches(tmp_path):
     with pytest.raises(
         ValueError, match=r"layer 'fc': checkpoint has capacity=5, the target layer has capacity=6"
     ):
-        convert.restore(tmp_path / "s", other(capacity=6))
+        checkpoint.restore(tmp_path / "s", other(capacity=6))
     with pytest.raises(ValueError, match=r"layer 'fc': checkpoint has block=\[4, 4\]"):
-        convert.restore(tmp_path / "s", other(block=(2, 4), capacity=5))
+        checkpoint.restore(tmp_path / "s", other(block=(2, 4), capacity=5))
     wrong_dtype = other(param_dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match=r"layer 'fc': checkpoint has dtype=float32"):
-        convert.restore(tmp_path / "s", wrong_dtype)
+        checkpoint.restore(tmp_path / "s", wrong_dtype)
     with pytest.raises(ValueError, match="no layout.json"):
-        convert.restore(tmp_path, state)
+        checkpoint.restore(tmp_path, state)
 
 
 def test_bad_conversion_input():
