@@ -81,6 +81,15 @@ def make_tx(method: str, sparsity: float, steps: int, seed: int):
     raise ValueError(f"unknown method {method!r}")
 
 
+def mlp_forward(params, x):
+    """The MLP's forward pass from its params alone (any hidden widths: Chase's compact model)."""
+    layers = [params["params"][f"Dense_{i}"] for i in range(3)]
+    for i, layer in enumerate(layers):
+        x = x @ layer["kernel"] + layer["bias"]
+        x = jax.nn.relu(x) if i < 2 else x
+    return x
+
+
 def batches(key, n_train, steps):
     return jax.random.randint(key, (steps, BATCH), 0, n_train)
 
@@ -197,8 +206,13 @@ def main():
             tx = make_tx(method, args.sparsity, args.steps, seed)
             params, state = fit(tx, init, data, args.steps, key)
             dense = params if method == "dense" else dense
-            if method == "chase":  # evaluate the physically smaller model
-                params = chase_compact(params, state.extra.channels, CHAIN)
+            if method == "chase":  # evaluate the physically smaller model (narrower hidden layers)
+                small = chase_compact(params, state.extra.channels, CHAIN)
+                logits = mlp_forward(small, xt)
+                widths = [int(c.sum()) for c in state.extra.channels]
+                print(f"  chase hidden widths after channel removal: {widths}")
+                record(method, seed, float(jnp.mean(jnp.argmax(logits, -1) == yt)))
+                continue
             record(method, seed, float(accuracy(params, xt, yt)))
         if want("sms"):
             k_soup = jax.random.fold_in(key, 1)
