@@ -36,6 +36,7 @@ __all__ = [
     "keep_count",
     "leaf_paths",
     "overall_sparsity",
+    "layer_axes",
     "DISTRIBUTIONS",
 ]
 
@@ -199,8 +200,16 @@ def budget(
     last_layer_dense: bool = False,
     erk_power_scale: float = 1.0,
     custom: Mapping[str, float] | None = None,
+    layer_axis: Mapping[str, int] | None = None,
 ) -> Budget:
     """Builds a per-leaf sparsity budget: ``budget(0.9, "erk")(params) -> {..: 0.83, ..: None}``.
+
+    ``layer_axis`` marks stacked (scanned) leaves: it maps path regexes to the layer axis of matching leaves
+    (``{"layers/": 0}`` for ``nn.scan`` / ``nnx.scan`` params of shape ``(layers, d_in, d_out)``). Each layer
+    slice is then treated as its own leaf: ER/ERK densities come from the slice's shape, and the training
+    transforms and :func:`jaxsparse.magnitude_masks` / :func:`jaxsparse.random_masks` keep
+    ``keep_count(s, slice size)`` weights in *every* slice (per-layer top-k). The budget exposes the axes as
+    ``budget(...).layer_axes(params)`` (a pytree of ``int`` / ``None``).
 
     ``sparsity`` is the target fraction of zeros over the selected leaves (those :func:`prunable` picks with the same
     keyword arguments), in ``[0, 1)``; with ``"uniform"`` it may be a traced scalar (e.g. under ``vmap``).
@@ -237,8 +246,37 @@ def budget(
     )
     _compile(include, "include"), _compile(exclude, "exclude")
 
+    layer_res = _layer_axis_patterns(layer_axis)
+    if (
+        layer_res and predicate is None
+    ):  # a stacked leaf is pruned by default when its *slice* would be
+
+        def stacked_default(name: str, leaf: Any) -> bool:
+            nd = jnp.ndim(leaf) - any(r.search(name) for r, _ in layer_res)
+            return _default_prunable(name, leaf) and nd >= 2
+
+        selection["predicate"] = stacked_default
+
+    def axes_of(params: PyTree) -> PyTree:
+        params = unwrap(params)
+        chosen = jax.tree.leaves(prunable(params, **selection))
+        out = []
+        for (name, leaf), pick in zip(named_leaves(params), chosen):
+            ax = next((a for r, a in layer_res if r.search(name)), None) if pick else None
+            if ax is not None:
+                nd = len(_shape(leaf))
+                if nd < 3 or not -nd <= ax < nd:
+                    raise ValueError(
+                        f"`layer_axis` gives leaf '{name}' of shape {_shape(leaf)} layer axis {ax}; a stacked "
+                        f"leaf needs ndim >= 3 (layers plus a 2-D or larger layer) and an axis in [{-nd}, {nd})."
+                    )
+                ax %= nd
+            out.append(ax)
+        return jax.tree.unflatten(jax.tree.structure(params), out)
+
     def plan(params: PyTree) -> PyTree:
         params = unwrap(params)
+        axes = jax.tree.leaves(axes_of(params), is_leaf=lambda x: x is None)
         chosen = prunable(params, **selection)
         leaves = named_leaves(params)
         treedef = jax.tree.structure(params)
@@ -261,18 +299,60 @@ def budget(
                     f"{selected}."
                 )
         shapes = [_shape(leaves[i][1]) for i in solve]
+        units = [  # the shape a density is computed from: one layer slice of a stacked leaf
+            s if axes[i] is None else s[: axes[i]] + s[axes[i] + 1 :] for s, i in zip(shapes, solve)
+        ]
         if distribution == "uniform":
             for i in solve:
                 out[i] = sparsity
         elif solve:
             sizes = [math.prod(s) for s in shapes]
-            raw = [_raw_density(s, distribution, erk_power_scale) for s in shapes]
+            raw = [_raw_density(s, distribution, erk_power_scale) for s in units]
             for i, d in zip(solve, _solve_densities(sizes, raw, 1.0 - sparsity)):
                 out[i] = max(0.0, 1.0 - d)
         out = [None if (isinstance(s, float) and s == 0.0) else s for s in out]
         return jax.tree.unflatten(treedef, out)
 
+    plan.layer_axes = axes_of
     return plan
+
+
+def _layer_axis_patterns(layer_axis: Mapping[str, int] | None) -> list[tuple[re.Pattern, int]]:
+    if layer_axis is None:
+        return []
+    if not isinstance(layer_axis, Mapping):
+        raise TypeError(
+            f"`layer_axis` must map path regexes to an int axis, e.g. {{'layers/': 0}}; got {layer_axis!r}."
+        )
+    out = []
+    for pattern, ax in layer_axis.items():
+        (regex,) = _compile(pattern, "layer_axis")
+        if isinstance(ax, bool) or not isinstance(ax, int):
+            raise TypeError(f"`layer_axis[{pattern!r}]` must be an int axis; got {ax!r}.")
+        out.append((regex, ax))
+    return out
+
+
+def layer_axes(sparsity: Any, params: PyTree) -> PyTree | None:
+    """The layer axis of every leaf under ``sparsity`` (a budget built with ``layer_axis``), else ``None``.
+
+    Args:
+      sparsity: a float, a per-leaf pytree or a :func:`budget`; only a budget carries layer axes.
+      params: the parameter pytree (shapes only).
+
+    Returns:
+      A pytree like ``params`` of ``int`` (stacked leaf) / ``None``, or ``None`` when no leaf is stacked.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"layers": {"kernel": jnp.ones((3, 4, 4))}, "head": jnp.ones((4, 2))}
+    >>> layer_axes(budget(0.5, layer_axis={"layers/": 0}), p)
+    {'head': None, 'layers': {'kernel': 0}}
+    """
+    fn = getattr(sparsity, "layer_axes", None)
+    if fn is None:
+        return None
+    axes = fn(params)
+    return axes if any(a is not None for a in jax.tree.leaves(axes)) else None
 
 
 def as_budget(sparsity: float | Budget) -> Budget:

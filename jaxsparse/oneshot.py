@@ -18,7 +18,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 from jaxsparse import _validation as v
 from jaxsparse._scores import allowed_scores
 from jaxsparse._tree import check_same_structure, is_none, unwrap
-from jaxsparse.allocation import Budget, as_budget, keep_count
+from jaxsparse.allocation import Budget, as_budget, keep_count, layer_axes
 from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
 
 __all__ = [
@@ -50,29 +50,48 @@ def leaf_sparsities(sparsity: float | Budget | PyTree, params: PyTree) -> PyTree
     return sparsity
 
 
-def masks_from_scores(scores: PyTree, sparsities: PyTree, scope: str = "layer") -> PyTree:
+def masks_from_scores(
+    scores: PyTree, sparsities: PyTree, scope: str = "layer", layer_axes: PyTree | None = None
+) -> PyTree:
     """Keeps the highest scores: ``N - floor(s * N)`` per leaf, or that total over all leaves with ``"global"``.
 
-    ``scores`` leaves where ``sparsities`` is ``None`` are ignored (mask ``None``).
+    ``scores`` leaves where ``sparsities`` is ``None`` are ignored (mask ``None``). ``layer_axes`` (a pytree of
+    ``int`` / ``None``, see :func:`jaxsparse.layer_axes`) makes every layer slice of a stacked leaf keep its own
+    ``keep_count(s, slice size)``.
 
     >>> import jax.numpy as jnp
     >>> m = masks_from_scores({"w": jnp.arange(10.0)}, {"w": 0.7})
     >>> m["w"].astype(int).tolist()
     [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+    >>> m = masks_from_scores({"w": jnp.arange(8.0).reshape(2, 4)}, {"w": 0.5}, layer_axes={"w": 0})
+    >>> m["w"].astype(int).tolist()
+    [[0, 0, 1, 1], [0, 0, 1, 1]]
     """
     v.check_choice("scope", scope, SCOPES)
     check_same_structure("scores", scores, "sparsities", sparsities)
+    if layer_axes is None:
+        layer_axes = jax.tree.map(lambda s: None, sparsities, is_leaf=is_none)
+    check_same_structure("sparsities", sparsities, "layer_axes", layer_axes)
     live = jax.tree.map(lambda s, x: None if s is None else x, sparsities, scores, is_leaf=is_none)
-    ks = jax.tree.map(
-        lambda s, x: None if s is None else keep_count(s, x.size),
+    ks = jax.tree.map(  # per layer slice for stacked leaves
+        lambda s, x, a: (
+            None if s is None else keep_count(s, x.size // (1 if a is None else x.shape[a]))
+        ),
         sparsities,
         scores,
+        layer_axes,
         is_leaf=is_none,
     )
     if scope == "layer":
-        return topk_masks(live, ks)
-    total = sum(jax.tree.leaves(ks))
-    return global_topk_masks(live, total)
+        return topk_masks(live, ks, layer_axes=layer_axes)
+    totals = jax.tree.map(
+        lambda k, x, a: None if k is None else k * (1 if a is None else x.shape[a]),
+        ks,
+        scores,
+        layer_axes,
+        is_leaf=is_none,
+    )
+    return global_topk_masks(live, sum(jax.tree.leaves(totals)))
 
 
 def _restrict(scores: PyTree, masks: PyTree | None) -> PyTree:
@@ -97,7 +116,12 @@ def magnitude_masks(
     [[False, True], [True, False]]
     """
     scores = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), params)
-    return masks_from_scores(_restrict(scores, masks), leaf_sparsities(sparsity, params), scope)
+    return masks_from_scores(
+        _restrict(scores, masks),
+        leaf_sparsities(sparsity, params),
+        scope,
+        layer_axes(sparsity, params),
+    )
 
 
 def random_masks(key: PRNGKeyArray, params: PyTree, sparsity: float | Budget | PyTree) -> PyTree:
@@ -108,7 +132,12 @@ def random_masks(key: PRNGKeyArray, params: PyTree, sparsity: float | Budget | P
     >>> int(m["w"].sum())
     10
     """
-    return masks_from_scores(random_scores(key, params), leaf_sparsities(sparsity, params), "layer")
+    return masks_from_scores(
+        random_scores(key, params),
+        leaf_sparsities(sparsity, params),
+        "layer",
+        layer_axes(sparsity, params),
+    )
 
 
 def snip_masks(

@@ -97,9 +97,12 @@ def drop_and_grow_tree(
     key_grow: PRNGKeyArray | None,
     key_drop: PRNGKeyArray | None,
     noise: float,
-    layer_axes: tuple[int | None, ...] | None = None,
+    layer_axes: PyTree | None = None,
 ) -> PyTree:
     """The RigL/SET/SNFS update of a masks pytree with its grow scores made on the stacked groups.
+
+    ``layer_axes`` (a pytree like ``masks`` of ``int`` / ``None``) applies the rule to every layer slice of a
+    stacked leaf: counts, drop and growth per slice.
 
     ``grow`` is ``"random"`` (hashed uniforms from ``key_grow``, the numbers :func:`jaxsparse.random_scores` gives
     leaf by leaf) or ``"abs"`` (``|source|``: the dense gradient, or a momentum).
@@ -107,7 +110,11 @@ def drop_and_grow_tree(
     live, (ms, ps) = live_leaves(masks, params)
     if not live:
         return masks
-    g = _g.grouping([m.shape for m in ms], layer_axes)
+    axes = None
+    if layer_axes is not None:
+        flat = jax.tree.flatten(layer_axes, is_leaf=is_none)[0]
+        axes = tuple(flat[i] for i in live)
+    g = _g.grouping([m.shape for m in ms], axes)
     m_s, p_s = _g.stack(g, ms), _g.stack(g, ps)
     if grow == "random":
         scores = uniform(g, unit_seeds(g, key_grow, masks, live), m_s)

@@ -40,9 +40,9 @@ from jaxtyping import Array, PyTree
 from jaxsparse import _validation as v
 from jaxsparse._deprecations import module_getattr
 from jaxsparse._tree import is_none, path_name
-from jaxsparse.allocation import Budget, keep_count, overall_sparsity
+from jaxsparse.allocation import Budget, keep_count, layer_axes, overall_sparsity
 from jaxsparse.masks import random_scores, topk_mask
-from jaxsparse.oneshot import leaf_sparsities, random_masks
+from jaxsparse.oneshot import leaf_sparsities, masks_from_scores, random_masks
 from jaxsparse.schedules import DECAYS, drop_fraction_schedule, update_gate
 from jaxsparse.transforms import _stacked as _st
 from jaxsparse.transforms._factory import sparse_transform
@@ -114,7 +114,8 @@ def _init_random(sparsity: Any) -> Callable[[PyTree, Array], PyTree]:
     def init_masks(params, key):
         sparsities = leaf_sparsities(sparsity, params)
         _check_layers(params, sparsities)
-        return random_masks(key, params, sparsities)
+        scores = random_scores(key, params)
+        return masks_from_scores(scores, sparsities, "layer", layer_axes(sparsity, params))
 
     return init_masks
 
@@ -277,7 +278,15 @@ def _drop_and_grow_rule(
             source = ctx.extra if grow == "momentum" else ctx.grads
             kind = "random" if grow == "random" else "abs"
             masks = _st.drop_and_grow_tree(
-                ctx.masks, ctx.params, kind, source, fraction, k_grow, k_drop, drop_noise
+                ctx.masks,
+                ctx.params,
+                kind,
+                source,
+                fraction,
+                k_grow,
+                k_drop,
+                drop_noise,
+                layer_axes(sparsity, ctx.params),
             )
         return masks, ctx.extra
 
@@ -543,8 +552,9 @@ def granet(
 
     def update(ctx: MaskContext):
         masks, _ = prune.update(ctx)
+        axes = layer_axes(sparsity, ctx.params)
         return _st.drop_and_grow_tree(
-            masks, ctx.params, "abs", ctx.grads, schedule(ctx.step), None, None, 0.0
+            masks, ctx.params, "abs", ctx.grads, schedule(ctx.step), None, None, 0.0, axes
         ), ctx.extra
 
     return MaskAlgorithm(

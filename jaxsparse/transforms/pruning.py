@@ -16,8 +16,9 @@ from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._deprecations import module_getattr
+from jaxsparse._scores import allowed_scores
 from jaxsparse._tree import check_same_structure, is_none
-from jaxsparse.allocation import Budget, keep_count, overall_sparsity
+from jaxsparse.allocation import Budget, keep_count, layer_axes, overall_sparsity
 from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
 from jaxsparse.oneshot import SCOPES, leaf_sparsities, masks_from_scores
 from jaxsparse.schedules import polynomial_sparsity, update_gate
@@ -174,16 +175,24 @@ def gradual_magnitude_pruning(
 
     def prune(params, step, masks):
         """Magnitude masks at the schedule's counts; from ``end_step`` on exactly the final budget's counts
-        (:func:`jaxsparse.keep_count` in Python doubles, as every other API), not float32 arithmetic."""
+        (:func:`jaxsparse.keep_count` in Python doubles, as every other API), not float32 arithmetic. Stacked
+        leaves (a budget's ``layer_axis``) keep their count in every layer slice."""
         finals = leaf_sparsities(sparsity, params)
+        axes = layer_axes(sparsity, params)
+        if axes is None:
+            axes = jax.tree.map(lambda f: None, finals, is_leaf=is_none)
         done = jnp.asarray(step) >= end_step
+
+        def count(s, f, p, a):
+            n = p.size // (1 if a is None else p.shape[a])
+            return jnp.where(done, keep_count(f, n), keep_count(s, n))
+
         ks = jax.tree.map(
-            lambda s, f, p: (
-                None if f is None else jnp.where(done, keep_count(f, p.size), keep_count(s, p.size))
-            ),
+            lambda s, f, p, a: None if f is None else count(s, f, p, a),
             targets(params, step),
             finals,
             params,
+            axes,
             is_leaf=is_none,
         )
         scores = jax.tree.map(
@@ -194,14 +203,21 @@ def gradual_magnitude_pruning(
         )
         if masks is not None:  # nested: only weights inside the current masks can stay
             scores = jax.tree.map(
-                lambda m, x: x if m is None else jnp.where(m, x, -jnp.inf),
+                lambda m, x: x if m is None else allowed_scores(x, m),
                 masks,
                 scores,
                 is_leaf=is_none,
             )
         if scope == "layer":
-            return topk_masks(scores, ks)
-        return global_topk_masks(scores, jnp.sum(jnp.stack(jax.tree.leaves(ks))))
+            return topk_masks(scores, ks, layer_axes=axes)
+        totals = jax.tree.map(
+            lambda k, p, a: None if k is None else k * (1 if a is None else p.shape[a]),
+            ks,
+            params,
+            axes,
+            is_leaf=is_none,
+        )
+        return global_topk_masks(scores, jnp.sum(jnp.stack(jax.tree.leaves(totals))))
 
     def init(params, key):
         finals = leaf_sparsities(sparsity, params)

@@ -1,0 +1,113 @@
+"""Cost that stays flat in the number of leaves: the mask rules batch equally shaped leaves, so the compiled
+selection (loops, reductions) and the number of compilations of ``tx.init`` do not grow with the leaf count."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jaxsparse as js
+
+
+def _params(n, width):
+    ks = jax.random.split(jax.random.PRNGKey(0), n)
+    return {
+        f"Dense_{i}": {"kernel": jax.random.normal(k, (width, width)), "bias": jnp.zeros(width)}
+        for i, k in enumerate(ks)
+    }
+
+
+MAKERS = {
+    "rigl": lambda: js.rigl(optax.adam(1e-3), 0.8, update_every=10, total_steps=100),
+    "set": lambda: js.set_training(optax.adam(1e-3), 0.8, update_every=10, total_steps=100),
+    "gmp": lambda: js.gradual_magnitude_pruning(optax.adam(1e-3), 0.8, 0, 100, 10),
+    "gmp_global": lambda: js.gradual_magnitude_pruning(
+        optax.adam(1e-3), 0.8, 0, 100, 10, scope="global"
+    ),
+}
+HEAVY = (
+    "while",
+    "scan",
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_and",
+    "reduce_or",
+    "cond",
+)
+
+
+def _heavy_ops_in_mask_update(tx, params):
+    """Counts loops, reductions and branches inside the mask-update branch of one step."""
+    state = tx.init(params)
+    jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
+    counts = collections.Counter()
+
+    def subjaxprs(e):
+        for v in e.params.values():
+            for x in v if isinstance(v, (list, tuple)) else [v]:
+                x = getattr(x, "jaxpr", x)  # ClosedJaxpr -> Jaxpr
+                if hasattr(x, "eqns"):
+                    yield x
+
+    def walk(j, inside):
+        for e in j.eqns:
+            if inside and e.primitive.name in HEAVY:
+                counts[e.primitive.name] += 1
+            for s in subjaxprs(e):
+                walk(s, inside or e.primitive.name == "cond")
+
+    walk(jaxpr, False)
+    return counts
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_mask_update_does_not_unroll_per_leaf(name):
+    few = _heavy_ops_in_mask_update(MAKERS[name](), _params(2, 8))
+    many = _heavy_ops_in_mask_update(MAKERS[name](), _params(12, 8))
+    assert few["scan"] + few["while"] >= 1  # the bisection loops (fori_loop) are there...
+    assert few == many, (few, many)  # ...and do not multiply with the leaves
+
+
+def test_mixed_shapes_cost_one_selection_per_shape():
+    tx = MAKERS["rigl"]()
+    p1 = {**_params(3, 8), "x": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+    p2 = {**_params(9, 8), "x": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+    assert _heavy_ops_in_mask_update(tx, p1) == _heavy_ops_in_mask_update(tx, p2)
+
+
+def _unregister(listener):
+    from jax._src import (
+        monitoring,
+    )  # the public module has no unregister in the oldest supported JAX
+
+    monitoring.unregister_event_duration_listener(listener)
+
+
+def _count_compiles(fn):
+    n = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            n[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(fn())
+    finally:
+        _unregister(listener)
+    return n[0]
+
+
+@pytest.mark.parametrize("name", ["rigl", "gmp"])
+def test_init_compiles_the_same_for_few_and_many_leaves(name):
+    """``tx.init`` is one jitted mask computation: its compilations do not grow with the leaves (fresh shapes,
+    so nothing is cached between the two), and a second init of the same shapes compiles nothing."""
+    few = _count_compiles(lambda: MAKERS[name]().init(_params(2, 24)))
+    many = _count_compiles(lambda: MAKERS[name]().init(_params(12, 40)))
+    assert many == few, (few, many)
+    tx = MAKERS[name]()
+    tx.init(_params(3, 56))
+    assert _count_compiles(lambda: tx.init(_params(3, 56))) <= 1
