@@ -206,8 +206,8 @@ def upgrade_patterns(params: Mapping, pattern: Mapping) -> dict:
         or ``nnx.to_pure_dict`` of an old state).
 
     Returns:
-      ``pattern`` with the per-field leaves of every layer replaced by ``{"pattern": BlockSparsePattern |
-      NMPattern}``.
+      ``pattern`` with the per-field leaves of every layer replaced by one ``pattern`` entry holding a
+      :class:`BlockSparsePattern` or :class:`NMPattern`.
 
     Example:
       >>> import jax, jax.numpy as jnp
