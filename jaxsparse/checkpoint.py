@@ -133,19 +133,33 @@ def save(directory: str | os.PathLike, tree: PyTree) -> None:
     [0.0, 1.0, 2.0]
     """
     directory = os.path.abspath(directory)
-    if os.path.exists(directory):
+    exists = os.path.exists(directory)
+    # every process has looked before any creates it (else a fast process 0 makes the others fail here)
+    _sync_processes("jaxsparse.checkpoint.save: checked")
+    if exists:
         raise ValueError(f"checkpoint directory {directory} already exists.")
     named = _named(tree, "tree")
     desc = layout(tree)
     arrays = _nested(
         {k: (np.asarray(v) if isinstance(v, _SCALARS) else v) for k, v in named.items()}
     )
-    os.makedirs(directory)
-    with ocp.StandardCheckpointer() as ckptr:
+    os.makedirs(directory, exist_ok=jax.process_count() > 1)
+    with ocp.StandardCheckpointer() as ckptr:  # each process writes its own shards
         ckptr.save(os.path.join(directory, _ARRAYS), arrays)
         ckptr.wait_until_finished()
-    with open(os.path.join(directory, _LAYOUT), "w") as f:
-        json.dump(desc, f, indent=1, sort_keys=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, _LAYOUT), "w") as f:
+            json.dump(desc, f, indent=1, sort_keys=True)
+    # layout.json exists for every process when save returns
+    _sync_processes("jaxsparse.checkpoint.save: written")
+
+
+def _sync_processes(name: str) -> None:
+    """A barrier across the processes of a multi-process JAX run (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _check_layout(stored: dict, want: dict) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
@@ -36,9 +37,16 @@ def sparsity_summary(params: PyTree) -> dict[str, LeafStats]:
     """
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        arr = np.asarray(leaf)
-        out[path_name(path)] = LeafStats(int(arr.size), int(np.count_nonzero(arr)))
+        out[path_name(path)] = LeafStats(int(np.size(leaf)), _count_nonzero(leaf))
     return out
+
+
+def _count_nonzero(leaf) -> int:
+    """Counted where the array lives: only the count reaches the host (a leaf sharded over several
+    processes cannot be fetched whole by any of them)."""
+    if isinstance(leaf, jax.Array):
+        return int(jnp.count_nonzero(leaf))
+    return int(np.count_nonzero(np.asarray(leaf)))
 
 
 def global_sparsity(params: PyTree, min_ndim: int = 2) -> float:

@@ -31,6 +31,7 @@ from jaxsparse.posttraining import (
     prune_linen,
     update_activation_stats,
 )
+from jaxsparse.stats import sparsity_summary
 
 FEATURES = (16, 32, 16, 8)  # in -> hidden -> hidden -> classes
 BATCH = 16  # global batch; each of the 2 data shards holds 8 rows
@@ -220,6 +221,10 @@ def part_training(mesh: Mesh, out_dir: str) -> dict:
         "runs": runs,
         "restored": checkpoint.restore(path, runs),
         "fully_addressable": addressability(runs),
+        "nnz": {  # jaxsparse.stats on the sharded params: counted on device, only the counts are fetched
+            name: {k: np.asarray(v.nnz) for k, v in sparsity_summary(r["params"]).items()}
+            for name, r in runs.items()
+        },
     }
 
 

@@ -107,6 +107,12 @@ def assert_same(got: dict, want: dict, float_bound: float | None = None) -> None
 
 
 # ------------------------------------------------------------------------------------------------ training
+def _params_key(nnz_key: str) -> str:
+    """``['rigl_erk']['Dense_0/kernel']`` -> ``['rigl_erk']['params']['Dense_0']['kernel']``."""
+    run, path = nnz_key[2:-2].split("']['")
+    return f"['{run}']['params']" + "".join(f"['{p}']" for p in path.split("/"))
+
+
 def test_sparse_training_matches_one_process(two_processes, one_process):
     got = load(two_processes, "training")
     want = gather(one_process["training"]["runs"])
@@ -118,6 +124,11 @@ def test_sparse_training_matches_one_process(two_processes, one_process):
     # the masks are real: GMP keeps exactly a quarter of all kernel weights (one global threshold)...
     gmp = [v for k, v in runs.items() if k.startswith("['gmp_global']['state'].masks")]
     assert len(gmp) == 3 and sum(int(m.sum()) for m in gmp) == sum(m.size // 4 for m in gmp)
+    # jaxsparse.sparsity_summary counted the same nonzeros on the sharded params (only counts were fetched)
+    nnz = select(got, "['nnz']")
+    assert nnz and all(
+        int(v) == int(np.count_nonzero(runs[_params_key(k)])) for k, v in nnz.items()
+    )
     # ...and RigL moved connections away from its initial ERK masks
     rigl_init = jax.tree.leaves(
         mp.optimizers()["rigl_erk"].init(mp.init_params(mp.make_mesh())).masks
