@@ -173,12 +173,15 @@ def write_measured_table() -> int:
     entries = {}
     for path in sorted(RESULTS.glob("*_cpu_dispatch.json")):
         for row in json.loads(path.read_text())["rows"]:
+            if row.get("sparse_is_densify"):  # same computation either way: nothing to choose
+                continue
             key = tuple(tuple(k) if isinstance(k, list) else k for k in row["table_key"])
             entries[key] = row["choice"]
     lines = [
         '"""Measured dense-vs-sparse choices on this project\'s CPU host (2 shared cores), written by',
         "``benchmarks/block_sparse_matmul.py --cpu-dispatch`` and ``benchmarks/nm_matmul.py --cpu-dispatch``",
-        "(from ``benchmarks/results/*_cpu_dispatch.json``); do not edit by hand.",
+        "(from ``benchmarks/results/*_cpu_dispatch.json``, rows where the sparse path is the dense one left",
+        "out); do not edit by hand.",
         "",
         'Keys are :func:`pallas_kernels.dispatch.table_key` tuples, values ``"dense"`` (densify + dot) or',
         '``"sparse"`` (the sparse XLA path) -- whichever was faster.',
@@ -186,7 +189,10 @@ def write_measured_table() -> int:
         "",
         "CHOICES: dict[tuple, str] = {",
     ]
-    lines += [f"    {key!r}: {choice!r}," for key, choice in sorted(entries.items(), key=repr)]
+    lines += [  # double quotes, as ruff format writes them (no quote characters inside the keys)
+        f"    {key!r}: {choice!r},".replace("'", '"')
+        for key, choice in sorted(entries.items(), key=repr)
+    ]
     lines.append("}")
     MEASURED_MODULE.write_text("\n".join(lines) + "\n")
     return len(entries)

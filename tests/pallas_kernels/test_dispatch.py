@@ -173,17 +173,24 @@ def test_auto_on_cpu_works_whatever_the_accelerator_kernels_do(monkeypatch, op):
             name,
             kernel._replace(forward=broken, grad_x=broken, unsupported_reason=lambda *a, **k: None),
         )
+    monkeypatch.setattr(dispatch, "choose", lambda *a, **k: "sparse")  # kernels wherever they run
     if op == "block_sparse":
-        w = _weight(1024, 1024, 128, 128, 0.1, jnp.float32)
+        w = _weight(256, 256, 128, 128, 0.5, jnp.float32)
         w = block_sparse_from_dense(
-            jnp.ones((1024, 1024)), block_mask_of(w), block=(128, 128), capacity=w.capacity
+            jnp.ones((256, 256)), block_mask_of(w), block=(128, 128), capacity=w.capacity
         )
         fn, ref = bsr_matmul, lambda x: x @ block_sparse_to_dense(w)
     else:
-        w = pack_nm(jnp.ones((1024, 256)))
+        w = pack_nm(jnp.ones((256, 128)))
         fn, ref = nm_matmul, lambda x: x @ unpack_nm(w)
-    x = jnp.ones((2, 1024))
-    for platforms in (None, ("cpu", "tpu", "cuda")):
+    x = jnp.ones((2, 256))
+    everywhere = ("cpu", "tpu", "cuda")
+    chosen = (bs_api.plan if op == "block_sparse" else nm_api.plan)(2, w, platforms=everywhere)
+    assert {chosen.backend("tpu"), chosen.backend("cuda")} == {
+        "tpu",
+        "mosaic_gpu",
+    }  # the broken ones
+    for platforms in (None, everywhere):
         f = jax.jit(lambda x, w, p=platforms: fn(x, w, impl="auto", platforms=p))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
