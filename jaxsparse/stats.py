@@ -82,7 +82,7 @@ def flops(
     spatial = dict(spatial or {})
     dense = sparse = 0.0
     for (name, st), leaf in zip(sparsity_summary(params).items(), jax.tree.leaves(params)):
-        if np.ndim(leaf) < 2:
+        if np.ndim(leaf) < 2 or st.size == 0:  # a zero-size kernel does no work
             continue
         per_position = 2.0 * st.size
         if np.ndim(leaf) > 2:

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from jaxsparse import _validation as v
@@ -38,9 +39,23 @@ def parse_sparsity(sparsity: Any) -> Pattern:
     return Pattern(v.check_sparsity("sparsity", sparsity), 0, 0)
 
 
+def check_finite(name: str, x: Array, what: str) -> None:
+    """Concrete ``x`` must be finite (under ``jit`` the values are unknown and not checked)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    arr = np.asarray(x)  # on the host: inside a jit trace a closed-over array must not be staged
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise ValueError(
+            f"`{name}` has {bad} non-finite entr{'y' if bad == 1 else 'ies'} (NaN or inf) of {arr.size}: "
+            f"{what} Pruning on it would silently keep or drop arbitrary weights."
+        )
+
+
 def check_kernel(name: str, weight: Any) -> Array:
     weight = jnp.asarray(weight)
     v.check_float_array(name, weight)
+    check_finite(name, weight, "the layer's weights are not finite.")
     if weight.ndim != 2:
         raise ValueError(
             f"`{name}` must be a 2-D Dense kernel of shape (in_features, out_features); got shape {weight.shape}."
@@ -64,6 +79,12 @@ def check_vector(name: str, x: Any, length: int, what: str = "in_features") -> A
             f"`{name}` must have shape ({length},) to match the kernel's {what}={length}; got shape {x.shape}. "
             "Calibration statistics must come from the inputs of this layer."
         )
+    check_finite(
+        name,
+        x,
+        "the calibration statistics (this layer's inputs) are not finite; check the calibration "
+        "batches and the layers before it.",
+    )
     return x
 
 

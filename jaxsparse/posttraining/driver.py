@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -417,6 +417,11 @@ def prune_linen(
     from flax.core import unfreeze
 
     _check_common(method, batches, layers)
+    if not isinstance(variables, Mapping) or type(variables).__module__.startswith("flax.nnx"):
+        raise TypeError(
+            "`variables` must be Linen variables (a dict such as {'params': ...} from module.init); got "
+            f"{type(variables).__name__}. For an NNX model use prune_nnx(model, batches, ...)."
+        )
     forward = forward or (lambda mod, var, b: mod.apply(var, b))
     flat = traverse_util.flatten_dict(unfreeze(variables))
 

@@ -26,7 +26,13 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 from jaxsparse import _validation as v
 from jaxsparse.masks import topk_mask
-from jaxsparse.posttraining._common import check_kernel, check_nm_fits, num_pruned, parse_sparsity
+from jaxsparse.posttraining._common import (
+    check_finite,
+    check_kernel,
+    check_nm_fits,
+    num_pruned,
+    parse_sparsity,
+)
 from jaxsparse.posttraining.calibration import warn_if_ill_conditioned
 
 __all__ = ["sparsegpt_prune", "sparsegpt_inverse_hessian_factor"]
@@ -166,6 +172,12 @@ def sparsegpt_prune(
     (16, True)
     """
     weight = check_kernel("weight", weight)
+    check_finite(
+        "hessian",
+        jnp.asarray(hessian),
+        "the calibration statistics X^T X (this layer's inputs) are not finite; check the "
+        "calibration batches and the layers before it.",
+    )
     pattern = parse_sparsity(sparsity)
     check_nm_fits("weight", weight.shape, pattern)
     blocksize = v.check_int("blocksize", blocksize, 1)
