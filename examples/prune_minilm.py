@@ -57,12 +57,13 @@ def main(argv=None):
         "--calib-windows", type=int, default=64, help="calibration windows of --window tokens"
     )
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--recover-steps", type=int, default=300, help="distillation fine-tune steps")
+    ap.add_argument("--recover-steps", type=int, default=200, help="distillation fine-tune steps")
+    ap.add_argument("--recover-batch", type=int, default=16, help="sentences per fine-tune step")
     ap.add_argument("--recover-lr", type=float, default=1e-4)
     ap.add_argument(
         "--block", type=int, default=32, help="block size of the block-sparse serving demo"
     )
-    ap.add_argument("--repeats", type=int, default=7, help="throughput repetitions (median)")
+    ap.add_argument("--repeats", type=int, default=5, help="throughput repetitions (median)")
     ap.add_argument(
         "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     )
@@ -151,14 +152,19 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------ recovery
     recovery = []
-    for key in (("sparsegpt", "2:4"), ("magnitude", "2:4"), ("wanda", "60%")):
+    for key in (("sparsegpt", "2:4"), ("magnitude", "2:4")):
         if key not in kept:
             continue
         res = kept[key]
         before = P.quality(P.embed(res.model, s.eval_batch), s.dense)
         t = time.perf_counter()
         tuned, losses = P.recover(
-            s, res.model, res.masks, steps=args.recover_steps, lr=args.recover_lr
+            s,
+            res.model,
+            res.masks,
+            steps=args.recover_steps,
+            batch_size=args.recover_batch,
+            lr=args.recover_lr,
         )
         after = P.quality(P.embed(tuned, s.eval_batch), s.dense)
         zeros_kept = all(

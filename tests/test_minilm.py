@@ -117,8 +117,9 @@ def test_pipeline_one_layer(small):
     bmodel, bmasks = P.block_prune(s.model, 0.5, (32, 32))
     for mask in bmasks.values():
         assert float(np.mean(mask)) == 0.5
-    bout = P.serve(s, bmodel, bmasks, format="block", block=(32, 32), repeats=1)
-    assert bout["max_abs_diff"]["xla"] < 1e-5
+    bout = P.serve(s, bmodel, bmasks, format="block", block=(32, 32), repeats=1, compare_xla=False)
+    assert bout["max_abs_diff"]["auto"] < 1e-5
+    assert set(bout["sentences_per_s"]) == {"dense", "compressed"}
     assert bout["linear_bytes_compressed"] < 0.55 * bout["linear_bytes_dense"]
 
     # recovery: fixed masks keep pruned weights exactly zero while the kept ones train

@@ -100,11 +100,16 @@ def tokenizer(max_length: int = 256):
     return tok
 
 
-def encode_batch(tok, texts: list[str], pad_to: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, attention_mask)`` int32, padded to the longest text rounded up to ``pad_to`` tokens."""
+def encode_batch(
+    tok, texts: list[str], pad_to: int = 16, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` int32, padded to ``length`` tokens, or by default to the longest text
+    rounded up to a multiple of ``pad_to``."""
     enc = tok.encode_batch(texts)
-    t = max(len(e.ids) for e in enc)
-    t = -(-t // pad_to) * pad_to
+    longest = max(len(e.ids) for e in enc)
+    t = -(-longest // pad_to) * pad_to if length is None else length
+    if t < longest:
+        raise ValueError(f"`length`={length} is shorter than the longest text ({longest} tokens).")
     ids = np.zeros((len(texts), t), np.int32)
     mask = np.zeros((len(texts), t), np.int32)
     for i, e in enumerate(enc):

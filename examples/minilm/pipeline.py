@@ -67,7 +67,9 @@ def setup(
     tok = data.tokenizer()
     cal, ev = data.split(num_eval=num_eval, num_calib=num_calib_sentences)
     calib = data.calibration_windows(tok, cal, calib_windows, length=window)
-    batch = data.encode_batch(tok, ev)
+    # one padded length for evaluation and fine-tuning sentences: one compile of the encoder per model
+    length = data.encode_batch(tok, cal + ev)[0].shape[1]
+    batch = data.encode_batch(tok, ev, length=length)
     return Setup(model, tok, calib, cal, ev, batch, embed(model, batch))
 
 
@@ -235,28 +237,31 @@ def serve(
     m: int = 4,
     block: tuple[int, int] | None = None,
     repeats: int = 5,
+    compare_xla: bool = True,
 ) -> dict:
     """Compresses ``pruned`` into ``jaxsparse.flax`` layers and compares it with the masked dense model.
 
-    The compressed model runs with ``impl="auto"`` (the dispatcher's choice, reported per layer kind); the same
-    layers with ``impl="xla"`` (the sparse XLA reference kernel, forced) are timed beside it.
+    The compressed model runs with ``impl="auto"`` (the dispatcher's choice, reported per layer kind); with
+    ``compare_xla`` the same layers with ``impl="xla"`` (the sparse XLA reference kernel, forced) are checked
+    and timed beside it.
     """
     convert = functools.partial(
         jsf.to_sparse_nnx, pruned, mask_tree(masks), format=format, n=n, m=m, block=block
     )
-    sparse, forced = convert(impl="auto"), convert(impl="xla")
+    models = {"dense": s.model, "compressed": convert(impl="auto")}
+    if compare_xla:
+        models["compressed_xla"] = convert(impl="xla")
+    sparse = models["compressed"]
     ref = embed(pruned, s.eval_batch)
-    ids, _ = s.eval_batch
     diff = {
-        name: float(np.abs(embed(mdl, s.eval_batch) - ref).max())
-        for name, mdl in (("auto", sparse), ("xla", forced))
+        name.replace("compressed_", "").replace("compressed", "auto"): float(
+            np.abs(embed(mdl, s.eval_batch) - ref).max()
+        )
+        for name, mdl in models.items()
+        if name != "dense"
     }
-    rows = 64 * ids.shape[1]
-    tp = throughput(
-        {"dense": s.model, "compressed": sparse, "compressed_xla": forced},
-        s.eval_batch,
-        repeats=repeats,
-    )
+    rows = 64 * s.eval_batch[0].shape[1]
+    tp = throughput(models, s.eval_batch, repeats=repeats)
     return {
         "format": format if format == "block" else f"{n}:{m}",
         "max_abs_diff": diff,
@@ -287,7 +292,7 @@ def recover(
     Only the encoder layers train (embeddings frozen); ``js.fixed_masks(optax.adamw(lr), masks)`` keeps every
     pruned weight exactly zero. Returns the fine-tuned model and the loss per step.
     """
-    cal_ids, cal_mask = data.encode_batch(s.tok, s.calib_sentences)
+    cal_ids, cal_mask = data.encode_batch(s.tok, s.calib_sentences, length=s.eval_batch[0].shape[1])
     teacher = embed(s.model, (cal_ids, cal_mask))
     graphdef, frozen, layers = nnx.split(pruned, _is_frozen, ...)
     params = nnx.to_pure_dict(layers)
@@ -323,11 +328,7 @@ def recover(
     losses = []
     for _ in range(steps):
         idx = rng.choice(n, size=min(batch_size, n), replace=False)
-        t = int(cal_mask[idx].sum(1).max())  # trim padding columns shared by the whole batch
-        t = -(-t // 16) * 16
-        params, opt_state, loss = step(
-            params, opt_state, cal_ids[idx, :t], cal_mask[idx, :t], teacher[idx]
-        )
+        params, opt_state, loss = step(params, opt_state, cal_ids[idx], cal_mask[idx], teacher[idx])
         losses.append(float(loss))
     return merged(params), losses
 
