@@ -67,9 +67,10 @@ def update_gate(
     Returns:
       ``step -> bool`` scalar, traceable.
 
-    >>> gate = update_gate(100, begin_step=100, end_step=300)
-    >>> [bool(gate(t)) for t in (0, 100, 150, 300, 400)]
-    [False, True, False, True, False]
+    Example:
+      >>> gate = update_gate(100, begin_step=100, end_step=300)
+      >>> [bool(gate(t)) for t in (0, 100, 150, 300, 400)]
+      [False, True, False, True, False]
     """
     _window(begin_step, end_step, frequency)
 
@@ -93,9 +94,28 @@ def polynomial_sparsity(
 ) -> Schedule:
     """Zhu & Gupta's gradual-pruning schedule, quantised to the update grid.
 
-    >>> sched = polynomial_sparsity(0.9, begin_step=0, end_step=100, frequency=10)
-    >>> [round(float(sched(t)), 4) for t in (0, 5, 10, 100, 500)]
-    [0.0, 0.0, 0.2439, 0.9, 0.9]
+    ``s_t = final + (initial - final) * (1 - (t - begin_step) / (end_step - begin_step)) ** power`` where ``t`` is
+    the step rounded down to the grid ``begin_step, begin_step + frequency, ...``; ``initial_sparsity`` before
+    ``begin_step``, ``final_sparsity`` from ``end_step`` on.
+
+    Args:
+      final_sparsity: the sparsity reached at ``end_step``, in ``[0, 1)``.
+      begin_step: the step pruning starts (>= 0).
+      end_step: the step ``final_sparsity`` is reached (>= ``begin_step``).
+      frequency: steps between mask updates (>= 1); the value is held constant between them.
+      initial_sparsity: the sparsity at ``begin_step``, in ``[0, 1)``.
+      power: the exponent (> 0); 3 is Zhu & Gupta's cubic schedule.
+
+    Returns:
+      ``step -> sparsity``, a float32 scalar; traceable.
+
+    Raises:
+      ValueError: a sparsity outside ``[0, 1)``, ``end_step < begin_step``, ``frequency < 1`` or ``power <= 0``.
+
+    Example:
+      >>> sched = polynomial_sparsity(0.9, begin_step=0, end_step=100, frequency=10)
+      >>> [round(float(sched(t)), 4) for t in (0, 5, 10, 100, 500)]
+      [0.0, 0.0, 0.2439, 0.9, 0.9]
     """
     final_sparsity = v.check_sparsity("final_sparsity", final_sparsity)
     initial_sparsity = v.check_sparsity("initial_sparsity", initial_sparsity)
@@ -119,9 +139,27 @@ def drop_fraction_schedule(
 ) -> Callable[[ArrayLike], Float[Array, ""]]:
     """``step -> f(t)``: ``drop_fraction`` decayed to 0 at ``end_step`` (``"cosine"``, ``"linear"``) or constant.
 
-    >>> f = drop_fraction_schedule(0.3, 100)
-    >>> [round(float(f(t)), 4) for t in (0, 50, 100, 200)]
-    [0.3, 0.15, 0.0, 0.0]
+    ``"cosine"`` is RigL's ``drop_fraction / 2 * (1 + cos(pi * t / end_step))``, ``"linear"`` is
+    ``drop_fraction * (1 - t / end_step)``; ``t`` is clipped to ``end_step``, so the value stays 0 after it.
+
+    Args:
+      drop_fraction: the fraction of a layer's active weights dropped at step 0, in ``[0, 1]``.
+      end_step: the step the fraction reaches 0; required unless ``decay="constant"`` (may be ``None`` then).
+      decay: one of ``"cosine"``, ``"linear"``, ``"constant"``.
+
+    Returns:
+      ``step -> fraction``, a float32 scalar; traceable.
+
+    Raises:
+      ValueError: ``drop_fraction`` outside ``[0, 1]``, an unknown ``decay``, or ``end_step=None`` with a decaying
+        schedule.
+
+    Example:
+      >>> f = drop_fraction_schedule(0.3, 100)
+      >>> [round(float(f(t)), 4) for t in (0, 50, 100, 200)]
+      [0.3, 0.15, 0.0, 0.0]
+      >>> [round(float(drop_fraction_schedule(0.3, 100, "linear")(t)), 4) for t in (0, 50)]
+      [0.3, 0.15]
     """
     alpha = v.check_fraction("drop_fraction", drop_fraction)
     v.check_choice("decay", decay, DECAYS)
@@ -155,9 +193,22 @@ def gradient_annealing_schedule(
 
     and ``alpha_t = 0`` from ``end_step`` on (hard masking for the rest of training).
 
-    >>> sched = gradient_annealing_schedule(100, alpha0=0.8)
-    >>> [round(float(sched(t)), 4) for t in (0, 50, 99, 100, 500)]
-    [0.8, 0.4, 0.0022, 0.0, 0.0]
+    Args:
+      end_step: the step from which ``alpha_t = 0`` (>= 1, > ``begin_step``).
+      alpha0: the scale at ``begin_step``, in ``[0, 1]``.
+      begin_step: the step annealing starts (>= 0); ``alpha_t = alpha0`` before it.
+      kind: ``"sigmoid_cosine"`` or ``"cosine"``.
+
+    Returns:
+      ``step -> alpha_t``, a float32 scalar; traceable.
+
+    Raises:
+      ValueError: ``end_step <= begin_step``, ``alpha0`` outside ``[0, 1]`` or an unknown ``kind``.
+
+    Example:
+      >>> sched = gradient_annealing_schedule(100, alpha0=0.8)
+      >>> [round(float(sched(t)), 4) for t in (0, 50, 99, 100, 500)]
+      [0.8, 0.4, 0.0022, 0.0, 0.0]
     """
     end_step = v.check_int("end_step", end_step, 1)
     begin_step = v.check_int("begin_step", begin_step, 0)
@@ -196,12 +247,28 @@ def mask_decay_schedule(
     (it never reaches 0 by itself); for ``"linear"`` a missing ``decay_coef`` defaults to
     ``1 / (end_step - begin_step)``.
 
-    >>> beta = mask_decay_schedule("linear", 0.01, begin_step=10)
-    >>> [round(float(beta(t)), 3) for t in (0, 10, 60, 110, 200)]
-    [1.0, 1.0, 0.5, 0.0, 0.0]
-    >>> beta = mask_decay_schedule("exponential", 0.1, end_step=50)
-    >>> [round(float(beta(t)), 4) for t in (0, 10, 49, 50)]
-    [1.0, 0.3679, 0.0074, 0.0]
+    Args:
+      kind: ``"linear"`` or ``"exponential"``.
+      decay_coef: the decay rate per step, a finite float > 0; may be ``None`` only for ``"linear"`` with an
+        ``end_step``.
+      begin_step: the first step of the decay (>= 0); ``beta_t = 1`` before it.
+      end_step: the step from which ``beta_t = 0`` (> ``begin_step``); ``None`` for no binary phase (``"linear"``
+        only).
+
+    Returns:
+      ``step -> beta_t``, a float32 scalar in ``[0, 1]``; traceable.
+
+    Raises:
+      ValueError: an unknown ``kind``, ``end_step <= begin_step``, a missing or non-positive ``decay_coef``, or
+        ``"exponential"`` without ``end_step``.
+
+    Example:
+      >>> beta = mask_decay_schedule("linear", 0.01, begin_step=10)
+      >>> [round(float(beta(t)), 3) for t in (0, 10, 60, 110, 200)]
+      [1.0, 1.0, 0.5, 0.0, 0.0]
+      >>> beta = mask_decay_schedule("exponential", 0.1, end_step=50)
+      >>> [round(float(beta(t)), 4) for t in (0, 10, 49, 50)]
+      [1.0, 0.3679, 0.0074, 0.0]
     """
     v.check_choice("kind", kind, MASK_DECAY_KINDS)
     begin_step = v.check_int("begin_step", begin_step, 0)
