@@ -31,9 +31,19 @@ class LeafStats(NamedTuple):
 def sparsity_summary(params: PyTree) -> dict[str, LeafStats]:
     """``{'Dense_0/kernel': LeafStats(size, nnz), ...}`` counting exact nonzeros of every leaf.
 
-    >>> import jax.numpy as jnp
-    >>> sparsity_summary({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]])})["w"].sparsity
-    0.5
+    The count runs where each array lives (only the integer reaches the host), so leaves sharded over several
+    processes work; call it outside ``jit``.
+
+    Args:
+      params: a pytree of arrays (``jax.Array`` or NumPy).
+
+    Returns:
+      A dict from each leaf's path name (``'/'``-joined keys) to its :class:`LeafStats`, in leaf order.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> sparsity_summary({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]])})["w"].sparsity
+      0.5
     """
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -52,9 +62,17 @@ def _count_nonzero(leaf) -> int:
 def global_sparsity(params: PyTree, min_ndim: int = 2) -> float:
     """Fraction of zeros over all leaves with ``ndim >= min_ndim`` (the default prunable set).
 
-    >>> import jax.numpy as jnp
-    >>> global_sparsity({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]]), "b": jnp.zeros(2)})
-    0.5
+    Args:
+      params: a pytree of arrays.
+      min_ndim: leaves with fewer dimensions (biases, norm scales by default) are not counted.
+
+    Returns:
+      ``1 - nnz / size`` over the counted leaves as a Python float; 0.0 when no leaf is counted.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> global_sparsity({"w": jnp.array([[0.0, 1.0], [2.0, 0.0]]), "b": jnp.zeros(2)})
+      0.5
     """
     stats = [
         s
@@ -73,11 +91,23 @@ def flops(
     A 2-D leaf ``(in, out)`` counts ``2 * in * out``; an N-D conv kernel (``HWIO``) counts
     ``2 * prod(kernel) * prod(output spatial dims)``, with the output spatial dims given per path in ``spatial``
     (a conv kernel without an entry is an error). Sparse FLOPs scale each layer by its density (nonzeros / size),
-    as RigL's accounting does. Other leaves (biases, norms) are ignored.
+    as RigL's accounting does. Other leaves (biases, norms) and zero-size kernels are ignored.
 
-    >>> import jax.numpy as jnp
-    >>> flops({"Dense_0": {"kernel": jnp.array([[1.0, 0.0], [0.0, 0.0]])}})
-    (8.0, 2.0)
+    Args:
+      params: a pytree of parameters (or masked parameters).
+      spatial: ``{path name: output spatial dims}`` for every conv kernel (ndim > 2), path names as in
+        :func:`sparsity_summary`.
+
+    Returns:
+      ``(dense, sparse)`` FLOPs as Python floats.
+
+    Raises:
+      ValueError: a conv kernel has no entry in ``spatial``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> flops({"Dense_0": {"kernel": jnp.array([[1.0, 0.0], [0.0, 0.0]])}})
+      (8.0, 2.0)
     """
     spatial = dict(spatial or {})
     dense = sparse = 0.0
