@@ -143,10 +143,23 @@ def transposable_nm_mask(
     total score is found exactly (a matmul against the 90 patterns of 2:4, 24 of 1:4, ...); for ``m > 4`` the block
     keeps the ``n`` best of the ``m`` cyclic diagonals ``{(i, (i + s) % m)}`` (valid, not optimal).
 
-    >>> import jax.numpy as jnp
-    >>> mask = transposable_nm_mask(jnp.arange(16.0).reshape(4, 4), 2, 4)
-    >>> mask.sum(axis=0).tolist(), mask.sum(axis=1).tolist()
-    ([2, 2, 2, 2], [2, 2, 2, 2])
+    Args:
+      score: a float array with ndim >= 2 whose last two dimensions are divisible by ``m``; larger is kept.
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16).
+
+    Returns:
+      A ``bool`` array shaped like ``score`` with ``n`` True per row and per column of every ``m x m`` block.
+
+    Raises:
+      ValueError: bad ``n``/``m``, ``score.ndim < 2`` or a last dimension not divisible by ``m``.
+      TypeError: ``score`` is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> mask = transposable_nm_mask(jnp.arange(16.0).reshape(4, 4), 2, 4)
+      >>> mask.sum(axis=0).tolist(), mask.sum(axis=1).tolist()
+      ([2, 2, 2, 2], [2, 2, 2, 2])
     """
     score = jnp.asarray(score)
     n, m = v.check_nm(n, m)
@@ -191,10 +204,31 @@ def nm_masks(
 ) -> PyTree:
     """Magnitude N:M masks (``bool``) for the selected leaves of ``params``, ``None`` for the others.
 
-    >>> import jax.numpy as jnp
-    >>> masks = nm_masks({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "b": jnp.ones(1)}, 2, 4)
-    >>> masks["w"].ravel().tolist(), masks["b"]
-    ([False, True, True, False], None)
+    Each group of ``m`` consecutive entries along ``axis`` keeps its ``n`` largest ``|w|`` (ties: lower index).
+
+    Args:
+      params: a pytree of arrays.
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      transposable: N:M along both of the last two axes (:func:`transposable_nm_mask`; ``axis`` must then be the
+        second-to-last).
+      where: the leaves to sparsify: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      A pytree like ``params``: ``bool`` masks on the selected leaves, ``None`` elsewhere.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``axis``, a selected leaf whose ``axis`` is not divisible by ``m``, or ``where``
+        not shaped like ``params``.
+      TypeError: a selected leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> masks = nm_masks({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "b": jnp.ones(1)}, 2, 4)
+      >>> masks["w"].ravel().tolist(), masks["b"]
+      ([False, True, True, False], None)
     """
     n, m = v.check_nm(n, m)
     _check_where(where)
@@ -244,12 +278,31 @@ def ste_nm(
     (:func:`transposable_nm_mask`). Call it on ``params`` inside ``loss_fn``; for SR-STE add
     ``jaxsparse.transforms.nm.sr_ste_decay`` to the optimizer.
 
-    >>> import jax, jax.numpy as jnp
-    >>> w = {"kernel": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
-    >>> ste_nm(w, 2, 4)["kernel"].ravel().tolist()
-    [0.0, -4.0, 3.0, 0.0]
-    >>> jax.grad(lambda p: ste_nm(p, 2, 4)["kernel"].sum())(w)["kernel"].ravel().tolist()
-    [1.0, 1.0, 1.0, 1.0]
+    Args:
+      params: a pytree of arrays (the dense trained weights).
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      transposable: N:M along both of the last two axes (:func:`transposable_nm_mask`; ``axis`` must then be the
+        second-to-last).
+      where: the leaves to sparsify: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      The effective params: selected leaves masked N:M, the others unchanged.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``axis``, a selected leaf whose ``axis`` is not divisible by ``m``, or ``where``
+        not shaped like ``params``.
+      TypeError: a selected leaf is not a floating-point array.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> w = {"kernel": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
+      >>> ste_nm(w, 2, 4)["kernel"].ravel().tolist()
+      [0.0, -4.0, 3.0, 0.0]
+      >>> jax.grad(lambda p: ste_nm(p, 2, 4)["kernel"].sum())(w)["kernel"].ravel().tolist()
+      [1.0, 1.0, 1.0, 1.0]
     """
     n, m = v.check_nm(n, m)
     _check_where(where)
@@ -295,10 +348,23 @@ def annealed_masking(params: PyTree, masks: PyTree, alpha: Float[ArrayLike, ""])
     coordinates (``alpha = 1``: straight-through; ``alpha = 0``: plain hard masking). Leaves with a ``None`` mask pass
     through. ``alpha`` may be traced (e.g. :func:`gradient_annealing_schedule` of the step).
 
-    >>> import jax, jax.numpy as jnp
-    >>> p, mk = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([True, False])}
-    >>> jax.grad(lambda p: annealed_masking(p, mk, 0.25)["w"].sum())(p)["w"].tolist()
-    [1.0, 0.25]
+    Args:
+      params: a pytree of arrays.
+      masks: a pytree like ``params`` of boolean masks (True = kept) or ``None``.
+      alpha: the gradient scale on masked coordinates, a real scalar in ``[0, 1]`` (checked when concrete).
+
+    Returns:
+      The masked params.
+
+    Raises:
+      ValueError: ``alpha`` outside ``[0, 1]`` or ``masks`` not shaped like ``params``.
+      TypeError: ``alpha`` is not a real scalar.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> p, mk = {"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([True, False])}
+      >>> jax.grad(lambda p: annealed_masking(p, mk, 0.25)["w"].sum())(p)["w"].tolist()
+      [1.0, 0.25]
     """
     alpha = _check_unit_scalar("alpha", alpha)
     check_same_structure("masks", masks, "params", params)
@@ -322,10 +388,31 @@ def annealed_nm(
 ) -> PyTree:
     """Gradient annealing on magnitude N:M masks recomputed each call (``alpha = 1`` is :func:`ste_nm`).
 
-    >>> import jax, jax.numpy as jnp
-    >>> p = {"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
-    >>> jax.grad(lambda p: annealed_nm(p, 0.5, 2, 4)["w"].sum())(p)["w"].ravel().tolist()
-    [0.5, 1.0, 1.0, 0.5]
+    :func:`nm_masks` of the (stop-gradient) params, then :func:`annealed_masking`.
+
+    Args:
+      params: a pytree of arrays.
+      alpha: the gradient scale on pruned coordinates, a real scalar in ``[0, 1]``; may be traced.
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      transposable: N:M along both of the last two axes (:func:`transposable_nm_mask`; ``axis`` must then be the
+        second-to-last).
+      where: the leaves to sparsify: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      The effective params: selected leaves masked N:M, the others unchanged.
+
+    Raises:
+      ValueError: as :func:`nm_masks` and :func:`annealed_masking`.
+      TypeError: as :func:`nm_masks` and :func:`annealed_masking`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> p = {"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
+      >>> jax.grad(lambda p: annealed_nm(p, 0.5, 2, 4)["w"].sum())(p)["w"].ravel().tolist()
+      [0.5, 1.0, 1.0, 0.5]
     """
     masks = nm_masks(
         jax.lax.stop_gradient(params), n, m, axis=axis, transposable=transposable, where=where
@@ -341,10 +428,24 @@ def annealed_topk(
     ``sparsity`` is a float (uniform over the default prunable leaves), a :func:`jaxsparse.budget`, or a per-leaf
     pytree; each leaf keeps exactly ``size - floor(s * size)`` weights (top-k with no sort).
 
-    >>> import jax.numpy as jnp
-    >>> out = annealed_topk({"w": jnp.arange(1.0, 11.0).reshape(5, 2)}, 0.1, 0.8)
-    >>> int((out["w"] != 0).sum())
-    2
+    Args:
+      params: a pytree of arrays.
+      alpha: the gradient scale on pruned coordinates, a real scalar in ``[0, 1]``; may be traced.
+      sparsity: a float in ``[0, 1)``, a :func:`jaxsparse.budget` or a per-leaf pytree of sparsities (``None`` =
+        not pruned), as for :func:`jaxsparse.magnitude_masks`.
+
+    Returns:
+      The effective params: pruned leaves masked, the others unchanged.
+
+    Raises:
+      ValueError: as :func:`jaxsparse.magnitude_masks` and :func:`annealed_masking`.
+      TypeError: as :func:`jaxsparse.magnitude_masks` and :func:`annealed_masking`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> out = annealed_topk({"w": jnp.arange(1.0, 11.0).reshape(5, 2)}, 0.1, 0.8)
+      >>> int((out["w"] != 0).sum())
+      2
     """
     masks = magnitude_masks(jax.lax.stop_gradient(params), sparsity)
     return annealed_masking(params, masks, alpha)
@@ -381,9 +482,22 @@ def init_thresholds(params: PyTree, init: float = -5.0, *, where: Where = None) 
     Train these alongside ``params`` (e.g. ``{"params": params, "thresholds": thresholds}``) and use
     :func:`autosparse_threshold`; the default ``-5.0`` starts at ``tau = 0.0067``.
 
-    >>> import jax.numpy as jnp
-    >>> init_thresholds({"w": jnp.ones((2, 2)), "b": jnp.ones(2)})
-    {'b': None, 'w': Array(-5., dtype=float32)}
+    Args:
+      params: a pytree of arrays.
+      init: the initial logit, a finite float.
+      where: the leaves to sparsify: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      A pytree like ``params``: a float32 scalar ``init`` on the selected leaves, ``None`` elsewhere.
+
+    Raises:
+      ValueError: a non-finite ``init``, an empty ``where`` or one not shaped like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> init_thresholds({"w": jnp.ones((2, 2)), "b": jnp.ones(2)})
+      {'b': None, 'w': Array(-5., dtype=float32)}
     """
     _check_where(where)
     init = float(init)
@@ -404,12 +518,25 @@ def autosparse_threshold(params: PyTree, thresholds: PyTree, alpha: Float[ArrayL
     ``s`` receives the matching gradient ``-sum(sign(W) * dW) * sigmoid'(s)``. Leaves whose threshold is ``None`` pass
     through.
 
-    >>> import jax, jax.numpy as jnp
-    >>> p, th = {"w": jnp.array([0.5, -0.001])}, {"w": jnp.asarray(-5.0)}
-    >>> autosparse_threshold(p, th, 0.1)["w"][1].item()
-    -0.0
-    >>> jax.grad(lambda p: autosparse_threshold(p, th, 0.1)["w"].sum())(p)["w"].tolist()
-    [1.0, 0.10000000149011612]
+    Args:
+      params: a pytree of arrays.
+      thresholds: a pytree like ``params`` of scalar logits ``s`` or ``None`` (from :func:`init_thresholds`).
+      alpha: the gradient scale on thresholded coordinates, a real scalar in ``[0, 1]``; may be traced.
+
+    Returns:
+      The soft-thresholded params.
+
+    Raises:
+      ValueError: ``alpha`` outside ``[0, 1]`` or ``thresholds`` not shaped like ``params``.
+      TypeError: ``alpha`` is not a real scalar.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> p, th = {"w": jnp.array([0.5, -0.001])}, {"w": jnp.asarray(-5.0)}
+      >>> autosparse_threshold(p, th, 0.1)["w"][1].item()
+      -0.0
+      >>> jax.grad(lambda p: autosparse_threshold(p, th, 0.1)["w"].sum())(p)["w"].tolist()
+      [1.0, 0.10000000149011612]
     """
     alpha = _check_unit_scalar("alpha", alpha)
     check_same_structure("thresholds", thresholds, "params", params)
@@ -460,9 +587,28 @@ def decayed_nm(
     of pruned weights by ``beta`` (the true derivative of the forward). ``beta`` is a traced scalar, typically
     ``mask_decay_schedule(...)(step)``.
 
-    >>> import jax.numpy as jnp
-    >>> decayed_nm({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}, 0.5, 2, 4)["w"].ravel().tolist()
-    [0.5, -4.0, 3.0, 1.0]
+    Args:
+      params: a pytree of arrays.
+      beta: the weight of pruned entries in the forward, a real scalar in ``[0, 1]``; may be traced.
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      backward: ``"ste"`` or ``"scaled"``.
+      where: the leaves to sparsify: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      The effective params.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``axis``/``backward``, ``beta`` outside ``[0, 1]``, a selected leaf whose ``axis`` is not divisible by ``m``, or ``where``
+        not shaped like ``params``.
+      TypeError: a selected leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> decayed_nm({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}, 0.5, 2, 4)["w"].ravel().tolist()
+      [0.5, -4.0, 3.0, 1.0]
     """
     n, m = v.check_nm(n, m)
     v.check_choice("backward", backward, BACKWARDS)
@@ -522,11 +668,25 @@ def structure_decay(
 
     Each frame holds for an equal share of ``[begin_step, end_step)``; the target holds from ``end_step`` on.
 
-    >>> sd = structure_decay(1, 8, end_step=400)
-    >>> sd.frames
-    ((7, 8), (4, 8), (2, 8), (1, 8))
-    >>> [int(sd.frame_index(t)) for t in (0, 99, 100, 399, 400, 10**6)]
-    [0, 0, 1, 3, 3, 3]
+    Args:
+      n: the target's kept weights per group (1 <= n <= m).
+      m: the target's group size (<= 16).
+      begin_step: the first step of the first frame (>= 0); the forward is dense before it.
+      end_step: the step the target ``n:m`` starts; at least one step per frame after ``begin_step``.
+      kind: ``"stepwise"`` or ``"geometric"``.
+
+    Returns:
+      A :class:`StructureDecay` for :func:`structure_decayed_nm`.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``kind``, a negative step, or ``end_step - begin_step`` below the frame count.
+
+    Example:
+      >>> sd = structure_decay(1, 8, end_step=400)
+      >>> sd.frames
+      ((7, 8), (4, 8), (2, 8), (1, 8))
+      >>> [int(sd.frame_index(t)) for t in (0, 99, 100, 399, 400, 10**6)]
+      [0, 0, 1, 3, 3, 3]
     """
     n, m = v.check_nm(n, m)
     v.check_choice("kind", kind, STRUCTURE_DECAY_KINDS)
@@ -554,11 +714,27 @@ def structure_decayed_nm(
     One compiled function serves every frame (``lax.switch`` over the static frames). Every frame's ``m'`` must
     divide the leaf's ``axis``.
 
-    >>> import jax.numpy as jnp
-    >>> sd = structure_decay(2, 4, end_step=10)
-    >>> w = {"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
-    >>> [structure_decayed_nm(w, t, sd)["w"].ravel().tolist() for t in (0, 10)]
-    [[0.0, -4.0, 3.0, 2.0], [0.0, -4.0, 3.0, 0.0]]
+    Args:
+      params: a pytree of arrays.
+      step: the training step, an int scalar; may be traced.
+      decay: the plan from :func:`structure_decay`.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      where: the leaves to sparsify: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      The effective params: dense before ``decay.begin_step``, then the current frame's N':M' masking.
+
+    Raises:
+      TypeError: ``decay`` is not a :class:`StructureDecay`, or a selected leaf is not a floating-point array.
+      ValueError: a frame's ``m'`` does not divide a selected leaf's ``axis``, or a bad ``axis``/``where``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> sd = structure_decay(2, 4, end_step=10)
+      >>> w = {"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
+      >>> [structure_decayed_nm(w, t, sd)["w"].ravel().tolist() for t in (0, 10)]
+      [[0.0, -4.0, 3.0, 2.0], [0.0, -4.0, 3.0, 0.0]]
     """
     if not isinstance(decay, StructureDecay):
         raise TypeError(
@@ -616,10 +792,27 @@ def init_sste_scale(
 
     ``None`` for unselected leaves; 1.0 for a leaf whose soft threshold is all zero.
 
-    >>> import jax.numpy as jnp
-    >>> w = {"w": jnp.array([[4.0], [1.0], [3.0], [2.0]])}
-    >>> round(float(init_sste_scale(w)["w"]), 4)  # S(w) = [2, 0, 1, 0]
-    2.2
+    Args:
+      params: a pytree of arrays (the initial weights).
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      where: the leaves to sparsify: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      A pytree like ``params``: a float32 scalar ``beta`` on the selected leaves, ``None`` elsewhere.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``axis``, a selected leaf whose ``axis`` is not divisible by ``m``, or ``where``
+        not shaped like ``params``.
+      TypeError: a selected leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = {"w": jnp.array([[4.0], [1.0], [3.0], [2.0]])}
+      >>> round(float(init_sste_scale(w)["w"]), 4)  # S(w) = [2, 0, 1, 0]
+      2.2
     """
     n, m = v.check_nm(n, m)
     _check_where(where)
@@ -644,10 +837,27 @@ def soft_nm(params: PyTree, scales: PyTree, n: int = 2, m: int = 4, *, axis: int
     nonzeros per group; backward straight-through. ``scales`` comes from :func:`init_sste_scale` (``None`` leaves
     pass through unchanged).
 
-    >>> import jax.numpy as jnp
-    >>> w = {"w": jnp.array([[4.0], [1.0], [3.0], [2.0]])}
-    >>> soft_nm(w, init_sste_scale(w))["w"].ravel().tolist()
-    [4.400000095367432, 0.0, 2.200000047683716, 0.0]
+    Args:
+      params: a pytree of arrays.
+      scales: a pytree like ``params`` of scalars or ``None`` (from :func:`init_sste_scale` with the same ``n``,
+        ``m``, ``axis``); only leaves with a scale are thresholded.
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+
+    Returns:
+      The effective params.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``axis``, ``scales`` not shaped like ``params``, or a scaled leaf whose ``axis``
+        is not divisible by ``m``.
+      TypeError: a scaled leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = {"w": jnp.array([[4.0], [1.0], [3.0], [2.0]])}
+      >>> soft_nm(w, init_sste_scale(w))["w"].ravel().tolist()
+      [4.400000095367432, 0.0, 2.200000047683716, 0.0]
     """
     n, m = v.check_nm(n, m)
 
