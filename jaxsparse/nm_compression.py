@@ -79,9 +79,27 @@ def one_shot_nm(
 
     The same mask :func:`jaxsparse.estimators.ste_nm` applies (so it is also how to freeze an STE-trained model).
 
-    >>> import jax.numpy as jnp
-    >>> one_shot_nm({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "b": jnp.ones(1)})["w"].ravel().tolist()
-    [0.0, -4.0, 3.0, 0.0]
+    Args:
+      params: a pytree of arrays.
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      transposable: N:M along both of the last two axes (``axis`` must then be the second-to-last).
+      where: the leaves to prune: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+
+    Returns:
+      ``params`` with the selected leaves masked (pruned entries set to 0), the others unchanged.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``axis``, a selected leaf whose ``axis`` is not divisible by ``m``, or ``where``
+        not shaped like ``params``.
+      TypeError: a selected leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> one_shot_nm({"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]]), "b": jnp.ones(1)})["w"].ravel().tolist()
+      [0.0, -4.0, 3.0, 0.0]
     """
     return apply_masks(
         params, nm_masks(params, n, m, axis=axis, transposable=transposable, where=where)
@@ -105,13 +123,34 @@ def compress_nm(
     with ``masks`` (a pytree of bool N:M masks, ``None`` for dense leaves, e.g. transposable ones or masks from
     training) those positions are kept and ``where`` is ignored.
 
-    >>> import jax.numpy as jnp
-    >>> p = {"w": jnp.arange(16.0).reshape(8, 2), "b": jnp.ones(2)}
-    >>> c = compress_nm(p, 2, 4)
-    >>> type(c["w"]).__name__, c["w"].values.shape
-    ('NMWeight', (2, 2, 2))
-    >>> bool((decompress_nm(c)["w"] == one_shot_nm(p)["w"]).all())
-    True
+    Args:
+      params: a pytree of arrays.
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16); must divide the leaf's ``axis``.
+      axis: the axis the groups of ``m`` run along (default -2, the input axis of a Flax kernel).
+      masks: optional pytree like ``params`` of bool N:M masks (``None`` = leave the leaf dense).
+      where: the leaves to prune: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``; the others pass through.
+      pack_tile: groups per metadata packing tile, passed to :func:`pallas_kernels.pack_nm` (default: its
+        default).
+
+    Returns:
+      A pytree like ``params`` with :class:`NMWeight` (2-D kernels with groups along axis 0) or :class:`NMLeaf`
+      (other layouts) in place of each compressed leaf.
+
+    Raises:
+      ValueError: bad ``n``/``m``/``axis``, a mask that is not a bool array of the leaf's shape or not N:M (when
+        concrete), or ``masks``/``where`` not shaped like ``params``.
+      TypeError: a selected leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"w": jnp.arange(16.0).reshape(8, 2), "b": jnp.ones(2)}
+      >>> c = compress_nm(p, 2, 4)
+      >>> type(c["w"]).__name__, c["w"].values.shape
+      ('NMWeight', (2, 2, 2))
+      >>> bool((decompress_nm(c)["w"] == one_shot_nm(p)["w"]).all())
+      True
     """
     n, m = v.check_nm(n, m)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -147,10 +186,17 @@ def compress_nm(
 def decompress_nm(tree: PyTree) -> PyTree:
     """Inverse of :func:`compress_nm`: every :class:`NMWeight` / :class:`NMLeaf` back to its masked dense array.
 
-    >>> import jax.numpy as jnp
-    >>> w = {"conv": jnp.arange(2 * 2 * 4 * 3.0).reshape(2, 2, 4, 3) - 20}
-    >>> bool((decompress_nm(compress_nm(w, 1, 4))["conv"] == one_shot_nm(w, 1, 4)["conv"]).all())
-    True
+    Args:
+      tree: a pytree from :func:`compress_nm` (other leaves pass through).
+
+    Returns:
+      The pytree with every compressed leaf replaced by its dense array (pruned entries 0), in its original shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = {"conv": jnp.arange(2 * 2 * 4 * 3.0).reshape(2, 2, 4, 3) - 20}
+      >>> bool((decompress_nm(compress_nm(w, 1, 4))["conv"] == one_shot_nm(w, 1, 4)["conv"]).all())
+      True
     """
     return jax.tree.map(
         lambda x: x.todense() if _is_compressed(x) else x, tree, is_leaf=_is_compressed
