@@ -137,6 +137,16 @@ def movement_masked(
 def movement_masks(scores: PyTree, threshold: Float[ArrayLike, ""], method: str = "topk") -> PyTree:
     """The bool masks ``M(S)`` (``None`` for dense leaves): what :func:`movement_masked` applies.
 
+    Use it to freeze the result of movement pruning (``jaxsparse.fixed_masks(inner, masks)``).
+
+    Args:
+      scores: the trained scores (``None`` leaves stay ``None``).
+      threshold: as :func:`movement_masked`.
+      method: ``"topk"`` or ``"sigmoid"``.
+
+    Returns:
+      Bool masks shaped like the score leaves.
+
     Example:
       >>> import jax.numpy as jnp
       >>> movement_masks({"w": jnp.array([0.0, 3.0, 1.0, 2.0]), "b": None}, 0.25)["w"].tolist()
@@ -151,6 +161,14 @@ def movement_masks(scores: PyTree, threshold: Float[ArrayLike, ""], method: str 
 
 def movement_regularizer(scores: PyTree) -> Float[Array, ""]:
     """Soft movement pruning's L1 penalty: the mean over score leaves of ``mean(sigmoid(S))``.
+
+    Add ``lambda_t * movement_regularizer(scores)`` to the loss (``lambda_t`` from :func:`movement_schedule`).
+
+    Args:
+      scores: the scores pytree (``None`` leaves ignored).
+
+    Returns:
+      A float32 scalar in ``(0, 1)``.
 
     Example:
       >>> import jax.numpy as jnp

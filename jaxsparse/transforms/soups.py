@@ -113,6 +113,14 @@ def swa_update(average: PyTree, params: PyTree, count: Int[ArrayLike, ""]) -> Py
 
     ``average`` after ``n`` calls with ``count = 0, 1, ..., n - 1`` is the mean of the ``n`` snapshots.
 
+    Args:
+      average: the running mean so far (any values when ``count == 0``).
+      params: the new snapshot.
+      count: how many snapshots ``average`` holds (may be traced).
+
+    Returns:
+      The updated running mean, shaped like ``params``.
+
     Example:
       >>> import jax.numpy as jnp
       >>> avg = swa_update({"w": jnp.array(0.0)}, {"w": jnp.array(4.0)}, 0)
