@@ -214,7 +214,9 @@ def budget(
     ``sparsity`` is the target fraction of zeros over the selected leaves (those :func:`prunable` picks with the same
     keyword arguments), in ``[0, 1)``; with ``"uniform"`` it may be a traced scalar (e.g. under ``vmap``).
     ``custom`` maps path regexes to a fixed sparsity for matching leaves, which are then left out of the ER/ERK
-    solve. Leaves whose sparsity comes out as 0 are dense (``None``).
+    solve (a pattern that matches no selected leaf is an error). Leaves whose sparsity comes out as 0 are dense
+    (``None``). Every pattern (``include``, ``exclude``, ``custom``, ``layer_axis``) is searched in the names
+    :func:`leaf_paths` prints: ``nnx.state(model)``, ``nnx.split`` states and pure dicts give the same names.
 
     >>> import jax.numpy as jnp
     >>> p = {"a": jnp.ones((100, 100)), "b": jnp.ones((100, 10)), "bias": jnp.ones(10)}
