@@ -32,10 +32,24 @@ def imp_masks(
     ``masks=None`` starts from dense over the default prunable leaves (:func:`jaxsparse.prunable`). After ``r``
     rounds from dense, sparsity is ``1 - (1 - fraction) ** r`` up to the per-round ceil.
 
-    >>> import jax.numpy as jnp
-    >>> m = imp_masks({"w": jnp.arange(1.0, 11.0)[None]}, {"w": jnp.ones((1, 10), bool)}, 0.2)
-    >>> int(m["w"].sum())
-    8
+    Args:
+      params: the trained weights (a pytree of arrays).
+      masks: the current masks (a pytree like ``params``, ``None`` = not pruned), or ``None`` for dense.
+      fraction: the fraction of the surviving weights pruned this round, in ``[0, 1)``.
+      scope: ``"global"`` (one threshold over all leaves, ``ceil(fraction * total nnz)`` pruned) or ``"layer"``
+        (``ceil(fraction * nnz)`` pruned in each leaf).
+
+    Returns:
+      The next round's masks, nested in ``masks``; ``None`` leaves stay ``None``.
+
+    Raises:
+      ValueError: ``fraction`` outside ``[0, 1)`` or an unknown ``scope``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = imp_masks({"w": jnp.arange(1.0, 11.0)[None]}, {"w": jnp.ones((1, 10), bool)}, 0.2)
+      >>> int(m["w"].sum())
+      8
     """
     fraction = v.check_sparsity("fraction", fraction)
     v.check_choice("scope", scope, SCOPES)

@@ -38,6 +38,24 @@ def leaf_sparsities(sparsity: float | Budget | PyTree, params: PyTree) -> PyTree
 
     A scalar may be a Python or NumPy number or a 0-d (possibly traced) array, e.g. a hyperparameter of
     ``optax.inject_hyperparams``. NNX Variables in ``params`` are unwrapped (see :func:`jaxsparse.leaf_paths`).
+
+    Args:
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a budget from
+        :func:`jaxsparse.budget` (e.g. ERK), or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      params: the parameter pytree (only its structure and shapes are read).
+
+    Returns:
+      A pytree like ``params`` with a sparsity (or ``None`` for dense) per leaf; a per-leaf pytree is returned as
+      given once checked.
+
+    Raises:
+      ValueError: a sparsity outside ``[0, 1)`` or a per-leaf pytree not shaped like ``params``.
+      TypeError: ``sparsity`` is none of the accepted kinds.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> leaf_sparsities(0.5, {"w": jnp.ones((4, 4)), "b": jnp.ones(4)})
+      {'b': None, 'w': 0.5}
     """
     v.check_sparsity_spec("sparsity", sparsity)
     params = unwrap(params)
@@ -59,13 +77,28 @@ def masks_from_scores(
     ``int`` / ``None``, see :func:`jaxsparse.layer_axes`) makes every layer slice of a stacked leaf keep its own
     ``keep_count(s, slice size)``.
 
-    >>> import jax.numpy as jnp
-    >>> m = masks_from_scores({"w": jnp.arange(10.0)}, {"w": 0.7})
-    >>> m["w"].astype(int).tolist()
-    [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
-    >>> m = masks_from_scores({"w": jnp.arange(8.0).reshape(2, 4)}, {"w": 0.5}, layer_axes={"w": 0})
-    >>> m["w"].astype(int).tolist()
-    [[0, 0, 1, 1], [0, 0, 1, 1]]
+    Args:
+      scores: a pytree of float scores; larger is kept.
+      sparsities: a pytree like ``scores`` of per-leaf sparsities in ``[0, 1)`` or ``None`` (e.g. from
+        :func:`leaf_sparsities`).
+      scope: ``"layer"`` (each leaf keeps its own count) or ``"global"`` (one threshold across leaves keeps the
+        sum of the counts).
+      layer_axes: optional pytree like ``sparsities`` of stacked-layer axes (``int``) or ``None``.
+
+    Returns:
+      A pytree like ``scores``: ``bool`` masks where ``sparsities`` has a value, ``None`` elsewhere.
+
+    Raises:
+      ValueError: an unknown ``scope``, or ``scores``/``sparsities``/``layer_axes`` of different structures.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = masks_from_scores({"w": jnp.arange(10.0)}, {"w": 0.7})
+      >>> m["w"].astype(int).tolist()
+      [0, 0, 0, 0, 0, 0, 0, 1, 1, 1]
+      >>> m = masks_from_scores({"w": jnp.arange(8.0).reshape(2, 4)}, {"w": 0.5}, layer_axes={"w": 0})
+      >>> m["w"].astype(int).tolist()
+      [[0, 0, 1, 1], [0, 0, 1, 1]]
     """
     v.check_choice("scope", scope, SCOPES)
     check_same_structure("scores", scores, "sparsities", sparsities)
@@ -110,10 +143,27 @@ def magnitude_masks(
 ) -> PyTree:
     """Keeps the largest ``|w|``; with ``masks``, only weights inside them (nested masks, as IMP and GMP need).
 
-    >>> import jax.numpy as jnp
-    >>> m = magnitude_masks({"w": jnp.array([[0.1, -3.0], [2.0, 0.5]])}, 0.5)
-    >>> m["w"].tolist()
-    [[False, True], [True, False]]
+    Each pruned leaf of ``N`` weights at sparsity ``s`` keeps exactly ``N - floor(s * N)`` (:func:`jaxsparse.keep_count`).
+
+    Args:
+      params: a pytree of arrays.
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a budget from
+        :func:`jaxsparse.budget` (e.g. ERK), or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      scope: ``"layer"`` or ``"global"`` (one magnitude threshold across leaves).
+      masks: optional current masks (a pytree like ``params``, ``None`` leaves allowed); weights outside them rank
+        below every weight inside.
+
+    Returns:
+      A pytree like ``params``: ``bool`` masks on the pruned leaves, ``None`` on dense ones.
+
+    Raises:
+      ValueError: a sparsity outside ``[0, 1)``, an unknown ``scope`` or mismatched pytrees.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = magnitude_masks({"w": jnp.array([[0.1, -3.0], [2.0, 0.5]])}, 0.5)
+      >>> m["w"].tolist()
+      [[False, True], [True, False]]
     """
     scores = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), params)
     return masks_from_scores(
@@ -127,10 +177,24 @@ def magnitude_masks(
 def random_masks(key: PRNGKeyArray, params: PyTree, sparsity: float | Budget | PyTree) -> PyTree:
     """Uniformly random masks with exact per-leaf counts; independent of the values of ``params``.
 
-    >>> import jax, jax.numpy as jnp
-    >>> m = random_masks(jax.random.PRNGKey(0), {"w": jnp.zeros((10, 10))}, 0.9)
-    >>> int(m["w"].sum())
-    10
+    Args:
+      key: a PRNG key.
+      params: a pytree of arrays (only shapes are read).
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a budget from
+        :func:`jaxsparse.budget` (e.g. ERK), or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+
+    Returns:
+      A pytree like ``params``: ``bool`` masks keeping ``N - floor(s * N)`` of each pruned leaf, ``None`` on dense
+      ones.
+
+    Raises:
+      ValueError: a sparsity outside ``[0, 1)`` or a per-leaf pytree not shaped like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> m = random_masks(jax.random.PRNGKey(0), {"w": jnp.zeros((10, 10))}, 0.9)
+      >>> int(m["w"].sum())
+      10
     """
     return masks_from_scores(
         random_scores(key, params),
@@ -152,10 +216,25 @@ def snip_masks(
     ``loss_fn(params, batch)`` returns a scalar. ``scope="global"`` is the paper's rule; ``"layer"`` applies the
     budget's per-leaf counts (RigL's implementation).
 
-    >>> import jax.numpy as jnp
-    >>> loss = lambda p, x: jnp.sum(p["w"] * x)
-    >>> snip_masks(loss, {"w": jnp.array([[1.0, 1.0]])}, jnp.array([[3.0, 1.0]]), 0.5)["w"].tolist()
-    [[True, False]]
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, differentiable in ``params``.
+      params: a pytree of arrays.
+      batch: the batch passed to ``loss_fn``.
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a budget from
+        :func:`jaxsparse.budget` (e.g. ERK), or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      scope: ``"global"`` or ``"layer"``.
+
+    Returns:
+      A pytree like ``params``: ``bool`` masks on the pruned leaves, ``None`` on dense ones.
+
+    Raises:
+      ValueError: a sparsity outside ``[0, 1)``, an unknown ``scope`` or mismatched pytrees.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> loss = lambda p, x: jnp.sum(p["w"] * x)
+      >>> snip_masks(loss, {"w": jnp.array([[1.0, 1.0]])}, jnp.array([[3.0, 1.0]]), 0.5)["w"].tolist()
+      [[True, False]]
     """
     grads = jax.grad(loss_fn)(params, batch)
     scores = jax.tree.map(lambda p, g: jnp.abs(p * g).astype(jnp.float32), params, grads)
