@@ -24,11 +24,20 @@ def place_like(tree: Any, params: Any) -> Any:
 
     Traced leaves are left to sharding propagation, and so are leaves of uncommitted parameters (an eagerly
     created array that ``jit`` may place anywhere): committing the mask alone would change the step's input
-    placement and compile it a second time.
+    placement and compile it a second time. A leaf whose shape differs from its parameter's (or whose parameter
+    has no sharding) is returned unchanged.
 
-    >>> import jax, jax.numpy as jnp
-    >>> place_like({"w": jnp.ones(2, bool)}, {"w": jnp.zeros(2)})["w"].sharding == jnp.zeros(2).sharding
-    True
+    Args:
+      tree: a pytree shaped like ``params`` (e.g. masks or optimizer moments); ``None`` leaves allowed.
+      params: the parameter pytree whose leaves' shardings are copied.
+
+    Returns:
+      ``tree`` with each concrete leaf ``jax.device_put`` on its committed parameter's sharding.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> place_like({"w": jnp.ones(2, bool)}, {"w": jnp.zeros(2)})["w"].sharding == jnp.zeros(2).sharding
+      True
     """
 
     def put(x, p):
