@@ -43,9 +43,22 @@ def init_activation_stats(
 ) -> ActivationStats:
     """Empty statistics for inputs with ``features`` channels; ``hessian=False`` skips the ``(d, d)`` sum.
 
-    >>> s = init_activation_stats(3, hessian=False)
-    >>> s.sum.shape, s.xtx is None
-    ((3,), True)
+    Args:
+      features: the layer's input features ``d`` (>= 1).
+      hessian: also accumulate ``X^T X`` (needed by SparseGPT, not by magnitude or Wanda).
+      dtype: the floating-point dtype of the sums.
+
+    Returns:
+      An :class:`ActivationStats` of zeros (``xtx`` is ``None`` without ``hessian``).
+
+    Raises:
+      ValueError: ``features < 1``.
+      TypeError: ``features`` is not an int or ``dtype`` is not floating-point.
+
+    Example:
+      >>> s = init_activation_stats(3, hessian=False)
+      >>> s.sum.shape, s.xtx is None
+      ((3,), True)
     """
     features = v.check_int("features", features, 1)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -61,10 +74,22 @@ def update_activation_stats(
 ) -> ActivationStats:
     """Adds the tokens of ``x`` (all leading axes are tokens) to ``stats``; pure and jittable.
 
-    >>> import jax.numpy as jnp
-    >>> s = update_activation_stats(init_activation_stats(2), jnp.array([[1.0, 2.0], [3.0, 4.0]]))
-    >>> float(s.count), s.sq_sum.tolist(), s.xtx.tolist()
-    (2.0, [10.0, 20.0], [[10.0, 14.0], [14.0, 20.0]])
+    Args:
+      stats: the running statistics.
+      x: a batch of the layer's inputs, a float array with the ``d`` features on its last axis.
+
+    Returns:
+      The updated :class:`ActivationStats` (``x`` is cast to the statistics' dtype).
+
+    Raises:
+      ValueError: ``x`` does not have ``d`` features on its last axis.
+      TypeError: ``x`` is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = update_activation_stats(init_activation_stats(2), jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+      >>> float(s.count), s.sq_sum.tolist(), s.xtx.tolist()
+      (2.0, [10.0, 20.0], [[10.0, 14.0], [14.0, 20.0]])
     """
     x = jnp.asarray(x)
     v.check_float_array("x", x)
@@ -84,23 +109,80 @@ def update_activation_stats(
 
 
 def activation_sq_norms(stats: ActivationStats) -> Float[Array, " d"]:
-    """``||X_j||^2`` per input feature (Wanda's statistic)."""
+    """``||X_j||^2`` per input feature (Wanda's statistic).
+
+    Args:
+      stats: the running statistics.
+
+    Returns:
+      The ``(d,)`` sums of squares ``sum_t x_tj ** 2``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = update_activation_stats(init_activation_stats(2), jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+      >>> activation_sq_norms(s).tolist()
+      [10.0, 20.0]
+    """
     return stats.sq_sum
 
 
 def activation_mean(stats: ActivationStats) -> Float[Array, " d"]:
-    """``E[x_j]`` over calibration tokens (DSnoT's statistic)."""
+    """``E[x_j]`` over calibration tokens (DSnoT's statistic).
+
+    Args:
+      stats: the running statistics.
+
+    Returns:
+      The ``(d,)`` means (zeros when no token was seen).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = update_activation_stats(init_activation_stats(2), jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+      >>> activation_mean(s).tolist()
+      [2.0, 3.0]
+    """
     return stats.sum / jnp.maximum(stats.count, 1.0)
 
 
 def activation_var(stats: ActivationStats) -> Float[Array, " d"]:
-    """Population variance of each input feature over calibration tokens (DSnoT's statistic)."""
+    """Population variance of each input feature over calibration tokens (DSnoT's statistic).
+
+    ``E[x_j^2] - E[x_j]^2``, clipped at 0 against round-off.
+
+    Args:
+      stats: the running statistics.
+
+    Returns:
+      The ``(d,)`` variances.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = update_activation_stats(init_activation_stats(2), jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+      >>> activation_var(s).tolist()
+      [1.0, 1.0]
+    """
     mean = activation_mean(stats)
     return jnp.maximum(stats.sq_sum / jnp.maximum(stats.count, 1.0) - jnp.square(mean), 0.0)
 
 
 def hessian_from_stats(stats: ActivationStats) -> Float[Array, "d d"]:
-    """SparseGPT's ``H = (2/n) X^T X`` (the layer-wise squared-error Hessian)."""
+    """SparseGPT's ``H = (2/n) X^T X`` (the layer-wise squared-error Hessian).
+
+    Args:
+      stats: running statistics created with ``hessian=True``.
+
+    Returns:
+      The ``(d, d)`` Hessian, ``n`` being the token count (zeros when no token was seen).
+
+    Raises:
+      ValueError: ``stats`` carries no ``X^T X`` sum.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = update_activation_stats(init_activation_stats(2), jnp.array([[1.0, 2.0], [3.0, 4.0]]))
+      >>> hessian_from_stats(s).tolist()
+      [[10.0, 14.0], [14.0, 20.0]]
+    """
     if stats.xtx is None:
         raise ValueError(
             "`stats` has no X^T X sum; create it with init_activation_stats(..., hessian=True)."
