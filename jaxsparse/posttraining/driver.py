@@ -68,12 +68,37 @@ def prune_layer(
 ) -> tuple[jax.Array, jax.Array]:
     """Prunes one ``(in, out)`` kernel with ``method`` given its input statistics; returns ``(kernel, mask)``.
 
-    >>> import jax.numpy as jnp
-    >>> from jaxsparse.posttraining import init_activation_stats, update_activation_stats
-    >>> s = update_activation_stats(init_activation_stats(4), jnp.eye(4))
-    >>> k, m = prune_layer("wanda", jnp.arange(8.0).reshape(4, 2), s, (2, 4))
-    >>> m[:, 0].tolist()
-    [False, False, True, True]
+    The per-layer step of :func:`prune_nnx` and :func:`prune_linen`: ``"magnitude"`` is
+    :func:`magnitude_prune_layer`, ``"wanda"`` :func:`wanda_prune`, ``"sparsegpt"`` :func:`sparsegpt_prune` on
+    :func:`hessian_from_stats` (warning when there are fewer tokens than input features), ``"dsnot"`` a
+    ``dsnot_init`` mask refined by :func:`dsnot_prune`.
+
+    Args:
+      method: one of :data:`METHODS`.
+      kernel: the finite float ``(in, out)`` kernel.
+      stats: the layer's input statistics (with ``X^T X`` for SparseGPT); may be ``None`` for ``"magnitude"``.
+      sparsity: a fraction in ``[0, 1)`` (unstructured) or an ``(n, m)`` pair (N:M along the input axis, ``m``
+        dividing ``in_features``).
+      blocksize: SparseGPT's column block size.
+      damp: SparseGPT's dampening, a fraction of ``mean(diag H)`` added to the diagonal.
+      dsnot_init: the method giving DSnoT's initial mask: ``"magnitude"``, ``"wanda"`` or ``"sparsegpt"``.
+      dsnot_options: keyword arguments of :func:`dsnot_prune` (e.g. ``max_cycles``).
+      name: the layer's name in warnings.
+
+    Returns:
+      ``(pruned_kernel, keep_mask)``.
+
+    Raises:
+      ValueError: an unknown ``method`` or ``dsnot_init``, ``stats=None`` for a calibrated method, or any error of
+        the chosen pruner (bad kernel, sparsity or statistics).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsparse.posttraining import init_activation_stats, update_activation_stats
+      >>> s = update_activation_stats(init_activation_stats(4), jnp.eye(4))
+      >>> k, m = prune_layer("wanda", jnp.arange(8.0).reshape(4, 2), s, (2, 4))
+      >>> m[:, 0].tolist()
+      [False, False, True, True]
     """
     v.check_choice("method", method, METHODS)
     if method == "magnitude":
@@ -321,13 +346,38 @@ def prune_nnx(
     from :func:`~jaxsparse.posttraining.owl.owl_sparsities` (their mean is ``sparsity``), and the report gains
     ``"target_sparsity"`` and ``"outlier_ratio"`` per layer.
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> mlp = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
-    >>> x = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
-    >>> res = prune_nnx(mlp, [x], method="sparsegpt", sparsity=(2, 4), progress=False)
-    >>> sorted(res.masks), [r["sparsity"] for r in res.report.values()]
-    (['layers/0', 'layers/2'], [0.5, 0.5])
+    Args:
+      model: the NNX model (not modified; a copy is pruned).
+      batches: a sequence of calibration inputs, iterated once per stage (may be empty for ``"magnitude"``).
+      method: one of :data:`METHODS`.
+      sparsity: a fraction in ``[0, 1)`` (unstructured) or an ``(n, m)`` pair (N:M along the input axis, ``m``
+        dividing ``in_features``).
+      forward: ``forward(model, batch)``; default ``model(batch)``.
+      layers: ``name -> bool`` selecting the ``nnx.Linear`` layers to prune; default all 2-D kernels.
+      groups: ``None``, ``"all"`` or a partition of (a subset of) the selected layer names into stages.
+      blocksize: SparseGPT's column block size.
+      damp: SparseGPT's dampening.
+      dsnot_init: DSnoT's initial method.
+      dsnot_options: keyword arguments of :func:`dsnot_prune`.
+      owl: an :class:`~jaxsparse.posttraining.owl.OWL`, or ``None`` for the same sparsity in every layer.
+      progress: show a progress bar (``tqdm`` when installed, else one line per stage).
+
+    Returns:
+      A :class:`PruneResult`: the pruned model, the keep mask and a report entry per layer name.
+
+    Raises:
+      ValueError: an unknown ``method``, empty ``batches`` for a calibrated method, a first batch the model
+        cannot run, no layer selected, bad ``groups`` or ``sparsity``, ``owl`` with N:M, or an error of the pruner.
+      TypeError: ``layers`` is not callable or ``owl`` is not an ``OWL``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import nnx
+      >>> mlp = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
+      >>> res = prune_nnx(mlp, [x], method="sparsegpt", sparsity=(2, 4), progress=False)
+      >>> sorted(res.masks), [r["sparsity"] for r in res.report.values()]
+      (['layers/0', 'layers/2'], [0.5, 0.5])
     """
     from flax import nnx
 
@@ -404,13 +454,39 @@ def prune_linen(
     Arguments as :func:`prune_nnx`; ``forward(module, variables, batch)`` defaults to
     ``module.apply(variables, batch)``; layer names are the module paths (``"Dense_0"``, ``"block/fc1"``).
 
-    >>> import jax, jax.numpy as jnp
-    >>> from flax import linen as nn
-    >>> net = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
-    >>> variables = net.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
-    >>> res = prune_linen(net, variables, [jnp.ones((4, 8))], method="wanda", sparsity=0.5, progress=False)
-    >>> sorted(res.masks)
-    ['layers_0', 'layers_2']
+    Args:
+      module: the Linen module.
+      variables: its variables (a dict such as ``{"params": ...}`` from ``module.init``); not modified.
+      batches: a sequence of calibration inputs, iterated once per stage (may be empty for ``"magnitude"``).
+      method: one of :data:`METHODS`.
+      sparsity: a fraction in ``[0, 1)`` (unstructured) or an ``(n, m)`` pair (N:M along the input axis, ``m``
+        dividing ``in_features``).
+      forward: ``forward(module, variables, batch)``.
+      layers: ``name -> bool`` selecting the ``linen.Dense`` layers to prune; default all 2-D kernels.
+      groups: ``None``, ``"all"`` or a partition of (a subset of) the selected layer names into stages.
+      blocksize: SparseGPT's column block size.
+      damp: SparseGPT's dampening.
+      dsnot_init: DSnoT's initial method.
+      dsnot_options: keyword arguments of :func:`dsnot_prune`.
+      owl: an :class:`~jaxsparse.posttraining.owl.OWL`, or ``None``.
+      progress: show a progress bar.
+
+    Returns:
+      A :class:`PruneResult` whose ``model`` is the new variables dict.
+
+    Raises:
+      TypeError: ``variables`` is not a Linen variables mapping (e.g. an ``nnx.State``: use :func:`prune_nnx`),
+        ``layers`` is not callable or ``owl`` is not an ``OWL``.
+      ValueError: as :func:`prune_nnx`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from flax import linen as nn
+      >>> net = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+      >>> variables = net.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
+      >>> res = prune_linen(net, variables, [jnp.ones((4, 8))], method="wanda", sparsity=0.5, progress=False)
+      >>> sorted(res.masks)
+      ['layers_0', 'layers_2']
     """
     from flax import linen as nn
     from flax import traverse_util

@@ -120,12 +120,33 @@ def dsnot_prune(
     ``update_threshold=inf`` returns the initial mask. Jittable with the keyword arguments except
     ``update_threshold`` static.
 
-    >>> import jax.numpy as jnp
-    >>> w = jnp.array([[1.0], [1.0], [0.5], [-2.0]])
-    >>> mask = jnp.array([[True], [True], [False], [False]])
-    >>> _, new = dsnot_prune(w, mask, jnp.ones(4), jnp.ones(4), jnp.ones(4), update_threshold=0.0, max_cycles=1)
-    >>> new.ravel().tolist()   # eps = 0.5 - 2 < 0: regrow -2, prune a kept weight with c > 0
-    [False, True, False, True]
+    Args:
+      weight: the dense, finite float ``(in, out)`` kernel.
+      mask: the initial ``bool`` keep-mask, shaped like ``weight``.
+      act_mean: the ``(in,)`` per-feature input means (:func:`activation_mean`).
+      act_var: the ``(in,)`` per-feature input variances (:func:`activation_var`).
+      act_sq_norm: the ``(in,)`` squared input norms (:func:`activation_sq_norms`).
+      nm_group_size: ``m`` for the N:M variant (>= 1, dividing ``in``); ``None`` for unstructured.
+      update_threshold: a row swaps while ``|eps|`` exceeds it (>= 0).
+      max_cycles: the most swap cycles (>= 0; 0 returns the initial mask).
+      var_power: ``gamma`` in the growth rank ``c_j / Var[x_j]^gamma``.
+      same_sign: stop a row's swaps before one would flip the sign of its ``eps``; ``None`` for the default.
+
+    Returns:
+      ``(pruned_weight, keep_mask)``: the dense kernel masked by the refined mask, and that mask.
+
+    Raises:
+      ValueError: a kernel that is not 2-D, a mask or statistic of the wrong shape, non-finite inputs, an ``in``
+        not divisible by ``nm_group_size``, ``max_cycles < 0`` or ``update_threshold < 0``.
+      TypeError: a non-float kernel or statistic, or a non-int ``nm_group_size``/``max_cycles``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[1.0], [1.0], [0.5], [-2.0]])
+      >>> mask = jnp.array([[True], [True], [False], [False]])
+      >>> _, new = dsnot_prune(w, mask, jnp.ones(4), jnp.ones(4), jnp.ones(4), update_threshold=0.0, max_cycles=1)
+      >>> new.ravel().tolist()   # eps = 0.5 - 2 < 0: regrow -2, prune a kept weight with c > 0
+      [False, True, False, True]
     """
     weight = check_kernel("weight", weight)
     mask = jnp.asarray(mask)

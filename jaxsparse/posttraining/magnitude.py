@@ -24,10 +24,25 @@ def magnitude_prune_layer(
     weights of the layer (as the Wanda/SparseGPT repositories' magnitude baseline does); ``scope="output"``
     compares within each output column (``floor(sparsity * in)`` pruned per column).
 
-    >>> import jax.numpy as jnp
-    >>> w, m = magnitude_prune_layer(jnp.array([[1.0, -4.0], [3.0, 2.0]]), 0.5)
-    >>> w.tolist(), m.tolist()
-    ([[0.0, -4.0], [3.0, 0.0]], [[False, True], [True, False]])
+    Args:
+      weight: a finite float ``(in, out)`` kernel.
+      sparsity: a fraction in ``[0, 1)`` (unstructured) or an ``(n, m)`` pair (N:M along the input axis, ``m``
+        dividing ``in_features``).
+      scope: ``"layer"`` or ``"output"`` (unstructured sparsity only; N:M is always per output column).
+
+    Returns:
+      ``(pruned_weight, keep_mask)``: the kernel with pruned entries set to 0 and the ``bool`` mask of kept ones.
+
+    Raises:
+      ValueError: a kernel that is not 2-D or has non-finite entries, a bad ``sparsity``, or ``in_features`` not
+        divisible by ``m``, or an unknown ``scope``.
+      TypeError: the kernel is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w, m = magnitude_prune_layer(jnp.array([[1.0, -4.0], [3.0, 2.0]]), 0.5)
+      >>> w.tolist(), m.tolist()
+      ([[0.0, -4.0], [3.0, 0.0]], [[False, True], [True, False]])
     """
     weight = check_kernel("weight", weight)
     pattern = parse_sparsity(sparsity)

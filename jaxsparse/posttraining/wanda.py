@@ -24,9 +24,22 @@ def wanda_scores(
     ``act_sq_norm[i]`` is ``||X_i||^2``, the squared norm of input feature ``i`` over the calibration tokens (any
     positive rescaling, e.g. a mean instead of a sum, gives the same masks).
 
-    >>> import jax.numpy as jnp
-    >>> wanda_scores(jnp.array([[1.0], [-2.0]]), jnp.array([4.0, 1.0])).ravel().tolist()
-    [2.0, 2.0]
+    Args:
+      weight: a finite float ``(in, out)`` kernel.
+      act_sq_norm: the ``(in,)`` squared input norms, e.g. :func:`activation_sq_norms` (negative entries are
+        clipped to 0).
+
+    Returns:
+      The ``(in, out)`` scores, in ``weight``'s dtype.
+
+    Raises:
+      ValueError: a kernel that is not 2-D, an ``act_sq_norm`` of the wrong shape, or non-finite entries.
+      TypeError: ``weight`` or ``act_sq_norm`` is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> wanda_scores(jnp.array([[1.0], [-2.0]]), jnp.array([4.0, 1.0])).ravel().tolist()
+      [2.0, 2.0]
     """
     weight = check_kernel("weight", weight)
     act_sq_norm = check_vector("act_sq_norm", act_sq_norm, weight.shape[0])
@@ -44,11 +57,26 @@ def wanda_prune(
     ``floor(sparsity * in)`` weights with the lowest scores are pruned. N:M (``sparsity=(n, m)``): in every output
     column and every ``m`` consecutive inputs the ``n`` highest scores are kept. Kept weights are unchanged.
 
-    >>> import jax.numpy as jnp
-    >>> w = jnp.array([[1.0, 1.0], [2.0, -3.0]])
-    >>> pruned, mask = wanda_prune(w, jnp.array([9.0, 1.0]), 0.5)   # input 0 is 3x louder
-    >>> mask.tolist()
-    [[True, True], [False, False]]
+    Args:
+      weight: a finite float ``(in, out)`` kernel.
+      act_sq_norm: the ``(in,)`` squared input norms over the calibration tokens (:func:`activation_sq_norms`).
+      sparsity: a fraction in ``[0, 1)`` (unstructured) or an ``(n, m)`` pair (N:M along the input axis, ``m``
+        dividing ``in_features``).
+
+    Returns:
+      ``(pruned_weight, keep_mask)``.
+
+    Raises:
+      ValueError: a kernel that is not 2-D, an ``act_sq_norm`` of the wrong shape, non-finite entries, a bad ``sparsity``, or ``in_features`` not
+        divisible by ``m``.
+      TypeError: ``weight`` or ``act_sq_norm`` is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[1.0, 1.0], [2.0, -3.0]])
+      >>> pruned, mask = wanda_prune(w, jnp.array([9.0, 1.0]), 0.5)   # input 0 is 3x louder
+      >>> mask.tolist()
+      [[True, True], [False, False]]
     """
     weight = check_kernel("weight", weight)
     pattern = parse_sparsity(sparsity)
