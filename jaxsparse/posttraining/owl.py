@@ -48,9 +48,23 @@ def outlier_ratio(
 ) -> float:
     """Fraction of the Wanda scores of a block's kernels above ``threshold`` times their common mean.
 
-    >>> import jax.numpy as jnp
-    >>> outlier_ratio([jnp.array([[1.0], [1.0], [1.0], [9.0]])], [jnp.ones(4)], threshold=2.0)
-    0.25
+    OWL's layer-wise outlier distribution ``D``: the scores of all the block's kernels are pooled.
+
+    Args:
+      kernels: the block's ``(in, out)`` kernels (one or more).
+      act_sq_norms: each kernel's ``(in,)`` squared input norms, in the same order.
+      threshold: the outlier factor ``M`` (> 0).
+
+    Returns:
+      The outlier ratio, a Python float in ``[0, 1]``.
+
+    Raises:
+      ValueError: ``threshold <= 0``, empty or unequal-length sequences, or an error of :func:`wanda_scores`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> outlier_ratio([jnp.array([[1.0], [1.0], [1.0], [9.0]])], [jnp.ones(4)], threshold=2.0)
+      0.25
     """
     if not isinstance(threshold, (int, float)) or not threshold > 0:
         raise ValueError(f"`threshold` must be a positive number; got {threshold!r}.")
@@ -72,8 +86,22 @@ def owl_sparsities(
     ``s_b = sparsity - (r_b - mean(r))`` with ``r = 2 * lam * (D - min D) / (max D - min D)`` (equal ratios:
     ``sparsity`` everywhere). Raises ``ValueError`` when a block's sparsity would leave ``[0, 1)``.
 
-    >>> owl_sparsities({"a": 0.01, "b": 0.03}, 0.5, lam=0.1)
-    {'a': 0.6, 'b': 0.4}
+    Args:
+      ratios: block key -> outlier ratio (:func:`outlier_ratio`), at least one, finite.
+      sparsity: the target mean sparsity, in ``[0, 1)``.
+      lam: the largest move from ``sparsity`` is ``2 * lam`` (spread over ``[0, 2 * lam]`` before centring), in
+        ``[0, 1]``.
+
+    Returns:
+      Block key -> sparsity, in the order of ``ratios``.
+
+    Raises:
+      ValueError: ``sparsity`` or ``lam`` out of range, empty or non-finite ``ratios``, or a block sparsity
+        outside ``[0, 1)``.
+
+    Example:
+      >>> owl_sparsities({"a": 0.01, "b": 0.03}, 0.5, lam=0.1)
+      {'a': 0.6, 'b': 0.4}
     """
     sparsity = v.check_sparsity("sparsity", sparsity)
     lam = v.check_fraction("lam", lam)
