@@ -43,10 +43,22 @@ def sparsegpt_inverse_hessian_factor(
 ) -> tuple[Float[Array, "d d"], Bool[Array, " d"]]:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1`` (dead inputs fixed), and the dead mask.
 
-    >>> import jax.numpy as jnp
-    >>> u, dead = sparsegpt_inverse_hessian_factor(jnp.eye(2) * 4.0, damp=0.0)
-    >>> u.tolist(), dead.tolist()
-    ([[0.5, 0.0], [0.0, 0.5]], [False, False])
+    A dead input (``H_ii == 0``: the feature was always 0) gets ``H_ii = 1`` before dampening, as in the
+    reference code. Computed in float32.
+
+    Args:
+      hessian: the symmetric ``(d, d)`` Hessian (``X^T X`` up to a positive factor).
+      damp: the relative dampening (>= 0).
+
+    Returns:
+      ``(U, dead)``: the upper-triangular ``(d, d)`` factor with ``U^T U = H_damped^-1``, and the ``(d,)`` ``bool``
+      mask of dead inputs. A Hessian that is not positive definite after dampening gives NaNs (no error).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> u, dead = sparsegpt_inverse_hessian_factor(jnp.eye(2) * 4.0, damp=0.0)
+      >>> u.tolist(), dead.tolist()
+      ([[0.5, 0.0], [0.0, 0.5]], [False, False])
     """
     h = jnp.asarray(hessian, jnp.float32)
     dead = jnp.diag(h) == 0
@@ -164,12 +176,31 @@ def sparsegpt_prune(
 
     Jittable with ``sparsity``, ``blocksize`` and ``damp`` static.
 
-    >>> import jax, jax.numpy as jnp
-    >>> x = jax.random.normal(jax.random.PRNGKey(0), (256, 8))
-    >>> w = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
-    >>> pruned, mask = sparsegpt_prune(w, x.T @ x, 0.5)
-    >>> int(mask.sum()), bool(jnp.all(pruned[~mask] == 0))
-    (16, True)
+    Args:
+      weight: a finite float ``(in, out)`` kernel.
+      hessian: the finite float ``(in, in)`` Hessian of the layer's inputs.
+      sparsity: a fraction in ``[0, 1)`` or an ``(n, m)`` pair (``m`` dividing ``in`` and ``blocksize``).
+      blocksize: columns (inputs) per lazy-update block (>= 1; clipped to ``in``).
+      damp: the relative dampening (a float >= 0).
+      num_tokens: the calibration tokens behind ``hessian``; fewer than ``in`` warns (singular Hessian).
+      return_loss: also return the OBS loss.
+
+    Returns:
+      ``(pruned_weight, keep_mask)``, or ``(pruned_weight, keep_mask, loss)`` with ``return_loss``; kept weights
+      are updated to compensate the pruned ones.
+
+    Raises:
+      ValueError: a bad kernel or Hessian (shape, non-finite), a bad ``sparsity``, ``in`` or ``blocksize`` not
+        divisible by ``m``, ``blocksize < 1`` or ``damp < 0``.
+      TypeError: a non-float kernel or Hessian, a non-int ``blocksize`` or a non-numeric ``damp``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> x = jax.random.normal(jax.random.PRNGKey(0), (256, 8))
+      >>> w = jax.random.normal(jax.random.PRNGKey(1), (8, 4))
+      >>> pruned, mask = sparsegpt_prune(w, x.T @ x, 0.5)
+      >>> int(mask.sum()), bool(jnp.all(pruned[~mask] == 0))
+      (16, True)
     """
     weight = check_kernel("weight", weight)
     check_finite(
