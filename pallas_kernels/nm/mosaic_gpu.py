@@ -257,7 +257,7 @@ def nm_dx_mosaic_gpu(
                         wt_smem[...] = plane[...].T
                         plgpu.wgmma(acc, dy_ref, wt_smem)
                     else:
-                        plgpu.wgmma(acc, dy_ref, plgpu.transpose_ref(plane, (1, 0)))
+                        plgpu.wgmma(acc, dy_ref, plane.transpose((1, 0)))
                     plgpu.wgmma_wait(0)
 
             specs = (
