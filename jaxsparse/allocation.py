@@ -262,6 +262,12 @@ def budget(
     def axes_of(params: PyTree) -> PyTree:
         params = unwrap(params)
         chosen = jax.tree.leaves(prunable(params, **selection))
+        names = [name for name, _ in named_leaves(params)]
+        for r, _ in layer_res:
+            if not any(r.search(n) for n in names):
+                raise ValueError(
+                    f"`layer_axis` pattern {r.pattern!r} matches no leaf; the leaf paths are {names[:40]}."
+                )
         out = []
         for (name, leaf), pick in zip(named_leaves(params), chosen):
             ax = next((a for r, a in layer_res if r.search(name)), None) if pick else None

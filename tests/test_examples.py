@@ -16,6 +16,7 @@ RUNS = {
     "nm_transformer": ["--steps", "6", "--val-batches", "1", "--max-bytes", "200000"],
     "prune_language_model": ["--steps", "10", "--calib-seqs", "4", "--val-batches", "1"],
     "second_wave_fidelity": ["--steps", "60", "--seeds", "1"],
+    "scanned_transformer": ["--steps", "10", "--layers", "2", "--d", "32"],
 }
 
 

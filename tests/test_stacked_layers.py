@@ -47,7 +47,11 @@ def test_erk_budget_uses_the_slice_shape():
 def test_layer_axis_is_checked():
     stacked, _ = _trees()
     with pytest.raises(ValueError, match="layer_axis"):
-        js.budget(0.5, layer_axis={"head": 0})(stacked)  # a 2-D leaf is not stacked
+        js.budget(0.5, layer_axis={"nothing/": 0})(stacked)  # a pattern that matches no leaf
+    with pytest.raises(ValueError, match="layer_axis"):
+        js.budget(0.5, layer_axis={"layers/": 3})(stacked)  # no such axis
+    # a matched leaf whose layer slices are 1-D (a stacked bias) stays dense, as an unstacked bias would
+    assert js.budget(0.5, layer_axis={"head": 0})(stacked)["head"] is None
     with pytest.raises(TypeError, match="layer_axis"):
         js.budget(0.5, layer_axis=0)
 
