@@ -601,8 +601,8 @@ def decayed_nm(
       The effective params.
 
     Raises:
-      ValueError: bad ``n``/``m``/``axis``/``backward``, ``beta`` outside ``[0, 1]``, a selected leaf whose ``axis`` is not divisible by ``m``, or ``where``
-        not shaped like ``params``.
+      ValueError: bad ``n``/``m``/``axis``/``backward``, ``beta`` outside ``[0, 1]``, a selected leaf whose ``axis``
+        is not divisible by ``m``, or ``where`` not shaped like ``params``.
       TypeError: a selected leaf is not a floating-point array.
 
     Example:

@@ -143,7 +143,8 @@ def magnitude_masks(
 ) -> PyTree:
     """Keeps the largest ``|w|``; with ``masks``, only weights inside them (nested masks, as IMP and GMP need).
 
-    Each pruned leaf of ``N`` weights at sparsity ``s`` keeps exactly ``N - floor(s * N)`` (:func:`jaxsparse.keep_count`).
+    Each pruned leaf of ``N`` weights at sparsity ``s`` keeps exactly ``N - floor(s * N)``
+    (:func:`jaxsparse.keep_count`).
 
     Args:
       params: a pytree of arrays.

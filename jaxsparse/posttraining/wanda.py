@@ -67,8 +67,8 @@ def wanda_prune(
       ``(pruned_weight, keep_mask)``.
 
     Raises:
-      ValueError: a kernel that is not 2-D, an ``act_sq_norm`` of the wrong shape, non-finite entries, a bad ``sparsity``, or ``in_features`` not
-        divisible by ``m``.
+      ValueError: a kernel that is not 2-D, an ``act_sq_norm`` of the wrong shape, non-finite entries, a bad
+        ``sparsity``, or ``in_features`` not divisible by ``m``.
       TypeError: ``weight`` or ``act_sq_norm`` is not a floating-point array.
 
     Example:

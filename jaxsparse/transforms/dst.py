@@ -305,12 +305,30 @@ def _drop_and_grow_rule(
 def static_sparse(sparsity: float | Budget | PyTree) -> MaskAlgorithm:
     """Static sparse training (random pruning at initialisation): a random mask drawn once from ``seed``.
 
-    >>> import jax, jax.numpy as jnp, optax, jaxsparse
-    >>> params = {"w": jnp.ones((10, 10)), "b": jnp.ones(10)}
-    >>> tx = static_sparse(optax.adam(1e-3), jaxsparse.budget(0.9, "erk"))
-    >>> state = tx.init(params)
-    >>> int(state.masks["w"].sum()), state.masks["b"]
-    (10, None)
+    Each pruned leaf keeps exactly ``N - floor(s * N)`` weights, uniformly at random; the masks never change.
+
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a :func:`jaxsparse.budget`
+        (e.g. ERK) or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``static_sparse.rule(...)`` (the arguments without ``inner`` and ``seed``) returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      ValueError: a bad ``sparsity``; at ``tx.init``, a leaf the sparsity leaves with no weight.
+
+    Example:
+      Example:
+      >>> import jax, jax.numpy as jnp, optax, jaxsparse
+      >>> params = {"w": jnp.ones((10, 10)), "b": jnp.ones(10)}
+      >>> tx = static_sparse(optax.adam(1e-3), jaxsparse.budget(0.9, "erk"))
+      >>> state = tx.init(params)
+      >>> int(state.masks["w"].sum()), state.masks["b"]
+      (10, None)
     """
     _check_sparsity_arg(sparsity)
     init_masks = _init_random(sparsity)
@@ -340,15 +358,40 @@ def set_training(
     may be omitted to update forever), each leaf drops its ``floor(n_active * f(t))`` smallest-magnitude weights
     and regrows as many uniformly at random among the positions not kept, at value 0.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
-    >>> tx = set_training(optax.sgd(0.1), 0.75, update_every=2, total_steps=8)
-    >>> state, step = tx.init(params), jax.jit(tx.update)
-    >>> for _ in range(4):
-    ...     updates, state = step({"w": jnp.ones((8, 8))}, state, params)
-    ...     params = optax.apply_updates(params, updates)
-    >>> int(state.masks["w"].sum()), int((params["w"] != 0).sum()) <= 16
-    (16, True)
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a :func:`jaxsparse.budget`
+        (e.g. ERK) or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      update_every: steps between mask updates (>= 1); the first update is at ``begin_step + update_every``.
+      drop_fraction: the fraction of each leaf's active weights dropped, at step 0 (then decayed), in ``[0, 1]``.
+      decay: the drop-fraction schedule, ``"cosine"``, ``"linear"`` or ``"constant"``
+        (:func:`jaxsparse.drop_fraction_schedule`).
+      total_steps: the training length (>= 1), used for the default ``end_step``.
+      end_step: the last step a mask may change (default ``0.75 * total_steps``).
+      begin_step: the step the schedule starts (>= 0).
+      skip_step_on_update: no optimizer step on mask-update steps.
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``set_training.rule(...)`` (the arguments without ``inner`` and ``seed``) returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      ValueError: a bad ``sparsity``, ``drop_fraction`` or ``decay``, ``update_every < 1``, neither ``end_step``
+        nor ``total_steps`` (when required), ``end_step < begin_step``; at ``tx.init``, a leaf the sparsity leaves
+        with no weight.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
+      >>> tx = set_training(optax.sgd(0.1), 0.75, update_every=2, total_steps=8)
+      >>> state, step = tx.init(params), jax.jit(tx.update)
+      >>> for _ in range(4):
+      ...     updates, state = step({"w": jnp.ones((8, 8))}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> int(state.masks["w"].sum()), int((params["w"] != 0).sum()) <= 16
+      (16, True)
     """
     v.check_choice("decay", decay, DECAYS)
     end = _resolve_end(
@@ -393,17 +436,43 @@ def rigl(
     (``skip_step_on_update=True``). Pass the gradient of the loss at ``params`` (pruned weights are zero, so it is
     the dense gradient).
 
-    >>> import jax, jax.numpy as jnp, optax, jaxsparse
-    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 16)), "b": jnp.zeros(16)}
-    >>> tx = rigl(optax.adam(1e-3), jaxsparse.budget(0.8, "erk"), update_every=5, total_steps=100)
-    >>> state = tx.init(params)
-    >>> step = jax.jit(tx.update)
-    >>> for t in range(20):
-    ...     grads = jax.tree.map(lambda p: jnp.cos(p + t), params)
-    ...     updates, state = step(grads, state, params)
-    ...     params = optax.apply_updates(params, updates)
-    >>> int(state.masks["w"].sum()), int((params["w"] != 0).sum()) <= int(state.masks["w"].sum())
-    (52, True)
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a :func:`jaxsparse.budget`
+        (e.g. ERK) or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      update_every: steps between mask updates (>= 1); the first update is at ``begin_step + update_every``.
+      drop_fraction: the fraction of each leaf's active weights dropped, at step 0 (then decayed), in ``[0, 1]``.
+      decay: the drop-fraction schedule, ``"cosine"``, ``"linear"`` or ``"constant"``
+        (:func:`jaxsparse.drop_fraction_schedule`).
+      total_steps: the training length (>= 1), used for the default ``end_step``.
+      end_step: the last step a mask may change (default ``0.75 * total_steps``).
+      begin_step: the step the schedule starts (>= 0).
+      drop_noise: the standard deviation of the Gaussian noise added to drop scores (>= 0).
+      skip_step_on_update: no optimizer step on mask-update steps.
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``rigl.rule(...)`` (the arguments without ``inner`` and ``seed``) returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      ValueError: a bad ``sparsity``, ``drop_fraction`` or ``decay``, ``update_every < 1``, ``drop_noise < 0``,
+        neither ``end_step`` nor ``total_steps`` (when required), ``end_step < begin_step``; at ``tx.init``, a leaf
+        the sparsity leaves with no weight.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jaxsparse
+      >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 16)), "b": jnp.zeros(16)}
+      >>> tx = rigl(optax.adam(1e-3), jaxsparse.budget(0.8, "erk"), update_every=5, total_steps=100)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(tx.update)
+      >>> for t in range(20):
+      ...     grads = jax.tree.map(lambda p: jnp.cos(p + t), params)
+      ...     updates, state = step(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> int(state.masks["w"].sum()), int((params["w"] != 0).sum()) <= int(state.masks["w"].sum())
+      (52, True)
     """
     v.check_choice("decay", decay, DECAYS)
     end = _resolve_end("rigl", end_step, total_steps, begin_step, END_FRACTION)
@@ -445,15 +514,42 @@ def snfs(
     without it, each leaf regrows what it dropped (RigL's "momentum" baseline). Growth picks the largest
     ``|EMA|`` among positions not kept.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"a": jax.random.normal(jax.random.PRNGKey(0), (8, 8)), "b": jnp.ones((8, 4))}
-    >>> tx = snfs(optax.sgd(0.1, momentum=0.9), 0.5, update_every=2, total_steps=10)
-    >>> state, step = tx.init(params), jax.jit(tx.update)
-    >>> for _ in range(4):
-    ...     updates, state = step({"a": jnp.zeros((8, 8)), "b": jnp.ones((8, 4))}, state, params)
-    ...     params = optax.apply_updates(params, updates)
-    >>> int(state.masks["a"].sum() + state.masks["b"].sum())
-    48
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a :func:`jaxsparse.budget`
+        (e.g. ERK) or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      update_every: steps between mask updates (>= 1); the first update is at ``begin_step + update_every``.
+      drop_fraction: the fraction of each leaf's active weights dropped, at step 0 (then decayed), in ``[0, 1]``.
+      decay: the drop-fraction schedule, ``"cosine"``, ``"linear"`` or ``"constant"``
+        (:func:`jaxsparse.drop_fraction_schedule`).
+      total_steps: the training length (>= 1), the default ``end_step``.
+      end_step: the last step a mask may change (default ``total_steps``).
+      begin_step: the step the schedule starts (>= 0).
+      momentum: the EMA coefficient of the dense gradients, in ``[0, 1)``.
+      redistribute: regrow across leaves by mean ``|EMA|`` (``False``: each leaf regrows what it dropped).
+      skip_step_on_update: no optimizer step on mask-update steps.
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``snfs.rule(...)`` (the arguments without ``inner`` and ``seed``) returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      ValueError: a bad ``sparsity``, ``drop_fraction`` or ``decay``, ``update_every < 1``, ``momentum`` outside
+        ``[0, 1)``, neither ``end_step`` nor ``total_steps`` (when required), ``end_step < begin_step``; at
+        ``tx.init``, a leaf the sparsity leaves with no weight.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"a": jax.random.normal(jax.random.PRNGKey(0), (8, 8)), "b": jnp.ones((8, 4))}
+      >>> tx = snfs(optax.sgd(0.1, momentum=0.9), 0.5, update_every=2, total_steps=10)
+      >>> state, step = tx.init(params), jax.jit(tx.update)
+      >>> for _ in range(4):
+      ...     updates, state = step({"a": jnp.zeros((8, 8)), "b": jnp.ones((8, 4))}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> int(state.masks["a"].sum() + state.masks["b"].sum())
+      48
     """
     v.check_choice("decay", decay, DECAYS)
     end = _resolve_end("snfs", end_step, total_steps, begin_step, 1.0)
@@ -498,15 +594,43 @@ def granet(
     ``initial_sparsity > 0`` starts from a random mask (sparse-to-sparse); 0 starts dense. With
     ``drop_fraction=0`` this is exactly :func:`~jaxsparse.gradual_magnitude_pruning`.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (10, 10))}
-    >>> tx = granet(optax.sgd(0.01), 0.9, total_steps=12, update_every=2)
-    >>> state, step = tx.init(params), jax.jit(tx.update)
-    >>> for t in range(12):
-    ...     updates, state = step({"w": jnp.full((10, 10), 0.1)}, state, params)
-    ...     params = optax.apply_updates(params, updates)
-    >>> int(state.masks["w"].sum())
-    10
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      sparsity: the final sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a
+        :func:`jaxsparse.budget` (e.g. ERK) or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      total_steps: the training length (>= 1), for the default ``prune_end_step`` and ``regrow_end_step``.
+      prune_end_step: the step ``sparsity`` is reached (default ``0.75 * total_steps``).
+      regrow_end_step: the step the regrowth fraction reaches 0 (default ``total_steps``).
+      begin_step: the first pruning step (>= 0).
+      update_every: steps between mask updates (>= 1).
+      drop_fraction: the fraction of each leaf's active weights regrown, at step 0 (then decayed), in ``[0, 1]``.
+      decay: the regrowth-fraction schedule, ``"cosine"``, ``"linear"`` or ``"constant"``.
+      initial_sparsity: the sparsity at ``begin_step``, in ``[0, 1)`` and <= the final sparsity.
+      scope: ``"global"`` or ``"layer"`` magnitude pruning.
+      power: the exponent of the sparsity schedule (3: cubic).
+      skip_step_on_update: no optimizer step on mask-update steps.
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``granet.rule(...)`` (the arguments without ``inner`` and ``seed``) returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      ValueError: a bad ``sparsity``, ``initial_sparsity``, ``decay``, ``scope`` or ``power``, neither
+        ``total_steps`` nor both end steps, an end step before ``begin_step``, ``update_every < 1``, or
+        ``initial_sparsity`` above the final sparsity.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (10, 10))}
+      >>> tx = granet(optax.sgd(0.01), 0.9, total_steps=12, update_every=2)
+      >>> state, step = tx.init(params), jax.jit(tx.update)
+      >>> for t in range(12):
+      ...     updates, state = step({"w": jnp.full((10, 10), 0.1)}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> int(state.masks["w"].sum())
+      10
     """
     _check_sparsity_arg(sparsity)
     v.check_choice("decay", decay, DECAYS)
