@@ -52,12 +52,27 @@ def _ones_like_budget(params: PyTree, sparsities: PyTree) -> PyTree:
 def fixed_masks(masks: PyTree) -> MaskAlgorithm:
     """Trains inside fixed ``masks``: pruned weights are zeroed on the first step and stay exactly zero.
 
-    >>> import jax.numpy as jnp, optax
-    >>> params = {"w": jnp.ones((2, 2))}
-    >>> tx = fixed_masks(optax.sgd(0.1), {"w": jnp.eye(2, dtype=bool)})
-    >>> updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
-    >>> optax.apply_updates(params, updates)["w"].tolist()
-    [[0.8999999761581421, 0.0], [0.0, 0.8999999761581421]]
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      masks: a pytree like ``params`` of ``bool`` masks (True = trained) or ``None`` (dense leaf).
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``fixed_masks.rule(...)`` (the arguments without ``inner`` and ``seed``) returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      TypeError: a mask leaf that is not boolean.
+      ValueError: at ``tx.init``, ``masks`` not shaped like ``params`` (structure or leaf shapes).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones((2, 2))}
+      >>> tx = fixed_masks(optax.sgd(0.1), {"w": jnp.eye(2, dtype=bool)})
+      >>> updates, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"].tolist()
+      [[0.8999999761581421, 0.0], [0.0, 0.8999999761581421]]
     """
     for m in jax.tree.leaves(masks):
         if jnp.result_type(m) != jnp.bool_:
@@ -90,12 +105,34 @@ def one_shot_pruning(
 ) -> MaskAlgorithm:
     """Dense training until ``step``, then a one-shot prune by ``method``, then training inside the mask.
 
-    >>> import jax.numpy as jnp, optax
-    >>> params = {"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])}
-    >>> tx = one_shot_pruning(optax.sgd(0.0), 0.5)
-    >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
-    >>> optax.apply_updates(params, updates)["w"].tolist()
-    [[0.0, -4.0], [3.0, 0.0]]
+    At ``step`` the masks are computed from the params (and gradients) passed to that update:
+    ``"magnitude"`` keeps the largest ``|w|``, ``"snip"`` the largest ``|w * g|``, ``"random"`` a random subset;
+    each pruned leaf keeps exactly ``N - floor(s * N)`` (or that total with ``scope="global"``).
+
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a :func:`jaxsparse.budget`
+        (e.g. ERK) or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      method: ``"magnitude"``, ``"snip"`` or ``"random"``.
+      scope: ``"layer"`` or ``"global"``.
+      step: the step of the prune (>= 0).
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``one_shot_pruning.rule(...)`` (the arguments without ``inner`` and ``seed``) returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      ValueError: a bad ``sparsity``, ``method`` or ``scope``, or ``step < 0``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.array([[1.0, -4.0], [3.0, 0.5]])}
+      >>> tx = one_shot_pruning(optax.sgd(0.0), 0.5)
+      >>> updates, state = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
+      >>> optax.apply_updates(params, updates)["w"].tolist()
+      [[0.0, -4.0], [3.0, 0.0]]
     """
     v.check_choice("method", method, ONE_SHOT_METHODS)
     v.check_choice("scope", scope, SCOPES)
@@ -140,15 +177,39 @@ def gradual_magnitude_pruning(
     Per-leaf targets scale with the schedule (``s_l(t) = s_t * s_l / s_final``), so a uniform budget follows ``s_t``
     exactly and ERK keeps its proportions; pruning is nested (monotone).
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
-    >>> tx = gradual_magnitude_pruning(optax.sgd(0.01), 0.75, begin_step=0, end_step=4, frequency=2)
-    >>> state = tx.init(params)
-    >>> for _ in range(5):
-    ...     updates, state = tx.update({"w": jnp.zeros((8, 8))}, state, params)
-    ...     params = optax.apply_updates(params, updates)
-    >>> int((params["w"] == 0).sum())
-    48
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      sparsity: the final sparsity: a float in ``[0, 1)`` (uniform over :func:`jaxsparse.prunable` leaves), a
+        :func:`jaxsparse.budget` (e.g. ERK) or a pytree like ``params`` of per-leaf sparsities (``None`` = dense).
+      begin_step: the first pruning step (>= 0).
+      end_step: the step the final sparsity is reached (>= ``begin_step``); masks stay fixed after it.
+      frequency: steps between mask updates (>= 1).
+      initial_sparsity: the sparsity at ``begin_step``, in ``[0, 1)`` and <= the final sparsity.
+      scope: ``"layer"`` (each leaf its own count) or ``"global"`` (one magnitude threshold over all leaves).
+      power: the exponent of the schedule (> 0; 3: cubic), as in :func:`jaxsparse.polynomial_sparsity`.
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
+      needs ``params``. ``gradual_magnitude_pruning.rule(...)`` (the arguments without ``inner`` and ``seed``)
+        returns the
+      :class:`~jaxsparse.MaskAlgorithm` instead.
+
+    Raises:
+      ValueError: a bad ``sparsity``, ``scope``, ``initial_sparsity`` or ``power``, a bad window
+        (``end_step < begin_step``, ``frequency < 1``), or (at ``tx.init``) ``initial_sparsity`` above the final
+        sparsity.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> params = {"w": jax.random.normal(jax.random.PRNGKey(0), (8, 8))}
+      >>> tx = gradual_magnitude_pruning(optax.sgd(0.01), 0.75, begin_step=0, end_step=4, frequency=2)
+      >>> state = tx.init(params)
+      >>> for _ in range(5):
+      ...     updates, state = tx.update({"w": jnp.zeros((8, 8))}, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> int((params["w"] == 0).sum())
+      48
     """
     _check_sparsity_arg(sparsity)
     v.check_choice("scope", scope, SCOPES)
