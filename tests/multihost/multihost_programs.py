@@ -128,6 +128,7 @@ def train(mesh: Mesh, tx, steps: int = STEPS):
     for t in range(steps):
         x, y = global_batch(t)
         params, state = step(params, state, feed(mesh, x), feed(mesh, y))
+        jax.block_until_ready(params)  # one step in flight (see examples/multihost.py)
     return params, state
 
 

@@ -191,6 +191,17 @@ def test_posttraining_matches_one_process(two_processes, one_process):
     assert masks and all(m.reshape(-1, 4, m.shape[-1]).sum(1).max() == 2 for m in masks.values())
 
 
+# ------------------------------------------------------------------------------------------------ example
+def test_example_runs_on_two_processes(tmp_path):
+    example = HERE.parents[1] / "examples" / "multihost.py"
+    ckpt = tmp_path / "ckpt"
+    outputs = launch([str(example), "--steps", "52", "--ckpt", str(ckpt)], 2, 4, timeout=600)
+    text = outputs[0].output
+    assert "2 process(es) x 4 cpu devices; mesh {'data': 2, 'model': 4}" in text
+    assert "kernel sparsity 0.900" in text and "identical" in text, text[-3000:]
+    assert (ckpt / "layout.json").exists()
+
+
 # ------------------------------------------------------------------------------------------------ launcher
 ECHO = (
     "import os, sys; e = os.environ; print('id', e['JAXSPARSE_PROCESS_ID'], 'of', "
