@@ -39,12 +39,32 @@ def sr_ste_decay(
     match the forward :func:`~jaxsparse.estimators.ste_nm`). The term is zero at kept weights and ``decay * w`` at
     pruned ones; ``decay = 0`` leaves the updates unchanged (plain STE). Stateless; needs ``params`` in ``update``.
 
-    >>> import jax.numpy as jnp, optax
-    >>> tx = sr_ste_decay(2, 4, decay=0.5)
-    >>> p = {"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
-    >>> u, _ = tx.update({"w": jnp.zeros((4, 1))}, tx.init(p), p)
-    >>> u["w"].ravel().tolist()
-    [0.5, 0.0, 0.0, 1.0]
+    Chain it before the optimizer, as the README does: ``optax.chain(sr_ste_decay(2, 4, 2e-4), optax.adam(lr))``.
+
+    Args:
+      n: weights kept per group (1 <= n <= m).
+      m: group size (<= 16).
+      decay: SR-STE's ``lambda``, a finite float >= 0.
+      axis: the axis the groups of ``m`` run along (default -2).
+      transposable: N:M along both of the last two axes.
+      where: the leaves to decay: ``None`` (:func:`jaxsparse.prunable`), a pytree of Python bools shaped like
+        ``params``, or a callable ``params -> that pytree``.
+
+    Returns:
+      A stateless ``optax.GradientTransformation``.
+
+    Raises:
+      TypeError: a non-numeric ``decay`` or non-int ``axis``.
+      ValueError: bad ``n``/``m``, a negative or non-finite ``decay``, an empty ``where``; in ``update``, missing
+        ``params`` or ``updates`` not shaped like ``params`` (and the errors of :func:`jaxsparse.nm_masks`).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = sr_ste_decay(2, 4, decay=0.5)
+      >>> p = {"w": jnp.array([[1.0], [-4.0], [3.0], [2.0]])}
+      >>> u, _ = tx.update({"w": jnp.zeros((4, 1))}, tx.init(p), p)
+      >>> u["w"].ravel().tolist()
+      [0.5, 0.0, 0.0, 1.0]
     """
     n, m = v.check_nm(n, m)
     if isinstance(decay, bool) or not isinstance(decay, (int, float)):
