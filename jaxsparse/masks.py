@@ -48,9 +48,20 @@ def topk_mask(score: Float[ArrayLike, ...], k: Int[ArrayLike, ""]) -> Bool[Array
 
     ``k`` may be a traced integer. Ties are broken by flat index (lower first); NaN ranks below every number.
 
-    >>> import jax.numpy as jnp
-    >>> topk_mask(jnp.array([3.0, 1.0, 2.0, 2.0]), 2).tolist()
-    [True, False, True, False]
+    Args:
+      score: a float array of any shape; larger is kept.
+      k: how many entries to keep, an int scalar (clipped to ``[0, score.size]``).
+
+    Returns:
+      A ``bool`` array shaped like ``score``.
+
+    Raises:
+      TypeError: ``score`` is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> topk_mask(jnp.array([3.0, 1.0, 2.0, 2.0]), 2).tolist()
+      [True, False, True, False]
     """
     score = jnp.asarray(score)
     v.check_float_array("score", score)
@@ -67,12 +78,25 @@ def topk_masks(scores: Any, ks: Any, layer_axes: Any = None) -> Any:
     of shape ``(layers, d_in, d_out)`` with layer axis 0 gets ``k`` entries *per layer slice* (``k`` may then also
     be a length-``layers`` vector), i.e. it behaves as ``layers`` separate leaves.
 
-    >>> import jax.numpy as jnp
-    >>> m = topk_masks({"a": jnp.arange(4.0), "b": None}, {"a": 1, "b": None})
-    >>> m["a"].tolist(), m["b"]
-    ([False, False, False, True], None)
-    >>> topk_masks({"w": jnp.array([[1.0, 2.0], [4.0, 3.0]])}, {"w": 1}, {"w": 0})["w"].tolist()
-    [[False, True], [True, False]]
+    Args:
+      scores: a pytree of float arrays, ``None`` leaves allowed.
+      ks: a pytree like ``scores`` with the count to keep per leaf (``None`` where ``scores`` is ``None``).
+      layer_axes: ``None``, one int for every leaf, or a pytree like ``scores`` of ints / ``None``.
+
+    Returns:
+      A pytree like ``scores`` of ``bool`` masks (``None`` leaves kept).
+
+    Raises:
+      ValueError: ``ks`` or ``layer_axes`` not shaped like ``scores``, or a bad layer axis.
+      TypeError: a score leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = topk_masks({"a": jnp.arange(4.0), "b": None}, {"a": 1, "b": None})
+      >>> m["a"].tolist(), m["b"]
+      ([False, False, False, True], None)
+      >>> topk_masks({"w": jnp.array([[1.0, 2.0], [4.0, 3.0]])}, {"w": 1}, {"w": 0})["w"].tolist()
+      [[False, True], [True, False]]
     """
     check_same_structure("scores", scores, "ks", ks)
     leaves, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
@@ -125,10 +149,22 @@ def global_topk_masks(scores: Any, k: Int[ArrayLike, ""]) -> Any:
     ``jax.tree`` order) and lower flat indices first, in one tie-breaking pass for all leaves. ``k`` may be
     traced.
 
-    >>> import jax.numpy as jnp
-    >>> m = global_topk_masks({"a": jnp.array([5.0, 1.0]), "b": jnp.array([4.0, 3.0])}, 3)
-    >>> m["a"].tolist(), m["b"].tolist()
-    ([True, False], [True, True])
+    Args:
+      scores: a pytree of float arrays, ``None`` leaves allowed (at least one array).
+      k: how many entries to keep in all, an int scalar (clipped to ``[0, total size]``).
+
+    Returns:
+      A pytree like ``scores`` of ``bool`` masks (``None`` leaves kept).
+
+    Raises:
+      ValueError: ``scores`` has no array leaf.
+      TypeError: a score leaf is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = global_topk_masks({"a": jnp.array([5.0, 1.0]), "b": jnp.array([4.0, 3.0])}, 3)
+      >>> m["a"].tolist(), m["b"].tolist()
+      ([True, False], [True, True])
     """
     leaves, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
     live = [i for i, s in enumerate(leaves) if s is not None]
@@ -153,10 +189,18 @@ def random_scores(key: PRNGKeyArray, tree: Any) -> Any:
     drawn from ``key``: a few integer ops per entry. Threefry bits for every weight would cost more than the rest
     of a training step on CPU, even inside a ``lax.cond`` branch that is not taken.
 
-    >>> import jax, jax.numpy as jnp
-    >>> s = random_scores(jax.random.PRNGKey(0), {"w": jnp.ones((2, 3), bool), "b": None})
-    >>> s["w"].shape, bool(((s["w"] >= 0) & (s["w"] < 1)).all()), s["b"]
-    ((2, 3), True, None)
+    Args:
+      key: a PRNG key.
+      tree: a pytree whose array leaves give the shapes (values unused); ``None`` leaves allowed.
+
+    Returns:
+      A pytree like ``tree`` of float32 scores in ``[0, 1)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> s = random_scores(jax.random.PRNGKey(0), {"w": jnp.ones((2, 3), bool), "b": None})
+      >>> s["w"].shape, bool(((s["w"] >= 0) & (s["w"] < 1)).all()), s["b"]
+      ((2, 3), True, None)
     """
     leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: x is None)
     seeds = jax.random.bits(key, (len(leaves),), jnp.uint32)
@@ -169,9 +213,18 @@ def random_scores(key: PRNGKeyArray, tree: Any) -> Any:
 def random_mask(key: PRNGKeyArray, shape: Sequence[int], k: Int[ArrayLike, ""]) -> Bool[Array, ...]:
     """A uniformly random mask of ``shape`` with exactly ``k`` True entries (``k`` may be traced).
 
-    >>> import jax
-    >>> int(random_mask(jax.random.PRNGKey(0), (4, 5), 7).sum())
-    7
+    Args:
+      key: a PRNG key.
+      shape: the mask's shape.
+      k: how many entries are True, an int scalar (clipped to ``[0, prod(shape)]``).
+
+    Returns:
+      A ``bool`` array of ``shape``.
+
+    Example:
+      >>> import jax
+      >>> int(random_mask(jax.random.PRNGKey(0), (4, 5), 7).sum())
+      7
     """
     shape = tuple(int(d) for d in shape)
     return topk_mask(_topk.hash_uniform(shape, jax.random.bits(key, (), jnp.uint32)), k)
@@ -185,9 +238,23 @@ def block_scores(
 
     ``pool`` is ``"l1"`` (sum), ``"l2"`` (root of sum of squares) or ``"max"``.
 
-    >>> import jax.numpy as jnp
-    >>> block_scores(jnp.ones((4, 4)), (2, 2), "l1").tolist()
-    [[4.0, 4.0], [4.0, 4.0]]
+    Args:
+      score: a float array with ndim >= 2 (a weight or a score).
+      block_shape: ``(rows, cols)`` of a tile, each >= 1, dividing the matrix view.
+      pool: ``"l1"``, ``"l2"`` or ``"max"``.
+
+    Returns:
+      The float32 ``(rows // block_rows, cols // block_cols)`` block scores.
+
+    Raises:
+      ValueError: ``score.ndim < 2``, a ``block_shape`` that is not two positive ints dividing the matrix view, or
+        an unknown ``pool``.
+      TypeError: ``score`` is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> block_scores(jnp.ones((4, 4)), (2, 2), "l1").tolist()
+      [[4.0, 4.0], [4.0, 4.0]]
     """
     score = jnp.asarray(score)
     v.check_float_array("score", score)
@@ -210,10 +277,24 @@ def block_mask(
 ) -> Bool[Array, ...]:
     """Keeps the ``k`` highest-scoring ``block_shape`` tiles (pooled by ``pool``); ``k`` counts blocks.
 
-    >>> import jax.numpy as jnp
-    >>> w = jnp.array([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.1]])
-    >>> block_mask(w, (2, 2), 1).astype(int).tolist()
-    [[1, 1, 0, 0], [1, 1, 0, 0]]
+    Args:
+      score: a float array with ndim >= 2, viewed as ``(prod(shape[:-1]), shape[-1])``.
+      block_shape: ``(rows, cols)`` of a tile, dividing the matrix view.
+      k: how many blocks to keep, an int scalar (may be traced; clipped to the block count).
+      pool: ``"l1"``, ``"l2"`` or ``"max"`` (:func:`block_scores`).
+
+    Returns:
+      A ``bool`` array shaped like ``score``, True on the kept tiles.
+
+    Raises:
+      ValueError: as :func:`block_scores`.
+      TypeError: ``score`` is not a floating-point array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.1]])
+      >>> block_mask(w, (2, 2), 1).astype(int).tolist()
+      [[1, 1, 0, 0], [1, 1, 0, 0]]
     """
     score = jnp.asarray(score)
     blocks = topk_mask(block_scores(score, block_shape, pool), k)
@@ -244,9 +325,17 @@ def _block_grid(name: str, shape: tuple[int, ...], block_shape: tuple[int, int])
 def apply_masks(params: Any, masks: Any) -> Any:
     """Zeroes ``params`` outside ``masks``; leaves whose mask is ``None`` pass through unchanged.
 
-    >>> import jax.numpy as jnp
-    >>> p = apply_masks({"w": jnp.array([1.0, 2.0]), "b": jnp.ones(1)}, {"w": jnp.array([True, False]), "b": None})
-    >>> p["w"].tolist(), p["b"].tolist()
-    ([1.0, 0.0], [1.0])
+    Args:
+      params: a pytree of arrays.
+      masks: a pytree like ``params`` of boolean masks (True = kept) or ``None``.
+
+    Returns:
+      ``params`` with every entry outside its mask set to 0 (dtype kept).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = apply_masks({"w": jnp.array([1.0, 2.0]), "b": jnp.ones(1)}, {"w": jnp.array([True, False]), "b": None})
+      >>> p["w"].tolist(), p["b"].tolist()
+      ([1.0, 0.0], [1.0])
     """
     return map_masked(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)), params, masks)
