@@ -1,4 +1,5 @@
-"""The one place for jax-version-specific Pallas calls (jax 0.10.2 through 0.12.x).
+"""The one place for jax-version-specific Pallas calls (jax 0.10.2 through 0.12.x; the supported range is
+checked at import by ``jaxsparse``).
 
 Kernels import Pallas entry points that moved or changed between releases from this module only, so a
 version bump touches one file. Keep every shim small and named after what it does.
@@ -16,7 +17,7 @@ Known drift handled here:
 
 Example:
   >>> from pallas_kernels import compat
-  >>> compat.JAX_VERSION >= (0, 10)
+  >>> compat.interpret_params("hlo")
   True
 """
 
@@ -31,11 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 __all__ = [
-    "JAX_VERSION",
-    "TESTED_JAX",
     "cost_estimate",
     "interpret_params",
-    "jax_version_tested",
     "mosaic_gpu_interpret_params",
     "mosaic_gpu_kernel",
     "mosaic_gpu_lane_params",
@@ -49,34 +47,6 @@ __all__ = [
     "triton_lowering_target",
     "triton_store",
 ]
-
-
-def _parse_version(text: str) -> tuple[int, int, int]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    while len(parts) < 3:
-        parts.append(0)
-    return tuple(parts)  # type: ignore[return-value]
-
-
-JAX_VERSION: tuple[int, int, int] = _parse_version(jax.__version__)
-"""The installed jax version as ``(major, minor, patch)``."""
-
-TESTED_JAX = ((0, 10, 2), (0, 13, 0))
-"""Half-open range ``[low, high)`` of jax versions the kernels are tested with (0.10.2 through 0.12.x)."""
-
-
-def jax_version_tested(version: tuple[int, int, int] | None = None) -> bool:
-    """Whether ``version`` (default: the installed jax) lies in :data:`TESTED_JAX`.
-
-    Example:
-      >>> jax_version_tested((0, 10, 2)), jax_version_tested((0, 9, 0))
-      (True, False)
-    """
-    version = JAX_VERSION if version is None else version
-    return TESTED_JAX[0] <= tuple(version) < TESTED_JAX[1]
 
 
 def interpret_params(mode: str) -> Any:
@@ -135,9 +105,7 @@ def mosaic_gpu_kernel(
         kwargs["compiler_params"] = compiler_params
     if interpret is not None:
         kwargs["interpret"] = interpret
-    if JAX_VERSION >= (0, 10, 2):
-        return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)
-    return plgpu.kernel(body, out_shape=out_type, scratch_shapes=scratch_types, **kwargs)
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ Triton
