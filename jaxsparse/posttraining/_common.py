@@ -43,11 +43,16 @@ def check_finite(name: str, x: Array, what: str) -> None:
     """Concrete ``x`` must be finite (under ``jit`` the values are unknown and not checked)."""
     if isinstance(x, jax.core.Tracer):
         return
-    arr = np.asarray(x)  # on the host: inside a jit trace a closed-over array must not be staged
-    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if isinstance(x, jax.Array):
+        # counted where x lives (only the count is fetched: a kernel sharded over several processes cannot
+        # be read whole by any of them), eagerly even inside a jit trace that closes over x
+        with jax.ensure_compile_time_eval():
+            bad = int(x.size - jnp.count_nonzero(jnp.isfinite(x)))
+    else:
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
     if bad:
         raise ValueError(
-            f"`{name}` has {bad} non-finite entr{'y' if bad == 1 else 'ies'} (NaN or inf) of {arr.size}: "
+            f"`{name}` has {bad} non-finite entr{'y' if bad == 1 else 'ies'} (NaN or inf) of {np.size(x)}: "
             f"{what} Pruning on it would silently keep or drop arbitrary weights."
         )
 
