@@ -218,11 +218,32 @@ def budget(
     (``None``). Every pattern (``include``, ``exclude``, ``custom``, ``layer_axis``) is searched in the names
     :func:`leaf_paths` prints: ``nnx.state(model)``, ``nnx.split`` states and pure dicts give the same names.
 
-    >>> import jax.numpy as jnp
-    >>> p = {"a": jnp.ones((100, 100)), "b": jnp.ones((100, 10)), "bias": jnp.ones(10)}
-    >>> s = budget(0.9, "erk")(p)
-    >>> round(s["a"], 3), round(s["b"], 3), s["bias"]
-    (0.929, 0.61, None)
+    Args:
+      sparsity: the target fraction of zeros over the selected leaves, in ``[0, 1)`` (traced only with
+        ``"uniform"``).
+      distribution: ``"uniform"``, ``"er"`` or ``"erk"`` (see the module notes).
+      include, exclude: regular expression(s) selecting leaves by path, as in :func:`prunable`.
+      predicate: ``(path, leaf) -> bool`` replacing the default selection, as in :func:`prunable`.
+      first_layer_dense, last_layer_dense: keep the first / last selected leaf dense.
+      erk_power_scale: the exponent of the ERK density (>= 0).
+      custom: path regex -> fixed sparsity in ``[0, 1)`` for matching leaves.
+      layer_axis: path regex -> the layer axis of matching stacked leaves (ndim >= 3).
+
+    Returns:
+      A :data:`Budget`: ``params -> per-leaf sparsity pytree`` (a float per pruned leaf, ``None`` per dense one),
+      with a ``layer_axes(params)`` method.
+
+    Raises:
+      ValueError: a sparsity out of range, a traced ``sparsity`` with ER/ERK, an unknown ``distribution``, a
+        negative ``erk_power_scale`` or a bad regex; when the budget is applied, a ``custom`` or ``layer_axis``
+        pattern that matches no leaf, a bad layer axis, or a selection that picks nothing.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"a": jnp.ones((100, 100)), "b": jnp.ones((100, 10)), "bias": jnp.ones(10)}
+      >>> s = budget(0.9, "erk")(p)
+      >>> round(s["a"], 3), round(s["b"], 3), s["bias"]
+      (0.929, 0.61, None)
     """
     traced = isinstance(sparsity, jax.core.Tracer)
     if not traced:
@@ -373,8 +394,21 @@ def keep_count(sparsity: Any, size: int) -> Any:
 
     Concrete sparsities use Python doubles (the exact count); traced ones use float32 arithmetic.
 
-    >>> keep_count(0.7, 10)
-    3
+    The one count rule of every jaxsparse API (training transforms, one-shot masks, post-training, Flax layers).
+
+    Args:
+      sparsity: the fraction of zeros: a Python or NumPy float, or a (possibly traced) JAX scalar.
+      size: the number of weights in the leaf (or layer slice).
+
+    Returns:
+      ``size - floor(sparsity * size)``: a Python int for a concrete float ``sparsity``, an int32 array for a JAX
+      array or tracer.
+
+    Example:
+      >>> keep_count(0.7, 10)
+      3
+      >>> keep_count(0.29, 100)
+      72
     """
     if isinstance(sparsity, jax.core.Tracer) or isinstance(sparsity, jax.Array):
         return size - jnp.floor(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
