@@ -198,15 +198,34 @@ def sparse_training(
     ``seed`` (an int, possibly traced under ``vmap``) seeds the PRNG key kept in the state; each update step uses
     ``fold_in(key, step)``, so masks are deterministic given the seed.
 
-    >>> import jax, jax.numpy as jnp, optax
-    >>> from jaxsparse import sparse_training, fixed_masks_algorithm
-    >>> params = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}
-    >>> mask = {"w": jnp.array([[True, False], [True, True]])}
-    >>> tx = sparse_training(optax.adam(0.1), fixed_masks_algorithm(mask))
-    >>> state = tx.init(params)
-    >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
-    >>> optax.apply_updates(params, updates)["w"][0, 1].item()
-    0.0
+    Every training algorithm of jaxsparse is this function applied to its rule (``jaxsparse.rigl(inner, ...)`` is
+    ``sparse_training(inner, jaxsparse.rigl.rule(...), seed=seed)``); call it directly for a custom
+    :class:`MaskAlgorithm`.
+
+    Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
+      algorithm: the :class:`MaskAlgorithm` deciding the masks.
+      seed: an int seeding the state's PRNG key (may be traced under ``vmap``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SparseState`; ``update(grads, state,
+      params)`` needs ``params``.
+
+    Raises:
+      TypeError: ``inner`` is not an optax transformation, ``algorithm`` is not a :class:`MaskAlgorithm`, or
+        ``seed`` is not an int.
+      ValueError: in ``update``, missing ``params`` or ``grads``/``params``/masks of different structures.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxsparse import sparse_training, fixed_masks
+      >>> params = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}
+      >>> mask = {"w": jnp.array([[True, False], [True, True]])}
+      >>> tx = sparse_training(optax.adam(0.1), fixed_masks.rule(mask))
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
+      >>> optax.apply_updates(params, updates)["w"][0, 1].item()
+      0.0
     """
     inner = _as_transformation(inner)
     if not isinstance(algorithm, MaskAlgorithm):
