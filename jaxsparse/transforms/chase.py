@@ -13,8 +13,9 @@ kernel's input axis (``-2``; the ``I`` axis of an ``HWIO`` conv kernel). Two rul
 * **channel removal**: every ``channel_every`` steps in ``[channel_begin, channel_end]`` the number of live
   channels follows the cubic schedule from all to ``(1 - channel_sparsity)`` of them; the live channels with the
   smallest score are removed globally, each layer keeping at least ``int(n_out * (1 - channel_sparsity) *
-  min_ratio)``. Scores: ``"mean"`` (mean ``|w|`` over the channel's fan-in, zeros included — the authors' scripts'
-  ``--mag_wise``) or ``"umm"`` (the paper's unmasked mean magnitude: over the channel's active weights).
+  min_ratio)``. Scores: ``"umm"`` (default; the paper's unmasked mean magnitude: mean ``|w|`` over the channel's
+  active weights) or ``"mean"`` (over the whole fan-in, zeros included — the authors' run scripts'
+  ``--mag_wise``).
 
 Checked against the authors' code (``luuyin/chase``, ``Cifar/sparselearning/core_dst_chase.py``: ``del_layer``,
 ``gradual_pruning_rate``, ``minimum_layer``, the README's run scripts). Differences: exact global top-k instead of
@@ -44,7 +45,7 @@ from jaxsparse.transforms.common import MaskAlgorithm, MaskContext
 
 __all__ = ["ChaseState", "chase", "chase_compact", "CHANNEL_SCORES"]
 
-CHANNEL_SCORES = ("mean", "umm")
+CHANNEL_SCORES = ("umm", "mean")
 
 
 class ChaseState(NamedTuple):
@@ -111,12 +112,13 @@ def chase(
     channel_every: int = 1000,
     channel_begin: int = 0,
     channel_end: int | None = None,
-    score: str = "mean",
+    score: str = "umm",
     skip_step_on_update: bool = False,
 ) -> MaskAlgorithm:
     """Chase: global drop-and-grow DST plus gradual removal of the lowest-scored channels of a layer chain.
 
     Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
       sparsity: a float, a :func:`jaxsparse.budget` (the authors use ERK) or a per-leaf pytree; the chain's
         kernels must be sparse leaves.
       layers: paths (``"a/b"``) of the chain's layers in forward order; each holds ``"kernel"`` (``(..., in,
@@ -130,8 +132,9 @@ def chase(
       channel_every: steps between channel removals (``Delta T``, ``--layer_interval``).
       channel_begin, channel_end: the channel-removal window (default ``channel_end = 130/160 * total_steps``,
         the authors' ``stop_gmp_epochs``).
-      score: ``"mean"`` (the authors' scripts) or ``"umm"`` (the paper's unmasked mean magnitude).
+      score: ``"umm"`` (the paper's unmasked mean magnitude) or ``"mean"`` (the authors' run scripts).
       skip_step_on_update: no optimizer step on update steps.
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
 
     Returns:
       The optax transformation (``chase.rule``: the :class:`~jaxsparse.MaskAlgorithm`); its state's ``extra`` is a

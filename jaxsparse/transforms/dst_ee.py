@@ -56,11 +56,13 @@ def dst_ee(
     """DST-EE: RigL growing by ``|g| + c * sqrt(ln t / (N + eps))`` (see the module notes: formula unverified).
 
     Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
       sparsity: a float, a :func:`jaxsparse.budget` (e.g. ERK) or a per-leaf pytree (``None`` = dense).
       exploration: ``c``, the weight of the exploration bonus; 0 gives RigL exactly.
       eps: added to the counters under the square root (> 0).
       update_every, drop_fraction, decay, total_steps, end_step, begin_step, drop_noise, skip_step_on_update:
         as :func:`jaxsparse.rigl`.
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
 
     Returns:
       The optax transformation (``dst_ee.rule``: the :class:`~jaxsparse.MaskAlgorithm`); its state's ``extra`` is

@@ -153,6 +153,7 @@ def srigl(
     is RigL restricted to masks with exactly ``n_target // n_out`` weights in every column.
 
     Args:
+      inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
       sparsity: a float (uniform over the default prunable leaves), a :func:`jaxsparse.budget` (e.g. ERK) or a
         per-leaf pytree (``None`` = dense). Every sparse leaf needs ``ndim >= 2`` and at least one weight per
         column.
@@ -167,6 +168,7 @@ def srigl(
         sparse leaf in natural path order (the output layer).
       drop_noise: std of the Gaussian tie-breaking noise on drop scores (RigL's ``1e-5``).
       skip_step_on_update: no optimizer step on update steps (RigL's behaviour).
+      seed: seeds the PRNG key kept in the state (an int; may be traced under ``vmap``).
 
     Returns:
       The optax transformation (``srigl.rule``: the :class:`~jaxsparse.MaskAlgorithm`); its state's ``extra`` is
