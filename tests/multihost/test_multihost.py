@@ -30,6 +30,7 @@ from jaxsparse import checkpoint
 from jaxsparse._launch import LaunchError, launch
 
 HERE = pathlib.Path(__file__).resolve().parent
+EXAMPLE = HERE.parents[1] / "examples" / "multihost.py"
 sys.path.insert(0, str(HERE))
 import multihost_programs as mp  # noqa: E402
 
@@ -42,26 +43,29 @@ FLOAT_BOUND = 4  # in eps * max|leaf|
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The 2-process run (in a thread: the children run while this process computes the reference)."""
+    """The 2-process run of the programs and of examples/multihost.py (both in threads: the children run
+    while this process computes the reference on its 8 devices)."""
     out = tmp_path_factory.mktemp("two_processes")
-    cache = {  # JAX's persistent compilation cache, shared with the rest of the suite (tests/conftest.py)
-        "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir or ""),
+    ckpt = tmp_path_factory.mktemp("example") / "ckpt"
+    cache_dir = str(jax.config.jax_compilation_cache_dir or "")
+    env = {  # JAX's persistent compilation cache, shared with the rest of the suite (tests/conftest.py)
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
     }
-    argv = [str(HERE / "multihost_worker.py"), str(out), *PARTS]
+    env = env if cache_dir else {}
+    programs = [str(HERE / "multihost_worker.py"), str(out), *PARTS]
+    example = [str(EXAMPLE), "--steps", "52", "--ckpt", str(ckpt)]
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(
-            launch, argv, 2, 4, timeout=600, env=cache if cache["JAX_COMPILATION_CACHE_DIR"] else {}
-        )
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [
+            pool.submit(launch, argv, 2, 4, timeout=600, env=env) for argv in (programs, example)
+        ]
         mesh = mp.make_mesh()
         ref_dir = tmp_path_factory.mktemp("one_process")
         reference = {part: mp.PARTS[part](mesh, str(ref_dir)) for part in PARTS[:3]}
-        outputs = future.result()
-    print(f"2-process run and reference: {time.perf_counter() - t0:.1f} s")
-    for o in outputs:
-        print(f"--- process {o.process_id}\n{o.output[-2000:]}")
-    return out, reference
+        outputs, example_outputs = (f.result() for f in futures)
+    print(f"2-process runs and the reference: {time.perf_counter() - t0:.1f} s")
+    return out, reference, (example_outputs, ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +196,8 @@ def test_posttraining_matches_one_process(two_processes, one_process):
 
 
 # ------------------------------------------------------------------------------------------------ example
-def test_example_runs_on_two_processes(tmp_path):
-    example = HERE.parents[1] / "examples" / "multihost.py"
-    ckpt = tmp_path / "ckpt"
-    outputs = launch([str(example), "--steps", "52", "--ckpt", str(ckpt)], 2, 4, timeout=600)
+def test_example_runs_on_two_processes(runs):
+    outputs, ckpt = runs[2]
     text = outputs[0].output
     assert "2 process(es) x 4 cpu devices; mesh {'data': 2, 'model': 4}" in text
     assert "kernel sparsity 0.900" in text and "identical" in text, text[-3000:]
