@@ -126,6 +126,19 @@ def compress(
       ``(params, pattern)`` as nested dicts: compressed layers hold ``kernel_blocks``/``kernel_values``
       instead of ``kernel``; ``pattern`` holds their pattern objects (``BlockSparsePattern`` /
       ``NMPattern``) at ``<layer path>/pattern``, exactly the layers' ``sparse_pattern`` collection.
+
+    Raises:
+      ValueError: an unknown ``format``, masks naming leaves not in ``params``, a masked leaf that is not a 2-D
+        ``kernel``, a mask that is not bool of the kernel's shape, a block mask not constant on blocks, no
+        ``block`` or a ``capacity`` below the block count (``"block"``), or a mask that is not N:M (``"nm"``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"fc": {"kernel": jnp.arange(8.0).reshape(4, 2)}}
+      >>> mask = jnp.array([[True, False], [False, True], [True, True], [False, False]])
+      >>> cparams, pattern = compress(params, {"fc": {"kernel": mask}}, format="nm", n=2, m=4)
+      >>> sorted(cparams["fc"]), cparams["fc"]["kernel_values"].shape, type(pattern["fc"]["pattern"]).__name__
+      (['kernel_values'], (2, 1, 2), 'NMPattern')
     """
     if format not in ("block", "nm"):
         raise ValueError(f"format must be 'block' or 'nm'; got {format!r}.")
@@ -205,6 +218,19 @@ def decompress(params: PyTree, pattern: PyTree) -> tuple[dict, dict]:
       ``(params, masks)``: ``masks`` holds the stored positions (bool ``(K, N)``; for N:M, positions padded
       into under-full groups are included) and ``None`` for every other leaf, ready for jaxsparse's
       ``fixed_masks``.
+
+    Raises:
+      ValueError: a compressed leaf without the matching pattern object in ``pattern``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> params = {"fc": {"kernel": jnp.arange(8.0).reshape(4, 2)}}
+      >>> mask = jnp.array([[True, False], [False, True], [True, True], [False, False]])
+      >>> dense, masks = decompress(*compress(params, {"fc": {"kernel": mask}}, format="nm", n=2, m=4))
+      >>> dense["fc"]["kernel"].tolist()
+      [[0.0, 0.0], [0.0, 3.0], [4.0, 5.0], [0.0, 0.0]]
+      >>> bool((masks["fc"]["kernel"] == mask).all())
+      True
     """
     patterns = _core.patterns_of(pattern)
     out_p: dict = {}
@@ -271,6 +297,33 @@ def to_sparse_nnx(
 
     ``masks`` follows ``nnx.state(model, nnx.Param)`` (e.g. a jaxsparse ``SparseState.masks`` over it).
     Values, bias, dtype, param_dtype and precision carry over; errors name the offending leaf.
+
+    Args:
+      model: the NNX model (not modified).
+      masks: bool masks at the paths of ``nnx.state(model, nnx.Param)`` (``None`` or absent = dense).
+      format: ``"block"`` (:class:`~jaxsparse.flax.nnx.BlockSparseLinear`) or ``"nm"``
+        (:class:`~jaxsparse.flax.nnx.NMLinear`).
+      block: ``(bk, bn)`` for ``"block"``.
+      capacity: block slots per layer (int, or ``{layer path: int}``), as in :func:`compress`.
+      n, m: the N:M pattern for ``"nm"``.
+      impl: the new layers' kernel implementation (their ``impl`` argument; ``"auto"`` lets the op dispatch).
+
+    Returns:
+      A new model in which the masked ``nnx.Linear`` layers are sparse layers holding the masked values.
+
+    Raises:
+      ValueError: no ``nnx.Linear`` kernel has a mask, or any error of :func:`compress`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+      >>> mask = jnp.tile(jnp.array([[True], [True], [False], [False]]), (2, 4))
+      >>> sparse = to_sparse_nnx(model, {"layers": {0: {"kernel": mask}}}, format="nm", n=2, m=4)
+      >>> w = jnp.where(mask, model.layers[0].kernel[...], 0)
+      >>> x = jnp.ones((3, 8))
+      >>> type(sparse.layers[0]).__name__, bool(jnp.allclose(sparse(x), x @ w + model.layers[0].bias[...]))
+      ('NMLinear', True)
     """
     params = nnx.state(model, nnx.Param)
     cparams, pattern = compress(
@@ -334,7 +387,26 @@ def to_sparse_nnx(
 
 
 def to_dense_nnx(model: nnx.Module) -> nnx.Module:
-    """A copy of ``model`` with every sparse layer replaced by an ``nnx.Linear`` holding its dense kernel."""
+    """A copy of ``model`` with every sparse layer replaced by an ``nnx.Linear`` holding its dense kernel.
+
+    Args:
+      model: an NNX model with :class:`~jaxsparse.flax.nnx.BlockSparseLinear` /
+        :class:`~jaxsparse.flax.nnx.NMLinear` layers (not modified; other modules are copied as they are).
+
+    Returns:
+      A new model whose sparse layers are ``nnx.Linear`` layers (pruned entries 0; bias, dtypes and precision
+      kept).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+      >>> mask = jnp.tile(jnp.array([[True], [True], [False], [False]]), (2, 4))
+      >>> dense = to_dense_nnx(to_sparse_nnx(model, {"layers": {0: {"kernel": mask}}}, format="nm"))
+      >>> w = jnp.where(mask, model.layers[0].kernel[...], 0)
+      >>> type(dense.layers[0]).__name__, bool((dense.layers[0].kernel[...] == w).all())
+      ('Linear', True)
+    """
 
     def make(path, node):
         if not isinstance(node, (BlockSparseLinear, NMLinear)):
