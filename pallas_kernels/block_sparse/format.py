@@ -137,6 +137,20 @@ def block_sparse_from_dense(
     and ``data`` is filled with NaN, making every product with it NaN rather than silently wrong. Wrap the
     caller with ``jax.experimental.checkify`` to turn that case into an error.
 
+    Args:
+      w: a floating-point ``[K, N]`` weight, ``K`` and ``N`` divisible by the block shape.
+      block_mask: ``[K // bk, N // bn]`` bools (True = stored block); may be traced.
+      block: ``(bk, bn)``, two positive ints.
+      capacity: the static number of block slots, ``1 <= capacity <= Kb * Nb``.
+
+    Returns:
+      A :class:`BlockSparseWeight` with the live blocks first and zero padding after them.
+
+    Raises:
+      ValueError: a ``w`` that is not 2-D or not divisible by ``block``, a bad ``block``, a ``block_mask`` of the
+        wrong shape, a ``capacity`` out of range, or (concrete mask) fewer slots than mask blocks.
+      TypeError: ``w`` is not floating-point.
+
     Example:
       >>> import jax.numpy as jnp
       >>> w = jnp.arange(16.0).reshape(4, 4)
@@ -224,6 +238,17 @@ def block_mask_from_dense(
 ) -> Bool[Array, "Kb Nb"]:
     """Block mask of the non-zero ``(bk, bn)`` blocks of ``w``; jittable.
 
+    Args:
+      w: a floating-point ``[K, N]`` weight, ``K`` and ``N`` divisible by the block shape.
+      block: ``(bk, bn)``, two positive ints.
+
+    Returns:
+      ``[K // bk, N // bn]`` bools, True where the block has a nonzero entry.
+
+    Raises:
+      ValueError: a ``w`` that is not 2-D or not divisible by ``block``, or a bad ``block``.
+      TypeError: ``w`` is not floating-point.
+
     Example:
       >>> import jax.numpy as jnp
       >>> block_mask_from_dense(jnp.eye(4), block=(2, 2)).tolist()
@@ -240,6 +265,12 @@ def live_mask(w: BlockSparseWeight) -> Bool[Array, " cap"]:
 
 def block_sparse_to_dense(w: BlockSparseWeight) -> Float[Array, "K N"]:
     """The dense ``[K, N]`` matrix; exact inverse of :func:`block_sparse_from_dense` on the mask.
+
+    Args:
+      w: a :class:`BlockSparseWeight`.
+
+    Returns:
+      The ``[K, N]`` array in ``w.data``'s dtype, zero outside the stored blocks.
 
     Example:
       >>> import jax.numpy as jnp
