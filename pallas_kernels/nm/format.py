@@ -285,7 +285,13 @@ def pack_nm(
 def unpack_nm(w: NMWeight) -> Float[Array, "K N"]:
     """Dense ``(K, N)`` weight with zeros at dropped positions (exact; differentiable w.r.t. ``w.values``).
 
-    Example::
+    Args:
+      w: an :class:`NMWeight` (from :func:`pack_nm`).
+
+    Returns:
+      The ``(K, N)`` array in ``w.values``' dtype.
+
+    Example:
 
       >>> import jax.numpy as jnp
       >>> w = jnp.array([[1.], [-4.], [3.], [2.]])
