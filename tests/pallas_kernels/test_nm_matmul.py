@@ -387,3 +387,12 @@ def test_one_nm_mask_for_jaxsparse_and_the_kernels():
     w = jax.random.normal(jax.random.key(3), (64, 8))
     packed = unpack_nm(pack_nm(w, n=2, m=4))
     assert bool((packed == jnp.where(nm_mask(jnp.abs(w), 2, 4, axis=0), w, 0)).all())
+
+
+@pytest.mark.parametrize("platforms", [None, ACCEL], ids=["this-host", "all-branches"])
+def test_auto_on_cpu_for_bf16_4096_2of4_traces_and_lowers_for_cpu(platforms):
+    """The reported failure: on jax 0.12 this traced the Mosaic GPU branch on a CPU host and raised
+    (plgpu.load's signature), or failed lowering it (bank-conflict check)."""
+    x, w_nm = _abstract_problem(8)
+    text = _lowered_text(lambda x, w: nm_matmul(x, w, platforms=platforms), x, w_nm, platform="cpu")
+    assert "mosaic_gpu" not in text and "tpu_custom_call" not in text
