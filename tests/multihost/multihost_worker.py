@@ -2,7 +2,8 @@
 
 ``python multihost_worker.py OUT_DIR PART...``: runs each part on the global mesh, gathers the results (harness
 only) and, on process 0, writes ``OUT_DIR/<part>.npz``; a part that raises leaves its traceback in
-``OUT_DIR/<part>.error<process>``. Checkpoints go to ``OUT_DIR/ckpt_*``.
+``OUT_DIR/<part>.error<process>``. Checkpoints go to ``OUT_DIR/ckpt_*``. Importing this file does nothing
+(pytest's ``--doctest-modules`` imports it).
 """
 
 import os
@@ -10,16 +11,16 @@ import sys
 import time
 import traceback
 
-from jaxsparse._launch import initialize
-
-initialize()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from multihost_programs import PARTS, gather, make_mesh  # noqa: E402
-
 
 def main(out_dir: str, parts: list[str]) -> None:
+    from jaxsparse._launch import initialize
+
+    initialize()  # before anything creates a JAX backend
+
+    import jax
+    import numpy as np
+    from multihost_programs import PARTS, gather, make_mesh
+
     mesh = make_mesh()
     assert jax.process_count() == 2 and jax.local_device_count() == 4, (
         jax.process_count(),
