@@ -191,9 +191,8 @@ def gradual_magnitude_pruning(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`~jaxsparse.SparseState`; ``update``
-      needs ``params``. ``gradual_magnitude_pruning.rule(...)`` (the arguments without ``inner`` and ``seed``)
-        returns the
-      :class:`~jaxsparse.MaskAlgorithm` instead.
+      needs ``params``. ``gradual_magnitude_pruning.rule(...)`` (the arguments without ``inner`` and
+      ``seed``) returns the :class:`~jaxsparse.MaskAlgorithm` instead.
 
     Raises:
       ValueError: a bad ``sparsity``, ``scope``, ``initial_sparsity`` or ``power``, a bad window
