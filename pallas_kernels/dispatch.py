@@ -22,8 +22,9 @@ One rule set for :func:`~pallas_kernels.block_sparse.bsr_matmul` and :func:`~pal
   dtype and kernel configuration).
 
 GPU kernel families (:func:`kernel_backend`): TPU runs ``"tpu"`` (Mosaic TPU); CUDA sm90+ runs
-``"mosaic_gpu"`` and sm80-sm89 ``"triton"``; ROCm runs ``"triton"``. An op runs a family only if it has a
-kernel for it in its registry (``_KERNELS`` of the op's ``api`` module); anything else takes the XLA path.
+``"mosaic_gpu"`` (``"triton"`` where the Mosaic GPU kernel cannot run the problem) and sm80-sm89
+``"triton"``; ROCm runs ``"triton"``. An op runs a family only if it has a kernel for it in its registry
+(``_KERNELS`` of the op's ``api`` module); anything else takes the XLA path.
 
 Example:
   >>> import jax.numpy as jnp
@@ -377,6 +378,9 @@ def make_plan(
             continue
         family = kernel_backend(platform, gpu_backend)
         reason = _reason(kernels, family)
+        if reason is not None and family == "mosaic_gpu" and gpu_backend is None:
+            if _reason(kernels, "triton") is None:  # e.g. float32 on sm90: Triton, not XLA
+                family, reason = "triton", None
         if impl == "pallas" and reason is not None and platform == current:
             raise ValueError(
                 f"impl='pallas' cannot run on {platform}: {reason}. Use impl='auto' or 'xla'."

@@ -230,6 +230,25 @@ def test_kernel_backend_by_platform_and_override():
     assert dispatch.HARDWARE["cuda_sm80"].bytes_per_s == 2.0e12
 
 
+def test_a_triton_kernel_plugs_in_with_one_registry_entry(monkeypatch):
+    """sm80-sm89/ROCm run 'triton'; on sm90 it takes over where Mosaic GPU cannot (float32 here)."""
+    from pallas_kernels.block_sparse import api as bs_api
+
+    triton = bs_api._KERNELS["tpu"]._replace(unsupported_reason=lambda *a: None)
+    monkeypatch.setitem(bs_api._KERNELS, "triton", triton)
+    w = _weight(512, 512, 128, 128, 0.25, jnp.float32)
+    p = plan(8, w, impl="xla", platforms=("cpu", "cuda", "rocm"))  # impl overrides still win
+    assert p.backend("cuda") == p.backend("rocm") == "xla"
+    monkeypatch.setattr(dispatch, "choose", lambda *a, **k: "sparse")
+    p = plan(8, w, platforms=("cpu", "cuda", "rocm"))
+    assert (p.backend("cuda"), p.backend("rocm")) == ("triton", "triton")  # f32: no Mosaic GPU
+    bf16 = _weight(512, 512, 128, 128, 0.25, jnp.bfloat16)
+    assert plan(8, bf16, platforms=("cpu", "cuda")).backend("cuda") == "mosaic_gpu"
+    assert (
+        plan(8, bf16, platforms=("cpu", "cuda"), gpu_backend="triton").backend("cuda") == "triton"
+    )
+
+
 def test_densify_cost_counts_in_the_dense_option():
     """Issue: auto picked 'dense' for a stored sparse weight and paid a densify per call it never priced."""
     held = _problem(m=16, density=0.5, dtype=jnp.float32, k=1024, n=1024)
