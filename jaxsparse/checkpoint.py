@@ -228,6 +228,15 @@ def restore(directory: str | os.PathLike, target: PyTree) -> PyTree:
     Raises:
       ValueError: a leaf's path, shape or dtype, or a compressed layer's format, differs from the target's
         (checked before any array is read).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp() + "/ckpt"
+      >>> state = {"w": jnp.arange(4.0), "step": jnp.int32(7), "mask": None}
+      >>> save(d, state)
+      >>> out = restore(d, jax.eval_shape(lambda: state))
+      >>> out["w"].tolist(), int(out["step"]), out["mask"]
+      ([0.0, 1.0, 2.0, 3.0], 7, None)
     """
     directory = os.path.abspath(directory)
     path = os.path.join(directory, _LAYOUT)
