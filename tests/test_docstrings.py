@@ -1,5 +1,6 @@
 """Every public function of jaxsparse, jaxsparse.flax, jaxsparse.posttraining and pallas_kernels documents its
-arguments (``Args:``, naming each parameter), its result (``Returns:``) and a runnable ``>>>`` example.
+arguments (``Args:``, naming each parameter), its result (``Returns:``) and a runnable ``>>>`` example; so does
+every function of a public submodule they export (``jaxsparse.checkpoint``).
 
 The examples themselves run as doctests (``--doctest-modules jaxsparse pallas_kernels`` in ``make test``); this
 test checks that none is missing. Generated training transforms (``jaxsparse.rigl`` etc., see
@@ -27,9 +28,14 @@ def _public_functions() -> list[tuple[str, object]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 obj = getattr(module, name)
-            if inspect.isfunction(inspect.unwrap(obj)) and id(obj) not in seen:
-                seen.add(id(obj))
-                found.append((f"{package}.{name}", obj))
+            if inspect.ismodule(obj):  # a public submodule (jaxsparse.checkpoint): its own __all__
+                members = [(f"{package}.{name}.{n}", getattr(obj, n)) for n in obj.__all__]
+            else:
+                members = [(f"{package}.{name}", obj)]
+            for qualname, member in members:
+                if inspect.isfunction(inspect.unwrap(member)) and id(member) not in seen:
+                    seen.add(id(member))
+                    found.append((qualname, member))
     return found
 
 
