@@ -94,14 +94,15 @@ def _resolve_end(
     return end_step
 
 
-def _check_layers(params: PyTree, sparsities: PyTree) -> None:
-    """Every pruned leaf must keep at least one weight."""
+def _check_layers(params: PyTree, sparsities: PyTree, axes: PyTree | None = None) -> None:
+    """Every pruned leaf (every layer slice of a stacked one) must keep at least one weight."""
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_s = jax.tree.flatten(sparsities, is_leaf=is_none)[0]
-    for (path, p), s in zip(flat_p, flat_s):
+    flat_a = [None] * len(flat_s) if axes is None else jax.tree.flatten(axes, is_leaf=is_none)[0]
+    for (path, p), s, a in zip(flat_p, flat_s, flat_a):
         if s is None or isinstance(s, jax.core.Tracer):
             continue
-        if keep_count(s, p.size) < 1:
+        if keep_count(s, p.size // (1 if a is None else p.shape[a])) < 1:
             raise ValueError(
                 f"`sparsity` {float(s)!r} leaves leaf '{path_name(path)}' (shape {tuple(p.shape)}) with no weights; "
                 "every pruned leaf must keep at least one (lower the sparsity or mark the leaf dense)."
@@ -113,9 +114,9 @@ def _check_layers(params: PyTree, sparsities: PyTree) -> None:
 def _init_random(sparsity: Any) -> Callable[[PyTree, Array], PyTree]:
     def init_masks(params, key):
         sparsities = leaf_sparsities(sparsity, params)
-        _check_layers(params, sparsities)
-        scores = random_scores(key, params)
-        return masks_from_scores(scores, sparsities, "layer", layer_axes(sparsity, params))
+        axes = layer_axes(sparsity, params)
+        _check_layers(params, sparsities, axes)
+        return masks_from_scores(random_scores(key, params), sparsities, "layer", axes)
 
     return init_masks
 
