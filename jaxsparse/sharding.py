@@ -74,10 +74,18 @@ def commit_like(tree: Any, params: Any) -> Any:
     Uncommitted leaves are therefore replicated over the params' devices (their mesh, or their device); with
     uncommitted params nothing changes.
 
-    >>> import jax, jax.numpy as jnp
-    >>> p = jax.device_put({"w": jnp.zeros(2)}, jax.devices()[0])
-    >>> commit_like({"count": jnp.zeros((), jnp.int32)}, p)["count"].committed
-    True
+    Args:
+      tree: a pytree (e.g. an optimizer state); only its uncommitted concrete ``jax.Array`` leaves move.
+      params: the parameter pytree whose placement is followed.
+
+    Returns:
+      ``tree`` with those leaves replicated next to ``params`` (unchanged when ``params`` are not committed).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> p = jax.device_put({"w": jnp.zeros(2)}, jax.devices()[0])
+      >>> commit_like({"count": jnp.zeros((), jnp.int32)}, p)["count"].committed
+      True
     """
     sharding = _replicated(params)
     if sharding is None:
