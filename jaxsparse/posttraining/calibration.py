@@ -197,6 +197,23 @@ def warn_if_ill_conditioned(
 
     The warning states the dampening that then keeps the Cholesky factorisation defined:
     ``damp * mean(diag H)`` added to the diagonal.
+
+    Args:
+      hessian: the ``(d, d)`` Hessian (concrete, or traced: the value is then not printed).
+      num_tokens: the calibration tokens behind it.
+      damp: SparseGPT's relative dampening, quoted in the warning.
+      name: the layer's name in the warning.
+
+    Returns:
+      ``True`` when it warned (``num_tokens < d``), else ``False``.
+
+    Example:
+      >>> import warnings, jax.numpy as jnp
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     warned = warn_if_ill_conditioned(jnp.eye(4), num_tokens=2)
+      >>> warned, len(caught), warn_if_ill_conditioned(jnp.eye(4), num_tokens=4)
+      (True, 1, False)
     """
     d = int(np.shape(hessian)[0])
     num_tokens = int(num_tokens)
