@@ -42,9 +42,16 @@ def _live(masks: PyTree, tree: PyTree) -> PyTree:
 def active_counts(masks: PyTree) -> PyTree:
     """Per-leaf number of active connections (int32 scalars; ``None`` for dense leaves).
 
-    >>> import jax.numpy as jnp
-    >>> active_counts({"w": jnp.array([True, False, True]), "b": None})["w"].item()
-    2
+    Args:
+      masks: a pytree of ``bool`` masks, ``None`` for dense leaves.
+
+    Returns:
+      A pytree like ``masks`` of int32 scalars (``None`` kept).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> active_counts({"w": jnp.array([True, False, True]), "b": None})["w"].item()
+      2
     """
     return jax.tree.map(
         lambda m: None if m is None else jnp.sum(m, dtype=jnp.int32), masks, is_leaf=is_none
@@ -54,9 +61,17 @@ def active_counts(masks: PyTree) -> PyTree:
 def drop_counts(masks: PyTree, fraction: Float[ArrayLike, ""]) -> PyTree:
     """Per-leaf ``floor(n_active * fraction)`` (traced int32; ``fraction`` may be traced).
 
-    >>> import jax.numpy as jnp
-    >>> drop_counts({"w": jnp.ones(10, bool)}, 0.25)["w"].item()
-    2
+    Args:
+      masks: a pytree of ``bool`` masks, ``None`` for dense leaves.
+      fraction: the drop fraction, a float scalar (computed in float32).
+
+    Returns:
+      A pytree like ``masks`` of int32 scalars (``None`` kept).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> drop_counts({"w": jnp.ones(10, bool)}, 0.25)["w"].item()
+      2
     """
     f = jnp.asarray(fraction, jnp.float32)
     return jax.tree.map(
@@ -74,9 +89,22 @@ def drop_scores(
     The small Gaussian noise (RigL uses ``1e-5``) breaks ties among equal magnitudes at random; with
     ``noise=0`` ties go to the lower flat index.
 
-    >>> import jax.numpy as jnp
-    >>> drop_scores({"w": jnp.array([-2.0, 1.0])}, {"w": jnp.array([True, False])})["w"].tolist()
-    [2.0, -inf]
+    Args:
+      params: a pytree of arrays shaped like ``masks``.
+      masks: a pytree of ``bool`` masks, ``None`` for dense leaves.
+      key: a PRNG key for the noise; without one no noise is added.
+      noise: the noise's standard deviation.
+
+    Returns:
+      A pytree like ``masks`` of float32 scores (``None`` kept).
+
+    Raises:
+      ValueError: ``params`` and ``masks`` of different structures.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> drop_scores({"w": jnp.array([-2.0, 1.0])}, {"w": jnp.array([True, False])})["w"].tolist()
+      [2.0, -inf]
     """
     check_same_structure("params", params, "masks", masks)
     mags = jax.tree.map(
@@ -122,12 +150,28 @@ def prune_and_regrow(
     ``layer_axes`` (one int or ``None`` per masked leaf, in tree order) makes a stacked leaf's layer slices
     separate units; its counts are then per slice.
 
-    >>> import jax.numpy as jnp
-    >>> m = {"w": jnp.array([True, True, False, False])}
-    >>> new, kept = prune_and_regrow(m, {"w": jnp.array([3.0, 1.0, -jnp.inf, -jnp.inf])}, {"w": 1},
-    ...                              {"w": jnp.array([0.0, 0.0, 5.0, 2.0])}, {"w": 1})
-    >>> new["w"].tolist(), kept["w"].tolist()
-    ([True, False, True, False], [True, False, False, False])
+    Args:
+      masks: a pytree of ``bool`` masks, ``None`` for dense leaves.
+      drop_score: a pytree like ``masks`` of float scores (higher = kept).
+      n_keep: per-leaf (or per-slice) counts of active entries to keep.
+      grow_score: a pytree like ``masks`` of float scores (higher = grown first; NaN and -inf rank lowest, +inf
+        highest).
+      n_grow: per-leaf (or per-slice) counts of entries to turn on.
+      layer_axes: one layer axis or ``None`` per masked leaf, in tree order; ``None`` for no stacked leaf.
+
+    Returns:
+      ``(new_masks, kept)``: the updated masks and the kept part of the old ones, both like ``masks``.
+
+    Raises:
+      ValueError: ``drop_score`` or ``grow_score`` not shaped like ``masks``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = {"w": jnp.array([True, True, False, False])}
+      >>> new, kept = prune_and_regrow(m, {"w": jnp.array([3.0, 1.0, -jnp.inf, -jnp.inf])}, {"w": 1},
+      ...                              {"w": jnp.array([0.0, 0.0, 5.0, 2.0])}, {"w": 1})
+      >>> new["w"].tolist(), kept["w"].tolist()
+      ([True, False, True, False], [True, False, False, False])
     """
     check_same_structure("masks", masks, "drop_score", drop_score)
     check_same_structure("masks", masks, "grow_score", grow_score)
@@ -165,11 +209,27 @@ def drop_and_grow(
     momentum magnitude (SNFS without redistribution). Leaves of equal shape are stacked and updated together;
     ``layer_axes`` (see :func:`prune_and_regrow`) applies the rule to every layer slice of a stacked leaf.
 
-    >>> import jax.numpy as jnp
-    >>> m = {"w": jnp.array([True, True, False, False])}
-    >>> p = {"w": jnp.array([3.0, 0.1, 0.0, 0.0])}
-    >>> drop_and_grow(m, p, {"w": jnp.array([0.0, 0.0, 0.2, 0.9])}, 0.5)["w"].tolist()
-    [True, False, False, True]
+    Args:
+      masks: a pytree of ``bool`` masks, ``None`` for dense leaves.
+      params: the weights, like ``masks`` (NaN weights count as 0).
+      grow_score: a pytree like ``masks`` of float growth scores.
+      fraction: the drop fraction, a float scalar (may be traced).
+      key: a PRNG key for tie-breaking noise on the drop scores (used only with ``noise > 0``).
+      noise: the noise's standard deviation.
+      layer_axes: one layer axis or ``None`` per masked leaf, in tree order.
+
+    Returns:
+      The new masks, like ``masks``.
+
+    Raises:
+      ValueError: ``params`` or ``grow_score`` not shaped like ``masks``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = {"w": jnp.array([True, True, False, False])}
+      >>> p = {"w": jnp.array([3.0, 0.1, 0.0, 0.0])}
+      >>> drop_and_grow(m, p, {"w": jnp.array([0.0, 0.0, 0.2, 0.9])}, 0.5)["w"].tolist()
+      [True, False, False, True]
     """
     check_same_structure("masks", masks, "params", params)
     check_same_structure("masks", masks, "grow_score", grow_score)
