@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -43,7 +42,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, is_none, path_name
-from jaxsparse.allocation import Budget, prunable
+from jaxsparse._where import Where, check_nm_leaf, check_where, map_selected, selection
+from jaxsparse.allocation import Budget
 from jaxsparse.masks import nm_mask
 from jaxsparse.oneshot import magnitude_masks
 
@@ -70,60 +70,7 @@ STRUCTURE_DECAY_KINDS = ("stepwise", "geometric")
 BACKWARDS = ("ste", "scaled")
 _ENUMERATE_MAX_M = 4  # transposable masks: exhaustive pattern search up to 4x4 blocks
 
-Where = Any  # None | pytree of bools | Callable[[params], pytree of bools]
 
-
-# ------------------------------------------------------------------------------------------------ leaf selection
-def _selection(params: PyTree, where: Where) -> list[bool]:
-    if where is None:
-        chosen = prunable(params)
-    elif callable(where):
-        chosen = where(params)
-    else:
-        chosen = where
-    check_same_structure("where", chosen, "params", params)
-    return [bool(c) for c in jax.tree.leaves(chosen, is_leaf=is_none)]
-
-
-def _map_selected(
-    fn: Callable[..., Any], params: PyTree, where: Where, *others: PyTree, others_names=()
-) -> PyTree:
-    """``fn(name, leaf, *other_leaves)`` on the selected leaves; the rest pass through unchanged."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    picks = _selection(params, where)
-    other_leaves = []
-    for name, o in zip(others_names, others):
-        check_same_structure(name, o, "params", params)
-        other_leaves.append(jax.tree.leaves(o, is_leaf=is_none))
-    out = []
-    for i, ((path, leaf), pick) in enumerate(zip(flat, picks)):
-        extra = [ol[i] for ol in other_leaves]
-        out.append(fn(path_name(path), leaf, *extra) if pick else leaf)
-    return jax.tree.unflatten(treedef, out)
-
-
-def _check_nm_leaf(
-    name: str, leaf: Any, n: int, m: int, axis: int, transposable: bool = False
-) -> int:
-    v.check_float_array(f"params leaf '{name}'", leaf)
-    ax = v.check_axis("axis", axis, leaf.ndim)
-    v.check_divisible(f"params leaf '{name}'", leaf.shape, ax, m)
-    if transposable:
-        if leaf.ndim < 2 or ax != leaf.ndim - 2:
-            raise ValueError(
-                f"`transposable=True` needs the N:M axis to be the second-to-last (got axis={axis} for params leaf "
-                f"'{name}' of shape {tuple(leaf.shape)}): the mask is N:M along the last two axes."
-            )
-        v.check_divisible(f"params leaf '{name}'", leaf.shape, leaf.ndim - 1, m)
-    return ax
-
-
-def _check_where(where: Where) -> None:
-    if where is not None and not callable(where) and not jax.tree.leaves(where, is_leaf=is_none):
-        raise ValueError("`where` is an empty pytree; pass None for the default prunable leaves.")
-
-
-# ------------------------------------------------------------------------------------------------ masks
 @functools.cache
 def _transposable_patterns(n: int, m: int) -> np.ndarray:
     """All m x m 0/1 matrices with n ones in every row and column, as a (m*m, P) float32 matrix."""
@@ -231,13 +178,13 @@ def nm_masks(
       ([False, True, True, False], None)
     """
     n, m = v.check_nm(n, m)
-    _check_where(where)
-    picks = _selection(params, where)
+    check_where(where)
+    picks = selection(params, where)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = []
     for (path, leaf), pick in zip(flat, picks):
         if pick:
-            ax = _check_nm_leaf(path_name(path), leaf, n, m, axis, transposable)
+            ax = check_nm_leaf(path_name(path), leaf, n, m, axis, transposable)
             out.append(_leaf_nm_mask(leaf, n, m, ax, transposable))
         else:
             out.append(None)
@@ -305,13 +252,13 @@ def ste_nm(
       [1.0, 1.0, 1.0, 1.0]
     """
     n, m = v.check_nm(n, m)
-    _check_where(where)
+    check_where(where)
 
     def one(name, leaf):
-        ax = _check_nm_leaf(name, leaf, n, m, axis, transposable)
+        ax = check_nm_leaf(name, leaf, n, m, axis, transposable)
         return _ste_leaf(leaf, n, m, ax, transposable)
 
-    return _map_selected(one, params, where)
+    return map_selected(one, params, where)
 
 
 # ------------------------------------------------------------------------------------------------ gradient annealing
@@ -499,11 +446,11 @@ def init_thresholds(params: PyTree, init: float = -5.0, *, where: Where = None) 
       >>> init_thresholds({"w": jnp.ones((2, 2)), "b": jnp.ones(2)})
       {'b': None, 'w': Array(-5., dtype=float32)}
     """
-    _check_where(where)
+    check_where(where)
     init = float(init)
     if not math.isfinite(init):
         raise ValueError(f"`init` must be a finite float (a threshold logit); got {init}.")
-    picks = _selection(params, where)
+    picks = selection(params, where)
     flat, treedef = jax.tree.flatten(params)
     return jax.tree.unflatten(
         treedef, [jnp.asarray(init, jnp.float32) if p else None for p in picks]
@@ -612,14 +559,14 @@ def decayed_nm(
     """
     n, m = v.check_nm(n, m)
     v.check_choice("backward", backward, BACKWARDS)
-    _check_where(where)
+    check_where(where)
     beta = _check_unit_scalar("beta", beta)
 
     def one(name, leaf):
-        ax = _check_nm_leaf(name, leaf, n, m, axis)
+        ax = check_nm_leaf(name, leaf, n, m, axis)
         return _decayed_leaf(leaf, beta, n, m, ax, backward == "scaled")
 
-    return _map_selected(one, params, where)
+    return map_selected(one, params, where)
 
 
 # ------------------------------------------------------------------------------------------------ PGF: structure decay
@@ -740,20 +687,20 @@ def structure_decayed_nm(
         raise TypeError(
             f"`decay` must be a StructureDecay from structure_decay(...); got {type(decay).__name__}."
         )
-    _check_where(where)
+    check_where(where)
     index = decay.frame_index(step) + 1  # 0 = dense phase
 
     def one(name, leaf):
         ax = 0
         for _, mm in decay.frames:
-            ax = _check_nm_leaf(name, leaf, 1, mm, axis)
+            ax = check_nm_leaf(name, leaf, 1, mm, axis)
         branches = [lambda w: w] + [
             functools.partial(lambda w, nn, mm: _ste_leaf(w, nn, mm, ax, False), nn=nn, mm=mm)
             for nn, mm in decay.frames
         ]
         return lax.switch(index, branches, leaf)
 
-    return _map_selected(one, params, where)
+    return map_selected(one, params, where)
 
 
 # ------------------------------------------------------------------------------------------------ S-STE
@@ -815,15 +762,15 @@ def init_sste_scale(
       2.2
     """
     n, m = v.check_nm(n, m)
-    _check_where(where)
-    picks = _selection(params, where)
+    check_where(where)
+    picks = selection(params, where)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = []
     for (path, leaf), pick in zip(flat, picks):
         if not pick:
             out.append(None)
             continue
-        ax = _check_nm_leaf(path_name(path), leaf, n, m, axis)
+        ax = check_nm_leaf(path_name(path), leaf, n, m, axis)
         w = jnp.asarray(leaf, jnp.float32)
         s = _soft_threshold(w, n, m, ax)
         den = jnp.sum(s * s)
@@ -864,9 +811,9 @@ def soft_nm(params: PyTree, scales: PyTree, n: int = 2, m: int = 4, *, axis: int
     def one(name, leaf, scale):
         if scale is None:
             return leaf
-        ax = _check_nm_leaf(name, leaf, n, m, axis)
+        ax = check_nm_leaf(name, leaf, n, m, axis)
         return _soft_leaf(leaf, jax.lax.stop_gradient(jnp.asarray(scale)), n, m, ax)
 
-    return _map_selected(
+    return map_selected(
         one, params, lambda p: jax.tree.map(lambda _: True, p), scales, others_names=("scales",)
     )

@@ -19,15 +19,9 @@ from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, is_none, path_name
-from jaxsparse.estimators import (
-    Where,
-    _check_nm_leaf,
-    _check_where,
-    _leaf_nm_mask,
-    _selection,
-    nm_masks,
-)
-from jaxsparse.masks import apply_masks
+from jaxsparse._where import Where, check_nm_leaf, check_where, selection
+from jaxsparse.estimators import nm_masks
+from jaxsparse.masks import apply_masks, nm_mask
 from pallas_kernels.nm.format import NMWeight, pack_nm, unpack_nm
 
 __all__ = ["NMLeaf", "one_shot_nm", "compress_nm", "decompress_nm"]
@@ -155,8 +149,8 @@ def compress_nm(
     n, m = v.check_nm(n, m)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if masks is None:
-        _check_where(where)
-        picks = _selection(params, where)
+        check_where(where)
+        picks = selection(params, where)
         mask_leaves = [None] * len(flat)
     else:
         check_same_structure("masks", masks, "params", params)
@@ -168,9 +162,9 @@ def compress_nm(
             out.append(leaf)
             continue
         name = path_name(path)
-        ax = _check_nm_leaf(name, leaf, n, m, axis)
+        ax = check_nm_leaf(name, leaf, n, m, axis)
         if mk is None:
-            mk = _leaf_nm_mask(leaf, n, m, ax, False)
+            mk = nm_mask(jnp.abs(leaf), n, m, ax)
         else:
             mk = jnp.asarray(mk)
             if mk.shape != leaf.shape or mk.dtype != jnp.bool_:

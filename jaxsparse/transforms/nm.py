@@ -19,7 +19,8 @@ import optax
 
 from jaxsparse import _validation as v
 from jaxsparse._tree import check_same_structure, is_none
-from jaxsparse.estimators import Where, _check_where, nm_masks
+from jaxsparse._where import Where, check_where
+from jaxsparse.estimators import nm_masks
 
 __all__ = ["sr_ste_decay"]
 
@@ -75,7 +76,7 @@ def sr_ste_decay(
     if not decay >= 0 or not math.isfinite(decay):
         raise ValueError(f"`decay` (SR-STE's lambda) must be a finite float >= 0; got {decay}.")
     v.check_int("axis", axis)
-    _check_where(where)
+    check_where(where)
 
     def init_fn(params: Any) -> optax.EmptyState:
         del params
