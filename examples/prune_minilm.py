@@ -64,6 +64,9 @@ def main(argv=None):
         "--block", type=int, default=32, help="block size of the block-sparse serving demo"
     )
     ap.add_argument("--repeats", type=int, default=5, help="throughput repetitions (median)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
+    ap.add_argument("--no-owl", action="store_true", help="skip the OWL rows")
     ap.add_argument(
         "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
     )
@@ -72,8 +75,11 @@ def main(argv=None):
         args.layers = args.layers or 1
         args.num_eval = args.num_eval or 32
         args.calib_windows, args.recover_steps, args.repeats = 16, 20, 2
-    patterns = PATTERNS if not args.quick else {"50%": 0.5, "2:4": (2, 4)}
-    owl_runs = OWL_RUNS if not args.quick else (("wanda", "50%"),)
+    patterns = {k: PATTERNS[k] for k in args.patterns}
+    if args.quick:
+        patterns = {k: v for k, v in patterns.items() if k in ("50%", "2:4")}
+    owl_runs = () if args.no_owl else OWL_RUNS if not args.quick else (("wanda", "50%"),)
+    owl_runs = tuple(r for r in owl_runs if r[0] in args.methods and r[1] in patterns)
 
     t_start = time.perf_counter()
     s = P.setup(
@@ -128,7 +134,7 @@ def main(argv=None):
             flush=True,
         )
 
-    for method in METHODS:
+    for method in args.methods:
         for label in patterns:
             run(method, label)
     for method, label in owl_runs:
@@ -136,19 +142,22 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------ compressed serving
     serving = []
-    res24 = kept[("sparsegpt", "2:4")]
-    nm_out = P.serve(s, res24.model, res24.masks, format="nm", n=2, m=4, repeats=args.repeats)
+    nm_key = next((k for k in kept if k[1] == "2:4" and "OWL" not in k[0]), None)
+    if ("sparsegpt", "2:4") in kept:
+        nm_key = ("sparsegpt", "2:4")
+    if nm_key is not None:
+        res24 = kept[nm_key]
+        out = P.serve(s, res24.model, res24.masks, format="nm", n=2, m=4, repeats=args.repeats)
+        out["label"] = f"{nm_key[0]} 2:4 -> NMLinear"
+        serving.append(out)
     blk = (args.block, args.block)
     block_model, block_masks = P.block_prune(s.model, 0.5, blk)
-    blk_out = P.serve(s, block_model, block_masks, format="block", block=blk, repeats=args.repeats)
-    blk_out["quality"] = P.quality(P.embed(block_model, s.eval_batch), s.dense)
-    for label, out in (
-        ("SparseGPT 2:4 -> NMLinear", nm_out),
-        (f"block {blk} magnitude 50% -> BlockSparseLinear", blk_out),
-    ):
+    out = P.serve(s, block_model, block_masks, format="block", block=blk, repeats=args.repeats)
+    out["quality"] = P.quality(P.embed(block_model, s.eval_batch), s.dense)
+    out["label"] = f"block {blk} magnitude 50% -> BlockSparseLinear"
+    serving.append(out)
+    for out in serving:
         out.pop("model")
-        out["label"] = label
-        serving.append(out)
 
     # ------------------------------------------------------------------------------ recovery
     recovery = []
