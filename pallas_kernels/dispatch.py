@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import types
@@ -50,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _measured, compat
+from pallas_kernels import _measured
 
 __all__ = [
     "HARDWARE",
@@ -449,7 +448,9 @@ def run_plan(
     for platform, backend in plan.branches:
         if platform == "default" or backend == default_backend:
             continue
-        error = _lowering_error(platform, product, backend, static, _signature(args))
+        error = _lowering_error(
+            platform, product, backend, static, _signature(args), _lowering_context()
+        )
         if error is not None and platform == strict:
             raise RuntimeError(
                 f"the {backend} kernel cannot be built for {platform} on jax {jax.__version__}: "
@@ -475,26 +476,36 @@ def _signature(args) -> tuple:
     return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves)
 
 
+def _lowering_context() -> str:
+    """What besides the arguments decides whether a kernel lowers: the abstract mesh in effect (Triton
+    reads the target GPU from it when the host has none, see ``compat.triton_lowering_target``)."""
+    return repr(jax.sharding.get_abstract_mesh())
+
+
 @functools.lru_cache(maxsize=512)
 def _lowering_error(
-    platform: str, product: Callable, backend: str, static: Hashable, signature: tuple
+    platform: str,
+    product: Callable,
+    backend: str,
+    static: Hashable,
+    signature: tuple,
+    context: str,
 ) -> str | None:
     """Why ``product(backend, static, ...)`` cannot be traced and lowered for ``platform`` (``None``: it can).
 
-    Only kernel families are probed; ``"dense"``/``"xla"`` are plain XLA and lower everywhere.
+    Only kernel families are probed; ``"dense"``/``"xla"`` are plain XLA and lower everywhere. The probe
+    runs in the caller's context (``context`` keys the cache), so it fails exactly where the caller's own
+    lowering would, e.g. Triton for CUDA from a host without a GPU outside ``compat.triton_lowering_target``.
     """
+    del context
     if backend in ("dense", "xla"):
         return None
     treedef, avals = signature
     structs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]
     args = jax.tree.unflatten(treedef, structs)
     fn = functools.partial(product, backend, static)
-    cross = (
-        backend == "triton" and _local_compute_capability() is None
-    )  # no GPU here to read sm from
     try:
-        with compat.triton_lowering_target() if cross else contextlib.nullcontext():
-            jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+        jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
     except Exception as e:  # any failure of this branch must stay in this branch
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:400]
     return None
