@@ -83,6 +83,17 @@ def map_masked(fn: Callable[[Any, Any], Any], params: Any, masks: Any) -> Any:
     return jax.tree.map(lambda m, p: p if m is None else fn(p, m), masks, params, is_leaf=is_none)
 
 
+def map_live(fn: Callable[..., Any], live: Any, *trees: Any) -> Any:
+    """``fn(leaf, *others)`` on the live leaves of ``live`` (a masks or sparsities tree), ``None`` where it is ``None``.
+
+    ``None`` is a leaf of ``live``; ``trees`` are mapped alongside it (same structure, ``live`` as the prefix).
+    Unlike :func:`map_masked`, nothing is validated and a dense (``None``) leaf stays ``None``.
+    """
+    return jax.tree.map(
+        lambda x, *rest: None if x is None else fn(x, *rest), live, *trees, is_leaf=is_none
+    )
+
+
 def path_names(path: tuple) -> tuple[str, ...]:
     """The names of a key path; the ``value`` attribute of an NNX Variable is not a level (dropped)."""
     parts = []

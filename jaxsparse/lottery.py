@@ -16,7 +16,7 @@ from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._deprecations import module_getattr
-from jaxsparse._tree import is_none
+from jaxsparse._tree import map_live
 from jaxsparse.allocation import prunable
 from jaxsparse.masks import apply_masks, global_topk_masks, topk_masks
 from jaxsparse.oneshot import SCOPES
@@ -57,21 +57,16 @@ def imp_masks(
         masks = jax.tree.map(
             lambda sel, p: jnp.ones(p.shape, bool) if sel else None, prunable(params), params
         )
-    scores = jax.tree.map(
-        lambda m, p: None if m is None else jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf),
-        masks,
-        params,
-        is_leaf=is_none,
+    scores = map_live(
+        lambda m, p: jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf), masks, params
     )
-    counts = jax.tree.map(lambda m: None if m is None else int(jnp.sum(m)), masks, is_leaf=is_none)
+    counts = map_live(lambda m: int(jnp.sum(m)), masks)
     if scope == "global":
         nnz = sum(jax.tree.leaves(counts))
         return global_topk_masks(scores, nnz - math.ceil(fraction * nnz))
     return topk_masks(
         scores,
-        jax.tree.map(
-            lambda c: None if c is None else c - math.ceil(fraction * c), counts, is_leaf=is_none
-        ),
+        map_live(lambda c: c - math.ceil(fraction * c), counts),
     )
 
 

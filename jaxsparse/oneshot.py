@@ -17,7 +17,7 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._scores import allowed_scores
-from jaxsparse._tree import check_same_structure, is_none, unwrap
+from jaxsparse._tree import check_same_structure, is_none, map_live, unwrap
 from jaxsparse.allocation import Budget, as_budget, keep_count, layer_axes
 from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
 
@@ -105,25 +105,16 @@ def masks_from_scores(
     if layer_axes is None:
         layer_axes = jax.tree.map(lambda s: None, sparsities, is_leaf=is_none)
     check_same_structure("sparsities", sparsities, "layer_axes", layer_axes)
-    live = jax.tree.map(lambda s, x: None if s is None else x, sparsities, scores, is_leaf=is_none)
-    ks = jax.tree.map(  # per layer slice for stacked leaves
-        lambda s, x, a: (
-            None if s is None else keep_count(s, x.size // (1 if a is None else x.shape[a]))
-        ),
+    live = map_live(lambda s, x: x, sparsities, scores)
+    ks = map_live(  # per layer slice for stacked leaves
+        lambda s, x, a: keep_count(s, x.size // (1 if a is None else x.shape[a])),
         sparsities,
         scores,
         layer_axes,
-        is_leaf=is_none,
     )
     if scope == "layer":
         return topk_masks(live, ks, layer_axes=layer_axes)
-    totals = jax.tree.map(
-        lambda k, x, a: None if k is None else k * (1 if a is None else x.shape[a]),
-        ks,
-        scores,
-        layer_axes,
-        is_leaf=is_none,
-    )
+    totals = map_live(lambda k, x, a: k * (1 if a is None else x.shape[a]), ks, scores, layer_axes)
     return global_topk_masks(live, sum(jax.tree.leaves(totals)))
 
 

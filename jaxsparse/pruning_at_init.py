@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import is_none
+from jaxsparse._tree import is_none, map_live
 from jaxsparse.allocation import Budget
 from jaxsparse.oneshot import SCOPES, leaf_sparsities, masks_from_scores
 
@@ -102,9 +102,7 @@ def synflow_masks(
     v.check_int("iterations", iterations, 1)
     finals = leaf_sparsities(sparsity, params)
     ones = jnp.ones(tuple(int(d) for d in input_shape), jnp.result_type(*jax.tree.leaves(params)))
-    masks = jax.tree.map(
-        lambda s, p: None if s is None else jnp.ones(p.shape, bool), finals, params, is_leaf=is_none
-    )
+    masks = map_live(lambda s, p: jnp.ones(p.shape, bool), finals, params)
 
     @jax.jit
     def scores_of(masks):
@@ -118,20 +116,15 @@ def synflow_masks(
             is_leaf=is_none,
         )
         g = jax.grad(flow)(abs_p)
-        return jax.tree.map(
-            lambda m, p, d: (
-                None if m is None else jnp.where(m, jnp.abs(p * d).astype(jnp.float32), -jnp.inf)
-            ),
+        return map_live(
+            lambda m, p, d: jnp.where(m, jnp.abs(p * d).astype(jnp.float32), -jnp.inf),
             masks,
             abs_p,
             g,
-            is_leaf=is_none,
         )
 
     for k in range(iterations):
         frac = (k + 1) / iterations
-        round_sparsity = jax.tree.map(
-            lambda s: None if s is None else 1.0 - (1.0 - s) ** frac, finals, is_leaf=is_none
-        )
+        round_sparsity = map_live(lambda s: 1.0 - (1.0 - s) ** frac, finals)
         masks = masks_from_scores(scores_of(masks), round_sparsity, scope)
     return masks

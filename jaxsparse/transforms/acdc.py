@@ -21,14 +21,13 @@ from __future__ import annotations
 import inspect
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import is_none
+from jaxsparse._tree import map_live
 from jaxsparse.allocation import Budget
 from jaxsparse.oneshot import SCOPES, leaf_sparsities, magnitude_masks
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, sparse_training
@@ -160,11 +159,8 @@ def _build(
     )
 
     def ones(params):
-        return jax.tree.map(
-            lambda s, p: None if s is None else jnp.ones(p.shape, bool),
-            leaf_sparsities(sparsity, params),
-            params,
-            is_leaf=is_none,
+        return map_live(
+            lambda s, p: jnp.ones(p.shape, bool), leaf_sparsities(sparsity, params), params
         )
 
     def init(params, key):
@@ -173,12 +169,7 @@ def _build(
     def update(ctx: MaskContext):
         compress = jnp.any(ctx.step == starts)
         pruned = magnitude_masks(ctx.params, sparsity, scope)
-        masks = jax.tree.map(
-            lambda m, d: None if m is None else m | ~compress,
-            pruned,
-            ones(ctx.params),
-            is_leaf=is_none,
-        )
+        masks = map_live(lambda m, d: m | ~compress, pruned, ones(ctx.params))
         return masks, ctx.extra
 
     def is_update(step):

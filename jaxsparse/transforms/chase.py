@@ -35,7 +35,7 @@ import numpy as np
 from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import is_none
+from jaxsparse._tree import is_none, map_live
 from jaxsparse.allocation import Budget, keep_count
 from jaxsparse.masks import global_topk_masks, topk_mask
 from jaxsparse.oneshot import leaf_sparsities, random_masks
@@ -193,11 +193,7 @@ def chase(
             keep_count(s, p.size)
             for s, p in zip(
                 jax.tree.leaves(sparsities),
-                jax.tree.leaves(
-                    jax.tree.map(
-                        lambda s, p: None if s is None else p, sparsities, params, is_leaf=is_none
-                    )
-                ),
+                jax.tree.leaves(map_live(lambda s, p: p, sparsities, params)),
             )
         )
         return sparsities, target
@@ -244,49 +240,27 @@ def chase(
         masks, allowed = with_chain(ctx.masks, channels, ctx.params)
         fraction = jnp.where(dst_gate(ctx.step), fraction_at(ctx.step), 0.0)
         # global drop-and-grow over the sparse kernels, back up to the target count
-        live = jax.tree.map(
-            lambda s, m: None if s is None else m, sparsities, masks, is_leaf=is_none
-        )
-        grads = jax.tree.map(
-            lambda m, g: None if m is None else g, live, ctx.grads, is_leaf=is_none
-        )
-        params = jax.tree.map(
-            lambda m, p: None if m is None else p, live, ctx.params, is_leaf=is_none
-        )
-        ok = jax.tree.map(
-            lambda m: None if m is None else jnp.ones(m.shape, bool), live, is_leaf=is_none
-        )
+        live = map_live(lambda s, m: m, sparsities, masks)
+        grads = map_live(lambda m, g: g, live, ctx.grads)
+        params = map_live(lambda m, p: p, live, ctx.params)
+        ok = map_live(lambda m: jnp.ones(m.shape, bool), live)
         for name in layers:
             ok = _set(ok, name, "kernel", allowed[name])
         n_active = sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(live))
         n_keep = n_active - jnp.floor(n_active.astype(jnp.float32) * fraction).astype(jnp.int32)
-        drop = jax.tree.map(
-            lambda m, p: (
-                None if m is None else jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf)
-            ),
-            live,
-            params,
-            is_leaf=is_none,
+        drop = map_live(
+            lambda m, p: jnp.where(m, jnp.abs(p).astype(jnp.float32), -jnp.inf), live, params
         )
         kept = global_topk_masks(drop, n_keep)
-        kept = jax.tree.map(lambda k, m: None if m is None else k & m, kept, live, is_leaf=is_none)
-        cand = jax.tree.map(
-            lambda k, o, g: (
-                None if k is None else jnp.where(o & ~k, jnp.abs(g).astype(jnp.float32), -jnp.inf)
-            ),
+        kept = map_live(lambda m, k: k & m, live, kept)
+        cand = map_live(
+            lambda k, o, g: jnp.where(o & ~k, jnp.abs(g).astype(jnp.float32), -jnp.inf),
             kept,
             ok,
             grads,
-            is_leaf=is_none,
         )
         grown = global_topk_masks(cand, target - n_keep)
-        new = jax.tree.map(
-            lambda k, g, o: None if k is None else k | (g & o & ~k),
-            kept,
-            grown,
-            ok,
-            is_leaf=is_none,
-        )
+        new = map_live(lambda k, g, o: k | (g & o & ~k), kept, grown, ok)
         out = jax.tree.map(lambda n, m: m if n is None else n, new, masks, is_leaf=is_none)
         return out, ChaseState(channels)
 

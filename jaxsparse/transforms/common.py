@@ -48,7 +48,7 @@ import optax
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from jaxsparse._tree import check_same_structure, is_none, map_masked, unwrap
+from jaxsparse._tree import check_same_structure, is_none, map_live, map_masked, unwrap
 from jaxsparse.sharding import commit_like, place_like
 
 __all__ = ["MaskAlgorithm", "MaskContext", "SparseState", "sparse_training"]
@@ -138,12 +138,7 @@ def _all_finite(grads: PyTree) -> Array:
 
 
 def _select(pred: Array, on_true: PyTree, on_false: PyTree) -> PyTree:
-    return jax.tree.map(
-        lambda a, b: None if a is None else jnp.where(pred, a, b),
-        on_true,
-        on_false,
-        is_leaf=is_none,
-    )
+    return map_live(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 _CONTRACT = (
@@ -173,9 +168,7 @@ def _check_pruned_are_zero(masks: PyTree, params: PyTree, step: Array) -> None:
         jnp.sum(~m & (p != 0), dtype=jnp.int32)
         for m, p in zip(
             jax.tree.leaves(masks),
-            jax.tree.leaves(
-                jax.tree.map(lambda m, p: None if m is None else p, masks, params, is_leaf=is_none)
-            ),
+            jax.tree.leaves(map_live(lambda m, p: p, masks, params)),
         )
     ]
     if not counts:
@@ -290,17 +283,10 @@ def sparse_training(
         if (
             algorithm.grows
         ):  # elementwise, fused with the inner update; the optimizer state stays out of the cond
-            grown = jax.tree.map(
-                lambda new, old: None if new is None else new & ~old,
-                masks,
-                state.masks,
-                is_leaf=is_none,
-            )
+            grown = map_live(lambda new, old: new & ~old, masks, state.masks)
             inner_state = _zero_moments(inner, inner_state, grown, params)
             if algorithm.skip_step_on_update:  # grown weights see no gradient on the skipped step
-                grad_masks = jax.tree.map(
-                    lambda m, g: None if m is None else m & ~g, masks, grown, is_leaf=is_none
-                )
+                grad_masks = map_live(lambda m, g: m & ~g, masks, grown)
         masked_grads = map_masked(
             lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)), grads, grad_masks
         )

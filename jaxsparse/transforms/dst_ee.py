@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from jaxsparse._tree import is_none
+from jaxsparse._tree import is_none, map_live
 from jaxsparse.allocation import Budget
 from jaxsparse.transforms._factory import sparse_transform
 from jaxsparse.transforms.common import MaskAlgorithm, MaskContext
@@ -100,20 +100,13 @@ def dst_ee(
 
     def init(params, key):
         masks, extra = base.init(params, key)
-        counts = jax.tree.map(
-            lambda m: None if m is None else jnp.zeros(m.shape, jnp.int32), masks, is_leaf=is_none
-        )
+        counts = map_live(lambda m: jnp.zeros(m.shape, jnp.int32), masks)
         return masks, DSTEEState(extra, counts, jnp.zeros((), jnp.int32))
 
     def update(ctx: MaskContext):
         state = ctx.extra
         rounds = state.rounds + 1
-        counts = jax.tree.map(
-            lambda n, m: None if m is None else n + m.astype(jnp.int32),
-            state.counts,
-            ctx.masks,
-            is_leaf=is_none,
-        )
+        counts = map_live(lambda m, n: n + m.astype(jnp.int32), ctx.masks, state.counts)
         bonus_scale = exploration * jnp.sqrt(jnp.log(rounds.astype(jnp.float32)))
         acquisition = jax.tree.map(
             lambda m, g, n: (

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import is_none
+from jaxsparse._tree import is_none, map_live
 from jaxsparse.allocation import prunable
 from jaxsparse.masks import topk_mask
 
@@ -154,9 +154,7 @@ def movement_masks(scores: PyTree, threshold: Float[ArrayLike, ""], method: str 
     """
     _check_method(method)
     t = jnp.asarray(threshold, jnp.float32)
-    return jax.tree.map(
-        lambda s: None if s is None else _binary(s, t, method), scores, is_leaf=is_none
-    )
+    return map_live(lambda s: _binary(s, t, method), scores)
 
 
 def movement_regularizer(scores: PyTree) -> Float[Array, ""]:

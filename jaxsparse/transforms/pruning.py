@@ -17,7 +17,7 @@ from jaxtyping import PyTree
 from jaxsparse import _validation as v
 from jaxsparse._deprecations import module_getattr
 from jaxsparse._scores import allowed_scores
-from jaxsparse._tree import check_same_structure, is_none
+from jaxsparse._tree import check_same_structure, is_none, map_live
 from jaxsparse.allocation import Budget, keep_count, layer_axes, overall_sparsity
 from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
 from jaxsparse.oneshot import SCOPES, leaf_sparsities, masks_from_scores
@@ -40,12 +40,7 @@ def _never(step):
 
 
 def _ones_like_budget(params: PyTree, sparsities: PyTree) -> PyTree:
-    return jax.tree.map(
-        lambda s, p: None if s is None else jnp.ones(p.shape, bool),
-        sparsities,
-        params,
-        is_leaf=is_none,
-    )
+    return map_live(lambda s, p: jnp.ones(p.shape, bool), sparsities, params)
 
 
 @sparse_transform
@@ -89,9 +84,7 @@ def fixed_masks(masks: PyTree) -> MaskAlgorithm:
             raise ValueError(
                 f"`masks` leaves must have their params' shapes; got mask/param shapes {bad}."
             )
-        return jax.tree.map(
-            lambda m: None if m is None else jnp.asarray(m, bool), masks, is_leaf=is_none
-        ), ()
+        return map_live(lambda m: jnp.asarray(m, bool), masks), ()
 
     return MaskAlgorithm(init=init, update=lambda ctx: (ctx.masks, ctx.extra), is_update=_never)
 
@@ -229,9 +222,7 @@ def gradual_magnitude_pruning(
             step
         )
         # the ratio in Python doubles: exactly 1.0 for a uniform budget, so every leaf follows s_t exactly
-        return jax.tree.map(
-            lambda s: None if s is None else s_t * (s / final), finals, is_leaf=is_none
-        )
+        return map_live(lambda s: s_t * (s / final), finals)
 
     def prune(params, step, masks):
         """Magnitude masks at the schedule's counts; from ``end_step`` on exactly the final budget's counts
@@ -247,20 +238,10 @@ def gradual_magnitude_pruning(
             n = p.size // (1 if a is None else p.shape[a])
             return jnp.where(done, keep_count(f, n), keep_count(s, n))
 
-        ks = jax.tree.map(
-            lambda s, f, p, a: None if f is None else count(s, f, p, a),
-            targets(params, step),
-            finals,
-            params,
-            axes,
-            is_leaf=is_none,
+        ks = map_live(
+            lambda f, s, p, a: count(s, f, p, a), finals, targets(params, step), params, axes
         )
-        scores = jax.tree.map(
-            lambda f, p: None if f is None else jnp.abs(p).astype(jnp.float32),
-            finals,
-            params,
-            is_leaf=is_none,
-        )
+        scores = map_live(lambda f, p: jnp.abs(p).astype(jnp.float32), finals, params)
         if masks is not None:  # nested: only weights inside the current masks can stay
             scores = jax.tree.map(
                 lambda m, x: x if m is None else allowed_scores(x, m),
@@ -270,13 +251,7 @@ def gradual_magnitude_pruning(
             )
         if scope == "layer":
             return topk_masks(scores, ks, layer_axes=axes)
-        totals = jax.tree.map(
-            lambda k, p, a: None if k is None else k * (1 if a is None else p.shape[a]),
-            ks,
-            params,
-            axes,
-            is_leaf=is_none,
-        )
+        totals = map_live(lambda k, p, a: k * (1 if a is None else p.shape[a]), ks, params, axes)
         return global_topk_masks(scores, jnp.sum(jnp.stack(jax.tree.leaves(totals))))
 
     def init(params, key):

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int, PyTree
 
 from jaxsparse import _validation as v
+from jaxsparse._tree import map_live
 from jaxsparse.lottery import imp_masks
 from jaxsparse.masks import apply_masks
 
@@ -199,12 +200,7 @@ def sparse_model_soups(
 
 def _check_inside(stacked: PyTree, masks: PyTree) -> None:
     """Every ingredient must keep the weights outside ``masks`` at exactly zero (else the soup would not)."""
-    leak = jax.tree.map(
-        lambda m, x: None if m is None else int(jnp.sum((x != 0) & ~m)),
-        masks,
-        stacked,
-        is_leaf=lambda x: x is None,
-    )
+    leak = map_live(lambda m, x: int(jnp.sum((x != 0) & ~m)), masks, stacked)
     bad = sum(c for c in jax.tree.leaves(leak))
     if bad:
         raise ValueError(

@@ -49,7 +49,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import is_none, natural_key, path_name
+from jaxsparse._tree import is_none, map_live, natural_key, path_name
 from jaxsparse.allocation import Budget, keep_count
 from jaxsparse.masks import random_scores, topk_mask
 from jaxsparse.oneshot import leaf_sparsities
@@ -254,9 +254,7 @@ def srigl(
             return _column_topk(_columns(u), k0).reshape(p.shape)
 
         masks = jax.tree.map(leaf, n_targets, params, scores, is_leaf=is_none)
-        ablated = jax.tree.map(
-            lambda m: None if m is None else jnp.zeros(m.shape[-1:], bool), masks, is_leaf=is_none
-        )
+        ablated = map_live(lambda m: jnp.zeros(m.shape[-1:], bool), masks)
         _no_ablation_flags(masks, no_ablation)  # validates the names eagerly
         return masks, SRigLState(ablated)
 
@@ -266,16 +264,13 @@ def srigl(
         k_drop, _ = jax.random.split(ctx.key)
         drops = drop_scores(ctx.params, ctx.masks, k_drop, drop_noise)
         fraction = schedule(ctx.step)
-        pairs = jax.tree.map(
-            lambda m, d, g, n, a: (
-                None if m is None else _leaf_update(m, d, g, fraction, n, gamma, a)
-            ),
+        pairs = map_live(
+            lambda m, d, g, n, a: _leaf_update(m, d, g, fraction, n, gamma, a),
             ctx.masks,
             drops,
             ctx.grads,
             n_targets,
             flags,
-            is_leaf=is_none,
         )
         is_pair = lambda x: x is None or isinstance(x, tuple)
         masks = jax.tree.map(lambda x: None if x is None else x[0], pairs, is_leaf=is_pair)
