@@ -45,12 +45,16 @@ def sparse_transform(
 
     @functools.wraps(rule)
     def transform(
-        inner, *args, seed: int = 0, **kwargs
+        inner: optax.GradientTransformation | optax.MultiSteps, *args, seed: int = 0, **kwargs
     ):  # inner by keyword too: optax.inject_hyperparams
         return sparse_training(inner, rule(*args, **kwargs), seed=seed)
 
     sig = inspect.signature(rule)
-    inner = inspect.Parameter("inner", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    inner = inspect.Parameter(
+        "inner",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=optax.GradientTransformation | optax.MultiSteps,
+    )
     seed = inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0)
     transform.__signature__ = sig.replace(
         parameters=[inner, *sig.parameters.values(), seed],

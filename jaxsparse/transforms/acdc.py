@@ -107,7 +107,9 @@ class _ResetState(NamedTuple):
     count: Array
 
 
-def _reset_moments_at(inner: Any, steps: tuple[int, ...]) -> optax.GradientTransformationExtraArgs:
+def _reset_moments_at(
+    inner: optax.GradientTransformation | optax.MultiSteps, steps: tuple[int, ...]
+) -> optax.GradientTransformationExtraArgs:
     """``inner`` whose parameter-shaped state is zeroed before its update on the given (counted) steps."""
     inner = optax.with_extra_args_support(inner)
     at = np.asarray(steps or (-1,), np.int32)
@@ -182,7 +184,11 @@ def _build(
 
 
 def acdc(
-    inner: Any, /, *args: Any, seed: int = 0, **kwargs: Any
+    inner: optax.GradientTransformation | optax.MultiSteps,
+    /,
+    *args: Any,
+    seed: int = 0,
+    **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """AC/DC around any optax optimizer: dense warm-up, alternating compressed/decompressed phases, compressed end.
 

@@ -51,7 +51,12 @@ from jaxtyping import Array, PyTree
 from jaxsparse._tree import check_same_structure, is_none, map_live, map_masked, unwrap
 from jaxsparse.sharding import commit_like, place_like
 
-__all__ = ["MaskAlgorithm", "MaskContext", "SparseState", "sparse_training"]
+__all__ = ["AlgorithmState", "MaskAlgorithm", "MaskContext", "SparseState", "sparse_training"]
+
+AlgorithmState = PyTree
+"""The algorithm's own state (``MaskContext.extra``, ``SparseState.extra``): a NamedTuple per algorithm
+(e.g. :class:`~jaxsparse.transforms.srigl.SRigLState`), ``()`` when it keeps none. SNFS's is the dense-gradient
+EMA itself, a pytree shaped like ``params`` (``None`` for dense leaves)."""
 
 
 class MaskContext(NamedTuple):
@@ -62,7 +67,7 @@ class MaskContext(NamedTuple):
     grads: PyTree  # dense gradient of this step
     step: Array  # int32 step index of this update
     key: Array  # PRNG key for this step (fold_in of the state's key and the step)
-    extra: Any  # the algorithm's own state
+    extra: AlgorithmState  # the algorithm's own state
 
 
 class MaskAlgorithm(NamedTuple):
@@ -77,10 +82,10 @@ class MaskAlgorithm(NamedTuple):
       skip_step_on_update: no weight update on update steps (RigL's behaviour; see the module notes).
     """
 
-    init: Callable[[PyTree, Array], tuple[PyTree, Any]]
-    update: Callable[[MaskContext], tuple[PyTree, Any]]
+    init: Callable[[PyTree, Array], tuple[PyTree, AlgorithmState]]
+    update: Callable[[MaskContext], tuple[PyTree, AlgorithmState]]
     is_update: Callable[[Array], Array]
-    observe: Callable[[MaskContext], Any] | None = None
+    observe: Callable[[MaskContext], AlgorithmState] | None = None
     grows: bool = False
     skip_step_on_update: bool = False
 
@@ -92,10 +97,12 @@ class SparseState(NamedTuple):
     masks: PyTree
     step: Array
     key: Array
-    extra: Any = ()
+    extra: AlgorithmState = ()
 
 
-def _as_transformation(inner: Any) -> optax.GradientTransformationExtraArgs:
+def _as_transformation(
+    inner: optax.GradientTransformation | optax.MultiSteps,
+) -> optax.GradientTransformationExtraArgs:
     if isinstance(inner, optax.MultiSteps):
         inner = inner.gradient_transformation()
     if not (hasattr(inner, "init") and hasattr(inner, "update")):
@@ -184,7 +191,10 @@ def _check_pruned_are_zero(masks: PyTree, params: PyTree, step: Array) -> None:
 
 
 def sparse_training(
-    inner: Any, algorithm: MaskAlgorithm, *, seed: int | Array = 0
+    inner: optax.GradientTransformation | optax.MultiSteps,
+    algorithm: MaskAlgorithm,
+    *,
+    seed: int | Array = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that training follows ``algorithm``'s masks; ``params`` must be passed to ``update``.
 
