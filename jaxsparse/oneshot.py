@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._scores import allowed_scores
+from jaxsparse._scores import allowed_scores, masks_from_counts
 from jaxsparse._tree import check_same_structure, is_none, map_live, unwrap
 from jaxsparse.allocation import Budget, as_budget, keep_count, layer_axes
-from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
+from jaxsparse.masks import random_scores
 
 __all__ = [
     "leaf_sparsities",
@@ -112,10 +112,7 @@ def masks_from_scores(
         scores,
         layer_axes,
     )
-    if scope == "layer":
-        return topk_masks(live, ks, layer_axes=layer_axes)
-    totals = map_live(lambda k, x, a: k * (1 if a is None else x.shape[a]), ks, scores, layer_axes)
-    return global_topk_masks(live, sum(jax.tree.leaves(totals)))
+    return masks_from_counts(live, ks, scope, layer_axes)
 
 
 def _restrict(scores: PyTree, masks: PyTree | None) -> PyTree:

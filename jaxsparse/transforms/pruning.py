@@ -16,10 +16,10 @@ from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
 from jaxsparse._deprecations import module_getattr
-from jaxsparse._scores import allowed_scores
+from jaxsparse._scores import allowed_scores, masks_from_counts
 from jaxsparse._tree import check_same_structure, is_none, map_live
 from jaxsparse.allocation import Budget, keep_count, layer_axes, overall_sparsity
-from jaxsparse.masks import global_topk_masks, random_scores, topk_masks
+from jaxsparse.masks import random_scores
 from jaxsparse.oneshot import SCOPES, leaf_sparsities, masks_from_scores
 from jaxsparse.schedules import polynomial_sparsity, update_gate
 from jaxsparse.transforms._factory import sparse_transform
@@ -249,10 +249,7 @@ def gradual_magnitude_pruning(
                 scores,
                 is_leaf=is_none,
             )
-        if scope == "layer":
-            return topk_masks(scores, ks, layer_axes=axes)
-        totals = map_live(lambda k, p, a: k * (1 if a is None else p.shape[a]), ks, params, axes)
-        return global_topk_masks(scores, jnp.sum(jnp.stack(jax.tree.leaves(totals))))
+        return masks_from_counts(scores, ks, scope, axes)
 
     def init(params, key):
         finals = leaf_sparsities(sparsity, params)
