@@ -24,7 +24,8 @@ clipping sees dense gradients). Around it, only wrappers that pass whole updates
 ``optax.MultiSteps(sparse(...), k)`` (the sparse schedules then count optimizer steps, one per ``k`` micro-batches)
 and ``optax.apply_if_finite(sparse(...), n)`` (a skipped step does not advance the sparse step counter).
 ``optax.inject_hyperparams`` may build either the inner optimizer or the sparse transform itself (a traced
-``sparsity``). The wrong order is loud: from the second step on, every ``update`` checks that the weights outside
+``sparsity``). The wrong order is loud: on the second step, on the step after each mask update and every
+``LEAK_CHECK_EVERY`` (100) steps, ``update`` checks that the weights outside
 the masks are exactly zero and otherwise raises a ``RuntimeError`` (through ``jax.debug.callback``, when the step
 runs) that names this contract — e.g. ``optax.chain(sparse(...), optax.scale_by_learning_rate(...))`` or
 ``optax.chain(sparse(...), optax.add_decayed_weights(...))``, or weights changed outside the optimizer.
@@ -157,6 +158,10 @@ _CONTRACT = (
 )
 
 
+# steps between checks that the weights outside the masks are still exactly zero
+LEAK_CHECK_EVERY = 100
+
+
 def _raise_leak(count: Any, step: Any) -> None:
     count, step = np.asarray(count), np.asarray(step)
     bad = (count > 0) & (step > 0)  # re-checked here: under vmap both branches of the cond run
@@ -186,6 +191,22 @@ def _check_pruned_are_zero(masks: PyTree, params: PyTree, step: Array) -> None:
         lambda c, t: jax.debug.callback(_raise_leak, c, t),
         lambda c, t: None,
         count,
+        step,
+    )
+
+
+def _check_pruned_are_zero_sometimes(
+    masks: PyTree, params: PyTree, step: Array, is_update: Callable[[Array], Array]
+) -> None:
+    """The check above on step 1, on the step after each mask update (a transform chained after the wrapper shows
+    there) and every ``LEAK_CHECK_EVERY`` steps: the full read of params and masks costs a large part of a dense
+    step on small models, so ordinary steps skip it."""
+    lax.cond(
+        (step == 1) | is_update(step - 1) | (step % LEAK_CHECK_EVERY == 0),
+        lambda m, p, t: _check_pruned_are_zero(m, p, t),
+        lambda m, p, t: None,
+        masks,
+        params,
         step,
     )
 
@@ -263,8 +284,7 @@ def sparse_training(
         params, grads = unwrap(params), unwrap(grads)
         check_same_structure("grads", grads, "params", params)
         check_same_structure("params", params, "state.masks", state.masks)
-        _check_pruned_are_zero(state.masks, params, state.step)
-        finite = _all_finite(grads)
+        _check_pruned_are_zero_sometimes(state.masks, params, state.step, algorithm.is_update)
         ctx = MaskContext(
             state.masks,
             params,
@@ -273,22 +293,29 @@ def sparse_training(
             jax.random.fold_in(state.key, state.step),
             state.extra,
         )
-        extra = state.extra
-        if (
-            algorithm.observe is not None
-        ):  # a non-finite step leaves the algorithm's state as it was
-            extra = _select(finite, algorithm.observe(ctx), state.extra)
-        ctx = ctx._replace(extra=extra)
-        do_update = algorithm.is_update(state.step) & finite
 
-        # the flag also comes back out of the cond: every leaf's select then reads one materialised bool, where
-        # XLA would otherwise fuse (and so duplicate) the all-leaves finiteness reduction into each leaf's update
-        masks, extra, do_update = lax.cond(
-            do_update,
-            lambda c: (*algorithm.update(c), jnp.ones((), bool)),
-            lambda c: (c.masks, c.extra, jnp.zeros((), bool)),
-            ctx,
-        )
+        def run_rule(c):
+            return (*algorithm.update(c), jnp.ones((), bool))
+
+        def keep(c):
+            return c.masks, c.extra, jnp.zeros((), bool)
+
+        # A non-finite step runs no mask rule and leaves the algorithm's state as it was. The flag also comes back
+        # out of the cond: every leaf's select then reads one materialised bool, where XLA would otherwise fuse
+        # (and so duplicate) the all-leaves finiteness reduction into each leaf's update.
+        if algorithm.observe is not None:  # the state changes every step: check every step
+            finite = _all_finite(grads)
+            ctx = ctx._replace(extra=_select(finite, algorithm.observe(ctx), state.extra))
+            masks, extra, do_update = lax.cond(
+                algorithm.is_update(state.step) & finite, run_rule, keep, ctx
+            )
+        else:  # the finiteness reduction runs on mask-update steps only
+            masks, extra, do_update = lax.cond(
+                algorithm.is_update(state.step),
+                lambda c: lax.cond(_all_finite(c.grads), run_rule, keep, c),
+                keep,
+                ctx,
+            )
         inner_state, grad_masks = state.inner_state, masks
         if (
             algorithm.grows
