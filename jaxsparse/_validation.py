@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_NM_M = 16
+from pallas_kernels.nm.masks import MAX_M, check_n_m
+
+MAX_NM_M = MAX_M
 
 
 def check_float_array(name: str, x: Any) -> None:
@@ -79,13 +81,7 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 
 
 def check_nm(n: Any, m: Any) -> tuple[int, int]:
-    n = check_int("n", n, 1)
-    m = check_int("m", m, 1)
-    if m > MAX_NM_M:
-        raise ValueError(f"`m` must be <= {MAX_NM_M}; got m={m}.")
-    if n > m:
-        raise ValueError(f"`n` must be <= `m`; got n={n}, m={m}.")
-    return n, m
+    return check_n_m(n, m)  # the kernels' rule: one N:M check for the whole project
 
 
 def check_axis(name: str, axis: int, ndim: int) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-__all__ = ["MAX_M", "nm_mask"]
+__all__ = ["MAX_M", "check_n_m", "nm_mask"]
 
 MAX_M = 16
 """Largest supported group size ``m`` (positions are stored in at most 4 bits)."""
@@ -27,13 +27,35 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_args(score: Array, n: Any, m: Any, axis: Any) -> int:
+def check_n_m(n: Any, m: Any) -> tuple[int, int]:
+    """The one check of an N:M pair (``jaxsparse`` validates ``n``/``m`` with it too).
+
+    Args:
+      n: weights kept per group, an int with ``1 <= n <= m``.
+      m: group size, an int with ``1 <= m <= MAX_M``.
+
+    Returns:
+      ``(n, m)`` as Python ints.
+
+    Raises:
+      TypeError: ``n`` or ``m`` is not an int (``bool`` is not).
+      ValueError: ``n``/``m`` outside those ranges, naming the value.
+
+    Example:
+      >>> check_n_m(2, 4)
+      (2, 4)
+    """
     n = _check_int("n", n, 1)
     m = _check_int("m", m, 1)
     if m > MAX_M:
         raise ValueError(f"`m` must be <= {MAX_M}; got m={m}.")
     if n > m:
         raise ValueError(f"`n` must be <= `m`; got n={n}, m={m}.")
+    return n, m
+
+
+def _check_args(score: Array, n: Any, m: Any, axis: Any) -> int:
+    n, m = check_n_m(n, m)
     if not jnp.issubdtype(score.dtype, jnp.floating):
         raise TypeError(f"`score` must be a real floating-point array; got dtype {score.dtype}.")
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
