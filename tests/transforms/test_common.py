@@ -214,6 +214,6 @@ def test_bad_input_raises_and_leaves_state_untouched():
     with pytest.raises(ValueError, match="empty pytree"):
         tx.init({})
     with pytest.raises(TypeError, match="`inner` must be an optax"):
-        js.sparse_training("adam", js.fixed_masks_algorithm({}))
+        js.sparse_training("adam", js.fixed_masks.rule({}))
     with pytest.raises(TypeError, match="`algorithm` must be a MaskAlgorithm"):
         js.sparse_training(optax.sgd(0.1), None)
