@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxsparse.flax.nnx import BlockSparseLinear
-from jaxsparse.flax.train import block_gmp_step, block_sparse_weights
+from jaxsparse.flax import BlockSparseLinear, block_gmp_step, block_sparse_weights
 from pallas_kernels.block_sparse import plan
 
 

@@ -34,9 +34,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxsparse
-from jaxsparse import checkpoint
+from jaxsparse import checkpoint, global_sparsity
 from jaxsparse._launch import initialize
-from jaxsparse.stats import global_sparsity
 
 FEATURES = 64
 HIDDEN = 256

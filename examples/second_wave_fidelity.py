@@ -35,16 +35,17 @@ from dynamic_sparse_training import BATCH, LR, MLP, accuracy, loss_fn
 from mnist1d.data import get_dataset_args, make_dataset
 
 import jaxsparse
-from jaxsparse.transforms.acdc import acdc
-from jaxsparse.transforms.chase import chase, chase_compact
-from jaxsparse.transforms.movement import (
+from jaxsparse import (
+    acdc,
+    chase,
+    chase_compact,
     init_movement_scores,
     movement_masked,
     movement_masks,
     movement_schedule,
+    sparse_model_soups,
+    srigl,
 )
-from jaxsparse.transforms.soups import sparse_model_soups
-from jaxsparse.transforms.srigl import srigl
 
 UPDATE_EVERY = 100
 CHAIN = ["params/Dense_0", "params/Dense_1", "params/Dense_2"]
