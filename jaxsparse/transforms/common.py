@@ -160,6 +160,8 @@ _CONTRACT = (
 
 # steps between checks that the weights outside the masks are still exactly zero
 LEAK_CHECK_EVERY = 100
+# the name scope of the algorithm's mask rule inside the compiled step
+MASK_RULE_SCOPE = "jaxsparse_mask_rule"
 
 
 def _raise_leak(count: Any, step: Any) -> None:
@@ -295,7 +297,8 @@ def sparse_training(
         )
 
         def run_rule(c):
-            return (*algorithm.update(c), jnp.ones((), bool))
+            with jax.named_scope(MASK_RULE_SCOPE):  # tests find the rule's ops by this name
+                return (*algorithm.update(c), jnp.ones((), bool))
 
         def keep(c):
             return c.masks, c.extra, jnp.zeros((), bool)
