@@ -5,6 +5,11 @@ positions along the contraction axis), so a compressed ``(in, out)`` kernel goes
 ``pallas_kernels.nm.nm_matmul``. Leaves that are not a 2-D kernel with groups along axis 0 (conv ``HWIO`` kernels,
 other axes) are packed as the 2-D view the kernel expects and wrapped in :class:`NMLeaf`, which remembers the
 original shape and axis. ``decompress_nm(compress_nm(p))`` is exactly the masked dense ``p``.
+
+Two faces of the same packing: :func:`compress_nm` puts one kernel object per leaf in place of the leaf (any
+layout, jittable), :func:`jaxsparse.flax.compress` with ``format="nm"`` writes the Flax layer layout
+(``kernel_values`` + one ``NMPattern`` per layer, for :class:`jaxsparse.flax.nnx.NMLinear` and its Linen twin).
+Both pack each leaf with the same function, so for the same kernel and mask ``values``/``meta`` are identical.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from jaxsparse import _validation as v
-from jaxsparse._tree import check_same_structure, is_none, path_name
+from jaxsparse._tree import check_mask, check_same_structure, is_none, path_name
 from jaxsparse._where import Where, check_nm_leaf, check_where, selection
 from jaxsparse.estimators import nm_masks
 from jaxsparse.masks import apply_masks, nm_mask
@@ -54,6 +59,36 @@ def _to_2d(x: Array, ax: int) -> Array:
     if ax == x.ndim - 2:
         return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     return jnp.moveaxis(x, ax, 0).reshape(x.shape[ax], -1)
+
+
+def _pack_leaf(
+    name: str,
+    leaf: Any,
+    mask: Any,
+    n: int,
+    m: int,
+    axis: int,
+    pack_tile: int | None,
+) -> NMWeight | NMLeaf:
+    """The one N:M packing of a leaf (:func:`compress_nm` and :func:`jaxsparse.flax.compress` both use it).
+
+    Checks the leaf (floating point, ``axis`` divisible by ``m``) and its mask (bool, the leaf's shape; N:M when
+    concrete, also when sharded over several processes), every error naming the leaf, then packs the 2-D view
+    with :func:`pallas_kernels.nm.pack_nm`. ``mask=None``: the N:M magnitude mask along ``axis``.
+    """
+    ax = check_nm_leaf(name, leaf, n, m, axis)
+    if mask is None:
+        mask = nm_mask(jnp.abs(leaf), n, m, ax)
+    else:
+        check_mask(name, mask, leaf)
+    plain = leaf.ndim == 2 and ax == 0
+    w2 = _to_2d(leaf, ax)
+    try:
+        w = pack_nm(w2, _to_2d(jnp.asarray(mask), ax), n=n, m=m, pack_tile=pack_tile)
+    except ValueError as e:
+        view = "" if plain else f" (packed as its {tuple(w2.shape)} view, axis {ax} along the rows)"
+        raise ValueError(f"params leaf '{name}'{view}: {e}") from None
+    return w if plain else NMLeaf(w, tuple(leaf.shape), ax)
 
 
 def _is_compressed(x: Any) -> bool:
@@ -117,6 +152,10 @@ def compress_nm(
     with ``masks`` (a pytree of bool N:M masks, ``None`` for dense leaves, e.g. transposable ones or masks from
     training) those positions are kept and ``where`` is ignored.
 
+    The kernel objects replace the leaves; :func:`jaxsparse.flax.compress` (``format="nm"``) packs each leaf with
+    the same code but writes the Flax layer layout (``kernel_values`` + an ``NMPattern`` per layer) instead:
+    ``compress_nm(p, masks=mk)[...]["kernel"].values`` / ``.meta`` equal its ``kernel_values`` / ``pattern.meta``.
+
     Args:
       params: a pytree of arrays.
       n: weights kept per group (1 <= n <= m).
@@ -133,9 +172,10 @@ def compress_nm(
       (other layouts) in place of each compressed leaf.
 
     Raises:
-      ValueError: bad ``n``/``m``/``axis``, a mask that is not a bool array of the leaf's shape or not N:M (when
-        concrete), or ``masks``/``where`` not shaped like ``params``.
-      TypeError: a selected leaf is not a floating-point array.
+      ValueError: bad ``n``/``m``/``axis``/``pack_tile``, a selected leaf whose ``axis`` is not divisible by ``m``,
+        a mask not of its leaf's shape or not N:M (checked when concrete, also when sharded over several
+        processes), or ``masks``/``where`` not shaped like ``params``. Errors name the leaf.
+      TypeError: a selected leaf is not a floating-point array, or its mask is not bool.
 
     Example:
       >>> import jax.numpy as jnp
@@ -156,24 +196,10 @@ def compress_nm(
         check_same_structure("masks", masks, "params", params)
         mask_leaves = jax.tree.leaves(masks, is_leaf=is_none)
         picks = [mk is not None for mk in mask_leaves]
-    out = []
-    for (path, leaf), pick, mk in zip(flat, picks, mask_leaves):
-        if not pick:
-            out.append(leaf)
-            continue
-        name = path_name(path)
-        ax = check_nm_leaf(name, leaf, n, m, axis)
-        if mk is None:
-            mk = nm_mask(jnp.abs(leaf), n, m, ax)
-        else:
-            mk = jnp.asarray(mk)
-            if mk.shape != leaf.shape or mk.dtype != jnp.bool_:
-                raise ValueError(
-                    f"`masks` leaf for '{name}' must be a bool array of shape {tuple(leaf.shape)}; got "
-                    f"{mk.dtype} {tuple(mk.shape)}."
-                )
-        w = pack_nm(_to_2d(leaf, ax), _to_2d(mk, ax), n=n, m=m, pack_tile=pack_tile)
-        out.append(w if (leaf.ndim == 2 and ax == 0) else NMLeaf(w, tuple(leaf.shape), ax))
+    out = [
+        _pack_leaf(path_name(path), leaf, mk, n, m, axis, pack_tile) if pick else leaf
+        for (path, leaf), pick, mk in zip(flat, picks, mask_leaves)
+    ]
     return jax.tree.unflatten(treedef, out)
 
 

@@ -68,7 +68,21 @@ def test_bad_input():
         compress_nm(p, 2, 4)
     with pytest.raises(ValueError, match=r"enc/kernel.*length 10.*not divisible by m=4"):
         one_shot_nm(p, 2, 4)
-    with pytest.raises(ValueError, match=r"must be a bool array of shape \(8, 4\)"):
+    with pytest.raises(TypeError, match=r"mask of leaf 'w' must be a bool array; got .* float32"):
         compress_nm({"w": jnp.ones((8, 4))}, 2, 4, masks={"w": jnp.ones((8, 4))})
+    with pytest.raises(
+        ValueError, match=r"mask of leaf 'w' must have its parameter's shape \(8, 4\)"
+    ):
+        compress_nm({"w": jnp.ones((8, 4))}, 2, 4, masks={"w": jnp.ones((4, 8), bool)})
+    with pytest.raises(TypeError, match=r"`params leaf 'w'` must be a real floating-point array"):
+        compress_nm({"w": jnp.ones((8, 4), jnp.int32)}, 2, 4, masks={"w": jnp.ones((8, 4), bool)})
+    # not N:M: the leaf, the 2-D view a conv kernel is packed as, the group and what is allowed
+    over = jnp.zeros((2, 2, 4, 3), bool).at[1, 0, :3, 2].set(True)
+    with pytest.raises(
+        ValueError,
+        match=r"params leaf 'c/k' \(packed as its \(16, 3\) view, axis 2 along the rows\): the mask is "
+        r"not 2:4: group 2 \(rows 8\.\.11\) of column 2 keeps 3 > n=2 entries; allowed: at most n=2",
+    ):
+        compress_nm({"c": {"k": jnp.ones((2, 2, 4, 3))}}, 2, 4, masks={"c": {"k": over}})
     with pytest.raises(ValueError, match=r"`n` must be <= `m`"):
         compress_nm({"w": jnp.ones((8, 4))}, 5, 4)

@@ -53,15 +53,16 @@ from jaxtyping import PyTree
 
 from jaxsparse import _deprecations
 from jaxsparse import checkpoint as _ckpt
-from jaxsparse._tree import leaf_paths, named_leaves
+from jaxsparse._tree import check_mask, leaf_paths, named_leaves
 from jaxsparse.flax import _core
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear
+from jaxsparse.nm_compression import compress_nm
 from pallas_kernels.block_sparse import (
     block_mask_of,
     block_sparse_from_dense,
     block_sparse_to_dense,
 )
-from pallas_kernels.nm import pack_nm, unpack_indices, unpack_nm
+from pallas_kernels.nm import unpack_indices, unpack_nm
 
 __all__ = [
     "compress",
@@ -82,15 +83,21 @@ def _set(d: dict, path: list[str], value: Any) -> None:
     d[path[-1]] = value
 
 
-def _block_mask_of_elementwise(name: str, mask: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+def _block_mask_of_elementwise(name: str, mask: Any, block: tuple[int, int]) -> Any:
+    mask = jnp.asarray(mask)
     k, n = mask.shape
     bk, bn = block
     if k % bk or n % bn:
         raise ValueError(f"'{name}': block={block} does not divide the kernel shape {mask.shape}.")
-    tiles = mask.reshape(k // bk, bk, n // bn, bn)
+    # NumPy when this process holds all of the mask; else jnp, whose reductions to scalars are replicated and
+    # so readable on every process (a mask sharded over several processes)
+    xp = np if mask.is_fully_addressable else jnp
+    tiles = xp.asarray(mask).reshape(k // bk, bk, n // bn, bn)
     any_, all_ = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
-    if (any_ != all_).any():
-        i, j = np.argwhere(any_ != all_)[0]
+    partly = (any_ != all_).ravel()
+    first = int(xp.argmax(partly))
+    if bool(partly[first]):
+        i, j = divmod(first, n // bn)
         raise ValueError(
             f"'{name}': the mask is not block-structured for block={block}: block ({i}, {j}) "
             f"(rows {i * bk}..{i * bk + bk - 1}, cols {j * bn}..{j * bn + bn - 1}) is partly kept."
@@ -112,6 +119,13 @@ def compress(
 ) -> tuple[dict, dict]:
     """Masked dense params -> ``(params, pattern)`` in the layers' compressed layout (eager; masks concrete).
 
+    ``format="nm"`` packs each kernel exactly as :func:`jaxsparse.compress_nm` does (same function, same
+    checks and errors); the difference is the tree: :func:`jaxsparse.compress_nm` puts one kernel object
+    (``NMWeight``/``NMLeaf``) per leaf in place of the leaf, this writes the Flax layer layout
+    (``kernel_values`` + an ``NMPattern`` per layer) that :class:`~jaxsparse.flax.nnx.NMLinear` and its Linen
+    twin hold. Params and masks may be sharded, also over several processes (nothing is read on the host but
+    replicated scalars).
+
     Args:
       params: a params tree whose layers are nodes ``{"kernel": (K, N), "bias": ...}`` (Linen ``params``,
         ``nnx.state(model, nnx.Param)``, plain dicts).
@@ -129,8 +143,10 @@ def compress(
 
     Raises:
       ValueError: an unknown ``format``, masks naming leaves not in ``params``, a masked leaf that is not a 2-D
-        ``kernel``, a mask that is not bool of the kernel's shape, a block mask not constant on blocks, no
-        ``block`` or a ``capacity`` below the block count (``"block"``), or a mask that is not N:M (``"nm"``).
+        ``kernel``, a mask not of the kernel's shape, a block mask not constant on blocks, no ``block`` or a
+        ``capacity`` below the block count (``"block"``), or a mask that is not N:M or a ``K`` not divisible by
+        ``m`` (``"nm"``). Errors name the leaf.
+      TypeError: a mask that is not bool, or (``"nm"``) a kernel that is not floating-point.
 
     Example:
       >>> import jax.numpy as jnp
@@ -161,46 +177,25 @@ def compress(
                 f"'{name}': only 2-D 'kernel' leaves of linear layers can be compressed; got "
                 f"shape {jnp.shape(leaf)}. Give it a None mask to keep it dense."
             )
-        mask = np.asarray(flat_m[name])
-        if mask.shape != leaf.shape or mask.dtype != np.bool_:
-            raise ValueError(
-                f"'{name}': mask must be bool {leaf.shape}; got {mask.dtype} {mask.shape}."
-            )
+        mask = flat_m[name]
         layer = "/".join(path[:-1])
-        if format == "block":
-            if block is None:
-                raise ValueError("format='block' needs block=(bk, bn).")
-            bmask = _block_mask_of_elementwise(name, mask, tuple(block))
-            cap = capacity.get(layer) if isinstance(capacity, Mapping) else capacity
-            count = int(bmask.sum())
-            cap = max(1, count) if cap is None else cap
-            if cap < count:
-                raise ValueError(
-                    f"'{name}': capacity={cap} is below the mask's block count {count}."
-                )
-            w = block_sparse_from_dense(leaf, jnp.asarray(bmask), block=tuple(block), capacity=cap)
-            _set(out_p, path[:-1] + [_core.BLOCK_PARAM], w.data)
-            _set(pattern, path[:-1] + [_core.PATTERN], _core.BlockSparsePattern.of(w))
-        else:
-            counts = (
-                mask.reshape(mask.shape[0] // m, m, -1).sum(1) if mask.shape[0] % m == 0 else None
-            )
-            if counts is None or (counts > n).any():
-                where = (
-                    "K is not a multiple of m"
-                    if counts is None
-                    else (
-                        "group {} of column {} keeps {} > n".format(
-                            *np.argwhere(counts > n)[0], counts.max()
-                        )
-                    )
-                )
-                raise ValueError(
-                    f"'{name}': the mask is not {n}:{m} along the input axis ({where})."
-                )
-            w = pack_nm(leaf, jnp.asarray(mask), n=n, m=m, pack_tile=pack_tile)
-            _set(out_p, path[:-1] + [_core.NM_PARAM], w.values)
-            _set(pattern, path[:-1] + [_core.PATTERN], _core.NMPattern.of(w))
+        if format == "nm":  # the packing of jaxsparse.compress_nm, errors naming the leaf
+            w = compress_nm({name: leaf}, n, m, axis=0, masks={name: mask}, pack_tile=pack_tile)
+            _set(out_p, path[:-1] + [_core.NM_PARAM], w[name].values)
+            _set(pattern, path[:-1] + [_core.PATTERN], _core.NMPattern.of(w[name]))
+            continue
+        check_mask(name, mask, leaf)
+        if block is None:
+            raise ValueError("format='block' needs block=(bk, bn).")
+        bmask = _block_mask_of_elementwise(name, mask, tuple(block))
+        cap = capacity.get(layer) if isinstance(capacity, Mapping) else capacity
+        count = int(bmask.sum())
+        cap = max(1, count) if cap is None else cap
+        if cap < count:
+            raise ValueError(f"'{name}': capacity={cap} is below the mask's block count {count}.")
+        w = block_sparse_from_dense(leaf, jnp.asarray(bmask), block=tuple(block), capacity=cap)
+        _set(out_p, path[:-1] + [_core.BLOCK_PARAM], w.data)
+        _set(pattern, path[:-1] + [_core.PATTERN], _core.BlockSparsePattern.of(w))
     return out_p, pattern
 
 

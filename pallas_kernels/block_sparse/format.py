@@ -176,15 +176,14 @@ def block_sparse_from_dense(
     if capacity > kb * nb:
         raise ValueError(f"capacity={capacity} exceeds the number of blocks Kb * Nb = {kb * nb}.")
     mask = jnp.asarray(block_mask).astype(bool)
-    if not isinstance(mask, jax.core.Tracer):
-        count_host = int(np.asarray(mask).sum())
-        if count_host > capacity:
+    count = jnp.sum(mask, dtype=jnp.int32)
+    if not isinstance(count, jax.core.Tracer):  # a replicated scalar: readable on every process
+        if int(count) > capacity:
             raise ValueError(
-                f"capacity={capacity} is smaller than the number of blocks in block_mask ({count_host}); "
-                f"pass capacity >= {count_host}."
+                f"capacity={capacity} is smaller than the number of blocks in block_mask ({int(count)}); "
+                f"pass capacity >= {int(count)}."
             )
 
-    count = jnp.sum(mask, dtype=jnp.int32)
     nnz = jnp.minimum(count, capacity)
     slots = jnp.arange(capacity, dtype=jnp.int32)
     live = slots < nnz

@@ -262,12 +262,18 @@ def pack_nm(
         if mask.dtype != jnp.bool_:
             raise TypeError(f"mask must be a bool array, got mask.dtype={mask.dtype}")
         if not isinstance(mask, jax.core.Tracer):
-            counts = np.asarray(mask).reshape(groups, m, cols).sum(axis=1)
-            if (counts > n).any():
-                g, j = np.argwhere(counts > n)[0]
+            # NumPy when this process holds all of the mask; else jnp, whose reductions to scalars are
+            # replicated and so readable on every process (a mask sharded over several processes)
+            xp = np if mask.is_fully_addressable else jnp
+            counts = xp.asarray(mask).reshape(groups, m, cols).sum(axis=1)
+            over = (counts > n).ravel()
+            first = int(xp.argmax(over))
+            if bool(over[first]):
+                g, j = divmod(first, cols)
                 raise ValueError(
-                    f"mask is not {n}:{m}: group {g} (rows {g * m}..{g * m + m - 1}) of column {j} keeps "
-                    f"{counts[g, j]} > n={n} entries; allowed: at most n={n} True per group of m={m} rows along K"
+                    f"the mask is not {n}:{m}: group {g} (rows {g * m}..{g * m + m - 1}) of column "
+                    f"{j} keeps {int(counts[g, j])} > n={n} entries; allowed: at most n={n} True per group "
+                    f"of m={m} rows along K"
                 )
         keep = mask
     # masked positions first, then the lowest unmasked ones (top_k ties -> lower index) as zero padding

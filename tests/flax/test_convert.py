@@ -185,6 +185,35 @@ def test_training_state_checkpoint_and_mismatches(tmp_path):
         checkpoint.restore(tmp_path, state)
 
 
+@pytest.mark.parametrize(
+    "n, m, pack_tile, dtype", [(2, 4, None, jnp.float32), (3, 8, 16, jnp.bfloat16)]
+)
+def test_compress_nm_and_flax_compress_pack_identically(n, m, pack_tile, dtype):
+    """One packing: jaxsparse.compress_nm's NMWeight and flax.compress's kernel_values + NMPattern hold the same
+    bits for the same kernel and mask (under-full groups, i.e. padding slots, included)."""
+    k = jax.random.split(jax.random.key(7), 3)
+    kernel = jax.random.normal(k[0], (64, 12)).astype(dtype)
+    score = jax.random.uniform(k[1], kernel.shape)
+    mask = jaxsparse.nm_mask(score, n, m) & jax.random.bernoulli(k[2], 0.7, kernel.shape)
+    assert (mask.reshape(-1, m, 12).sum(1) < n).any()  # some groups are under-full
+    params = {"fc": {"kernel": kernel, "bias": jnp.zeros(12)}}
+    masks = {"fc": {"kernel": mask, "bias": None}}
+    w = jaxsparse.compress_nm(params, n, m, masks=masks, pack_tile=pack_tile)["fc"]["kernel"]
+    cparams, pattern = convert.compress(params, masks, format="nm", n=n, m=m, pack_tile=pack_tile)
+    p = pattern["fc"]["pattern"]
+    assert (p.n, p.m, p.pack_tile, p.shape) == (w.n, w.m, w.pack_tile, w.shape)
+    for a, b in ((cparams["fc"]["kernel_values"], w.values), (p.meta, w.meta)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    # and the same errors, naming the leaf
+    bad = {"fc": {"kernel": mask.at[:m, 0].set(True), "bias": None}}
+    msg = rf"params leaf 'fc/kernel': the mask is not {n}:{m}: group 0 \(rows 0\.\.{m - 1}\) of column 0"
+    with pytest.raises(ValueError, match=msg):
+        jaxsparse.compress_nm(params, n, m, masks=bad)
+    with pytest.raises(ValueError, match=msg):
+        convert.compress(params, bad, format="nm", n=n, m=m)
+
+
 def test_bad_conversion_input():
     params = {
         "fc": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)},
