@@ -10,8 +10,9 @@ On one machine, as 2 processes with 4 CPU devices each (loopback only; the launc
 
     python -m jaxsparse._launch -n 2 -d 4 examples/multihost.py [--steps 300] [--ckpt /tmp/multihost_ckpt]
 
-On a pod or cluster, start it on every host; ``jax.distributed.initialize()`` finds the coordinator, the process
-count and this process's id by itself (TPU, SLURM, Open MPI, ...):
+On a pod or cluster, start it on every host; ``jaxsparse.distributed_initialize()`` (there
+``jax.distributed.initialize()``) finds the coordinator, the process count and this process's id by itself (TPU,
+SLURM, Open MPI, ...):
 
     python examples/multihost.py --ckpt /shared/fs/multihost_ckpt
 
@@ -35,7 +36,6 @@ from jax.sharding import PartitionSpec as P
 
 import jaxsparse
 from jaxsparse import checkpoint, global_sparsity
-from jaxsparse._launch import initialize
 
 FEATURES = 64
 HIDDEN = 256
@@ -124,7 +124,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if not args.local:
-        initialize()  # the launcher's loopback coordinator, else jax.distributed's auto-detection
+        jaxsparse.distributed_initialize()  # the launcher's coordinator, else jax.distributed's
     lead = jax.process_index() == 0
     mesh = make_mesh()
     if lead:

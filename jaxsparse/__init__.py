@@ -14,6 +14,7 @@ from jaxsparse import (
     stats,
 )
 from jaxsparse._deprecations import module_getattr as _module_getattr
+from jaxsparse._launch import distributed_initialize
 from jaxsparse.allocation import (
     DISTRIBUTIONS,
     Budget,
@@ -226,6 +227,8 @@ __all__ = [
     "checkpoint",
     "lottery",
     "stats",
+    # multi-host
+    "distributed_initialize",
 ]
 
 __getattr__ = _module_getattr(

@@ -6,7 +6,8 @@ Two halves:
 * :func:`launch` (the parent) picks a free loopback port, starts ``num_processes`` Python processes with
   ``--xla_force_host_platform_device_count=local_devices``, waits for all of them within ``timeout`` seconds
   (killing every one of them past it, or as soon as one fails), and returns each process's output;
-* :func:`initialize` (called first thing in each child program) joins the run: inside a :func:`launch` it calls
+* :func:`distributed_initialize` (public as ``jaxsparse.distributed_initialize``; called first thing in each
+  child program) joins the run: inside a :func:`launch` it calls
   ``jax.distributed.initialize`` with the launcher's address, process count and id; on a TPU pod or a
   multi-node GPU cluster (no launcher) it calls ``jax.distributed.initialize()`` and lets JAX auto-detect the
   cluster.
@@ -30,7 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-__all__ = ["ProcessOutput", "LaunchError", "launch", "initialize", "is_launched"]
+__all__ = ["ProcessOutput", "LaunchError", "launch", "distributed_initialize", "is_launched"]
 
 # Environment variables the launcher hands to its children.
 ENV_ADDRESS = "JAXSPARSE_COORDINATOR_ADDRESS"
@@ -91,11 +92,38 @@ def is_launched() -> bool:
     return ENV_PROCESS_ID in os.environ
 
 
-def initialize() -> None:
-    """Joins the multi-process run: the launcher's loopback coordinator if started by :func:`launch`, else
-    ``jax.distributed.initialize()`` with JAX's cluster auto-detection (TPU pods, SLURM, Open MPI, ...).
+def distributed_initialize() -> None:
+    """Joins a multi-process run, wherever it was started: call it first thing in a program that runs on
+    several processes (public as ``jaxsparse.distributed_initialize``).
+
+    Started by ``python -m jaxsparse._launch`` (several local CPU processes, e.g. to test a multi-host program on
+    one machine): joins that launcher's loopback coordinator, with gloo collectives. Anywhere else (TPU pods,
+    SLURM, Open MPI, ...): ``jax.distributed.initialize()``, which detects the cluster by itself. Everything else in
+    jaxsparse is the same on one process or many; ``examples/multihost.py`` is the pattern.
 
     Call it before any other JAX call that touches devices.
+
+    Returns:
+      ``None``; afterwards ``jax.devices()`` lists every process's devices and ``jax.process_index()`` is this
+      process's id.
+
+    Raises:
+      RuntimeError: from ``jax.distributed.initialize`` (already initialized, a JAX backend already created, no
+        cluster detected, or the coordinator not reached in time).
+
+    Example:
+      In a program run as several processes (``examples/multihost.py``)::
+
+          import jaxsparse
+
+          jaxsparse.distributed_initialize()  # before anything creates a JAX backend
+          mesh = jax.make_mesh((jax.process_count(), jax.local_device_count()), ("data", "model"))
+
+      Which way it joins depends on the launcher's environment variables, absent here:
+
+      >>> import os
+      >>> "JAXSPARSE_PROCESS_ID" in os.environ  # not started by python -m jaxsparse._launch
+      False
     """
     import jax
 
@@ -150,7 +178,7 @@ def launch(
     """Runs ``python *argv`` as ``num_processes`` processes with ``local_devices`` CPU devices each.
 
     Every child sees the coordinator's loopback address, the process count and its id in the environment
-    (read by :func:`initialize`), plus ``env``. All children are waited for at most ``timeout`` seconds in total;
+    (read by :func:`distributed_initialize`), plus ``env``. All children are waited for at most ``timeout`` seconds in total;
     when one fails the others are stopped at once (they would wait for it at the next collective).
 
     Args:

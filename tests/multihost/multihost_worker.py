@@ -13,9 +13,9 @@ import traceback
 
 
 def main(out_dir: str, parts: list[str]) -> None:
-    from jaxsparse._launch import initialize
+    import jaxsparse
 
-    initialize()  # before anything creates a JAX backend
+    jaxsparse.distributed_initialize()  # before anything creates a JAX backend
 
     import jax
     import numpy as np
