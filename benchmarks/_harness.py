@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import platform as py_platform
 import statistics
@@ -203,9 +204,10 @@ def write_dispatch_json(name: str, grid: dict, rows: list[dict]) -> pathlib.Path
     out = RESULTS / f"{name}_cpu_dispatch.json"
     result = {
         "label": (
-            f"{name} CPU dispatch check on {jax.devices()[0].device_kind}: 2 CPU cores shared with other "
-            "jobs (loaded machine); figures are for this host only"
+            f"{name} CPU dispatch check on {jax.devices()[0].device_kind}: {os.cpu_count()} CPU cores "
+            f"(load average at the end {os.getloadavg()[0]:.1f}); figures are for this host only"
         ),
+        "load_average_1_5_15": list(os.getloadavg()),
         "platform": "cpu",
         "device": jax.devices()[0].device_kind,
         "versions": versions(),

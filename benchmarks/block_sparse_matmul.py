@@ -83,7 +83,7 @@ QUICK = dict(
 
 
 # CPU dispatch check (issue: impl="auto" must match the better of densify + dot and the sparse XLA path).
-# A subset of K=N in 1024..4096, M in {1, 16, 128, 1024}, sparsity 50-95%, f32 and bf16 that runs in
+# A subset of K=N in 1024..4096, M in {1, 16, 128, 1024}, sparsity {50, 90, 95}%, f32 and bf16 that runs in
 # reasonable time on 2 shared cores: M=1024 only at 1024^2.
 CPU_DISPATCH = dict(
     configs=[
@@ -91,12 +91,12 @@ CPU_DISPATCH = dict(
         for dt in ("float32", "bfloat16")
         for k, ms in ((1024, (1, 16, 128, 1024)), (4096, (1, 16, 128)))
         for m in ms
-        for sp in (0.5, 0.9)
+        for sp in (0.5, 0.9, 0.95)
     ],
     block=128,
     copies=2,
-    chain=2,
-    repeats=5,
+    chain=3,
+    repeats=15,
 )
 
 

@@ -74,8 +74,8 @@ CPU_DISPATCH = dict(
     ],
     nm=(2, 4),
     copies=2,
-    chain=2,
-    repeats=5,
+    chain=3,
+    repeats=15,
 )
 
 
