@@ -33,7 +33,7 @@ from pallas_kernels.block_sparse import (
     block_sparse_from_dense,
     bsr_matmul,
 )
-from pallas_kernels.block_sparse.format import live_mask
+from pallas_kernels.block_sparse.format import BlockSparseIndex, live_mask
 from pallas_kernels.nm import NMWeight, index_bits, nm_matmul, pack_nm
 
 __all__ = ["BlockSparsePattern", "NMPattern"]
@@ -47,11 +47,12 @@ PATTERN_COLLECTION = "sparse_pattern"  # Linen collection of the pattern objects
 # ------------------------------------------------------------------------------------------- patterns
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class BlockSparsePattern:
+class BlockSparsePattern(BlockSparseIndex):
     """Where the blocks of a :class:`~pallas_kernels.block_sparse.BlockSparseWeight` are: all but its ``data``.
 
-    The index arrays are pytree leaves (re-packed on device when the mask changes); ``shape`` and ``block``
-    are static metadata. ``pattern.weight(data)`` and ``BlockSparsePattern.of(w)`` convert.
+    Exactly the weight's :class:`~pallas_kernels.block_sparse.format.BlockSparseIndex` (its fields, in its
+    order): the index arrays are pytree leaves (re-packed on device when the mask changes); ``shape`` and
+    ``block`` are static metadata. ``pattern.weight(data)`` and ``BlockSparsePattern.of(w)`` convert.
 
     Attributes:
       row_idx, col_idx, t_row_idx, t_col_idx, t_perm, col_ptr, row_ptr, nnz, num_dropped: as in
@@ -69,28 +70,6 @@ class BlockSparsePattern:
       >>> bool((block_sparse_to_dense(p.weight(w.data)) == block_sparse_to_dense(w)).all())
       True
     """
-
-    row_idx: Int[Array, " cap"]
-    col_idx: Int[Array, " cap"]
-    t_row_idx: Int[Array, " cap"]
-    t_col_idx: Int[Array, " cap"]
-    t_perm: Int[Array, " cap"]
-    col_ptr: Int[Array, " nbp1"]
-    row_ptr: Int[Array, " kbp1"]
-    nnz: Int[Array, ""]
-    num_dropped: Int[Array, ""]
-    shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
-    block: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def capacity(self) -> int:
-        """Stored block slots (static)."""
-        return self.row_idx.shape[0]
-
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        """``(Kb, Nb)``: block rows and block columns."""
-        return self.shape[0] // self.block[0], self.shape[1] // self.block[1]
 
     @classmethod
     def of(cls, w: BlockSparseWeight) -> BlockSparsePattern:

@@ -22,6 +22,7 @@ from jax.experimental import checkify
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 __all__ = [
+    "BlockSparseIndex",
     "BlockSparseWeight",
     "block_mask_from_dense",
     "block_mask_of",
@@ -32,13 +33,15 @@ __all__ = [
 ]
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class BlockSparseWeight:
-    """A ``[K, N]`` weight stored as at most ``capacity`` non-zero ``(bk, bn)`` blocks.
+class BlockSparseIndex:
+    """Where the blocks of a :class:`BlockSparseWeight` are: every field but its ``data``.
+
+    The one list of the format's index fields: :class:`BlockSparseWeight` adds ``data`` to it, and the Flax
+    layers' ``jaxsparse.flax.BlockSparsePattern`` is this index alone (the layer keeps ``data`` as its trainable
+    parameter).
 
     Attributes:
-      data: ``[capacity, bk, bn]`` stored blocks (the only trainable leaf); padding entries are zero.
       row_idx: ``[capacity]`` int32 K-block of each entry (column-grouped order).
       col_idx: ``[capacity]`` int32 N-block of each entry, non-decreasing over live entries.
       t_row_idx: ``[capacity]`` int32 K-block in the transposed (row-grouped) order, non-decreasing.
@@ -52,7 +55,6 @@ class BlockSparseWeight:
       block: static ``(bk, bn)``.
     """
 
-    data: Float[Array, "cap bk bn"]
     row_idx: Int[Array, " cap"]
     col_idx: Int[Array, " cap"]
     t_row_idx: Int[Array, " cap"]
@@ -67,12 +69,27 @@ class BlockSparseWeight:
 
     @property
     def capacity(self) -> int:
-        return self.data.shape[0]
+        """Stored block slots (static)."""
+        return self.row_idx.shape[0]
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         """``(Kb, Nb)``: number of block rows and block columns."""
         return self.shape[0] // self.block[0], self.shape[1] // self.block[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseWeight(BlockSparseIndex):
+    """A ``[K, N]`` weight stored as at most ``capacity`` non-zero ``(bk, bn)`` blocks.
+
+    Attributes:
+      data: ``[capacity, bk, bn]`` stored blocks (the only trainable leaf, the first in pytree order); padding
+        entries are zero.
+      row_idx, col_idx, t_row_idx, t_col_idx, t_perm, col_ptr, row_ptr, nnz, num_dropped, shape, block: where
+        the blocks are, as in :class:`BlockSparseIndex`.
+    """
+
+    data: Float[Array, "cap bk bn"]
 
     @property
     def dtype(self) -> Any:
@@ -83,6 +100,16 @@ class BlockSparseWeight:
         """Static upper bound on block density: ``capacity / (Kb * Nb)`` (what dispatch plans with)."""
         kb, nb = self.grid_shape
         return min(1.0, self.capacity / (kb * nb))
+
+
+_INDEX_STATIC = {
+    f.name: bool(f.metadata.get("static")) for f in dataclasses.fields(BlockSparseIndex)
+}
+jax.tree_util.register_dataclass(  # ``data`` first in pytree order, then the index arrays
+    BlockSparseWeight,
+    data_fields=["data", *(k for k, static in _INDEX_STATIC.items() if not static)],
+    meta_fields=[k for k, static in _INDEX_STATIC.items() if static],
+)
 
 
 def _check_weight(w: Any, block: Any, name: str = "w") -> tuple[int, int]:
