@@ -4,6 +4,7 @@ and the CPU dispatch check that writes the measured table ``pallas_kernels/_meas
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -234,3 +235,58 @@ def print_dispatch_row(label: str, row: dict) -> None:
         f"auto/best {row['auto_vs_best']:5.2f}x  auto/dense_dot {row['auto_vs_dense_dot']:5.2f}x",
         flush=True,
     )
+
+
+def run_cpu_dispatch(
+    name: str,
+    grid: dict,
+    weights: Callable[[np.random.Generator, tuple], tuple[list, dict[str, Any]]],
+    *,
+    op: Callable[..., Any],
+    sparse_problem: Callable[..., Any],
+    to_dense: Callable[[Any], Any],
+    pick_strategy: Callable[[int, Any], str],
+) -> int:
+    """The CPU dispatch check of one sparse op, the loop both ``--cpu-dispatch`` scripts share.
+
+    For each entry of ``grid["configs"]``, ``weights(rng, config)`` builds ``grid["copies"]`` sparse weight
+    copies and the row's describing fields (``m``, the only one read here, plus ``k``, ``n``, ``dtype``, ...);
+    then ``x @ W`` is timed by :func:`dispatch_check` held dense, densified (``impl="dense"``), on the sparse XLA
+    path (``impl="xla"``) and with ``impl="auto"``. Writes ``results/<name>_cpu_dispatch.json`` and the measured
+    table, prints a line per row and the worst ``auto / best``.
+    """
+    from pallas_kernels import dispatch
+
+    rng = np.random.default_rng(0)
+    rows = []
+    dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
+
+    def jitted(impl):
+        return jax.jit(lambda x, w: op(x, w, impl=impl))
+
+    fns = {impl: jitted(impl) for impl in ("dense", "xla")}
+    for config in grid["configs"]:
+        ws, fields = weights(rng, config)
+        m = fields["m"]
+        dense_w = [jax.jit(to_dense)(w) for w in ws]
+        x = jnp.asarray(rng.standard_normal((m, ws[0].shape[0]), np.float32), ws[0].dtype)
+        row = dispatch_check(
+            dense=lambda i: dot(x, dense_w[i]),
+            densify=lambda i: fns["dense"](x, ws[i]),
+            sparse=lambda i: fns["xla"](x, ws[i]),
+            make_auto=lambda: functools.partial(lambda i, f: f(x, ws[i]), f=jitted("auto")),
+            key=dispatch.table_key(sparse_problem(m, ws[0], "xla"), "cpu"),
+            copies=grid["copies"],
+            chain=grid["chain"],
+            repeats=grid["repeats"],
+        )
+        row.update(fields)
+        # where the sparse path densifies too at this size, auto runs the same computation either way
+        row["sparse_is_densify"] = pick_strategy(m, ws[0]) == "densify"
+        rows.append(row)
+        print_dispatch_row(" ".join(f"{k}={v}" for k, v in fields.items()), row)
+    out = write_dispatch_json(name, grid, rows)
+    print(f"wrote {out}; measured table: {write_measured_table()} entries")
+    worst = min(r["auto_vs_best"] for r in rows)
+    print(f"worst auto / best(densify, sparse): {worst:.3f}x")
+    return 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import pathlib
 import sys
@@ -41,15 +40,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    dispatch_check,
-    print_dispatch_row,
     rel_err,
+    run_cpu_dispatch,
     time_chain,
     time_torch,
     torch_if_cuda,
     versions,
-    write_dispatch_json,
-    write_measured_table,
 )
 
 from pallas_kernels import dispatch  # noqa: E402
@@ -102,51 +98,27 @@ CPU_DISPATCH = dict(
 
 def cpu_dispatch(grid=CPU_DISPATCH) -> int:
     """Times dense dot, impl='dense', impl='xla' and impl='auto' per config; writes the JSON and the table."""
-    rng = np.random.default_rng(0)
-    rows = []
     b = grid["block"]
-    for k, m, sparsity, dt in grid["configs"]:
-        dtype = jnp.dtype(dt)
+
+    def weights(rng, config):
+        k, m, sparsity, dt = config
         masks = _masks(rng, k // b, k // b, sparsity, grid["copies"])
         capacity = int(masks[0].sum())
         pack = jax.jit(
             lambda w, mask: block_sparse_from_dense(w, mask, block=(b, b), capacity=capacity)
         )
-        bsws = [
-            pack(jnp.asarray(rng.standard_normal((k, k), np.float32), dtype), mk) for mk in masks
-        ]
-        dense_w = [jax.jit(reference.block_sparse_to_dense)(w) for w in bsws]
-        x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
-        dot = jax.jit(
-            lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-        )
-        op = bsr_matmul
+        ws = [pack(jnp.asarray(rng.standard_normal((k, k), np.float32), dt), mk) for mk in masks]
+        return ws, dict(k=k, n=k, m=m, sparsity=sparsity, block=b, dtype=dt)
 
-        def jitted(impl, op=op):
-            return jax.jit(lambda x, w: op(x, w, impl=impl))
-
-        fns = {impl: jitted(impl) for impl in ("dense", "xla")}
-        key = dispatch.table_key(sparse_problem(m, bsws[0], "xla"), "cpu")
-        row = dispatch_check(
-            dense=lambda i: dot(x, dense_w[i]),
-            densify=lambda i: fns["dense"](x, bsws[i]),
-            sparse=lambda i: fns["xla"](x, bsws[i]),
-            make_auto=lambda: functools.partial(lambda i, f: f(x, bsws[i]), f=jitted("auto")),
-            key=key,
-            copies=grid["copies"],
-            chain=grid["chain"],
-            repeats=grid["repeats"],
-        )
-        row.update(k=k, n=k, m=m, sparsity=sparsity, block=b, dtype=dt)
-        # impl="xla" densifies too at this size (reference.pick_strategy): auto runs the same computation
-        row["sparse_is_densify"] = reference.pick_strategy(m, bsws[0]) == "densify"
-        rows.append(row)
-        print_dispatch_row(f"K=N={k} M={m} sp={sparsity} b={b} {dt}", row)
-    out = write_dispatch_json("block_sparse_matmul", grid, rows)
-    print(f"wrote {out}; measured table: {write_measured_table()} entries")
-    worst = min(r["auto_vs_best"] for r in rows)
-    print(f"worst auto / best(densify, sparse): {worst:.3f}x")
-    return 0
+    return run_cpu_dispatch(
+        "block_sparse_matmul",
+        grid,
+        weights,
+        op=bsr_matmul,
+        sparse_problem=sparse_problem,
+        to_dense=reference.block_sparse_to_dense,
+        pick_strategy=reference.pick_strategy,
+    )
 
 
 @dataclasses.dataclass

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import pathlib
 import sys
@@ -40,15 +39,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    dispatch_check,
-    print_dispatch_row,
     rel_err,
+    run_cpu_dispatch,
     time_chain,
     time_torch,
     torch_if_cuda,
     versions,
-    write_dispatch_json,
-    write_measured_table,
 )
 
 from pallas_kernels import dispatch  # noqa: E402
@@ -81,48 +77,26 @@ CPU_DISPATCH = dict(
 
 def cpu_dispatch(grid=CPU_DISPATCH) -> int:
     """Times dense dot, impl='dense', impl='xla' and impl='auto' per config; writes the JSON and the table."""
-    rng = np.random.default_rng(0)
     n_keep, m_group = grid["nm"]
-    rows = []
-    for k, m, dt in grid["configs"]:
-        dtype = jnp.dtype(dt)
-        pack = jax.jit(lambda w: pack_nm(w, n=n_keep, m=m_group))
-        w_nms = [
-            pack(jnp.asarray(rng.standard_normal((k, k), np.float32), dtype))
+    pack = jax.jit(lambda w: pack_nm(w, n=n_keep, m=m_group))
+
+    def weights(rng, config):
+        k, m, dt = config
+        ws = [
+            pack(jnp.asarray(rng.standard_normal((k, k), np.float32), dt))
             for _ in range(grid["copies"])
         ]
-        dense_w = [jax.jit(unpack_nm)(w) for w in w_nms]
-        x = jnp.asarray(rng.standard_normal((m, k), np.float32), dtype)
-        dot = jax.jit(
-            lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-        )
-        op = nm_matmul
+        return ws, dict(k=k, n=k, m=m, nm=f"{n_keep}:{m_group}", dtype=dt)
 
-        def jitted(impl, op=op):
-            return jax.jit(lambda x, w: op(x, w, impl=impl))
-
-        fns = {impl: jitted(impl) for impl in ("dense", "xla")}
-        key = dispatch.table_key(sparse_problem(m, w_nms[0], "xla"), "cpu")
-        row = dispatch_check(
-            dense=lambda i: dot(x, dense_w[i]),
-            densify=lambda i: fns["dense"](x, w_nms[i]),
-            sparse=lambda i: fns["xla"](x, w_nms[i]),
-            make_auto=lambda: functools.partial(lambda i, f: f(x, w_nms[i]), f=jitted("auto")),
-            key=key,
-            copies=grid["copies"],
-            chain=grid["chain"],
-            repeats=grid["repeats"],
-        )
-        row.update(k=k, n=k, m=m, nm=f"{n_keep}:{m_group}", dtype=dt)
-        # impl="xla" decompresses too at this size (reference.pick_strategy): auto runs the same computation
-        row["sparse_is_densify"] = nm_reference.pick_strategy(m, w_nms[0]) == "densify"
-        rows.append(row)
-        print_dispatch_row(f"K=N={k} M={m} {n_keep}:{m_group} {dt}", row)
-    out = write_dispatch_json("nm_matmul", grid, rows)
-    print(f"wrote {out}; measured table: {write_measured_table()} entries")
-    worst = min(r["auto_vs_best"] for r in rows)
-    print(f"worst auto / best(densify, sparse): {worst:.3f}x")
-    return 0
+    return run_cpu_dispatch(
+        "nm_matmul",
+        grid,
+        weights,
+        op=nm_matmul,
+        sparse_problem=sparse_problem,
+        to_dense=unpack_nm,
+        pick_strategy=nm_reference.pick_strategy,
+    )
 
 
 FULL = dict(
