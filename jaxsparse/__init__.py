@@ -78,7 +78,13 @@ from jaxsparse.sharding import place_like
 from jaxsparse.stats import flops, global_sparsity, sparsity_summary
 from jaxsparse.transforms.acdc import acdc, acdc_phases
 from jaxsparse.transforms.chase import CHANNEL_SCORES, ChaseState, chase, chase_compact
-from jaxsparse.transforms.common import MaskAlgorithm, MaskContext, SparseState, sparse_training
+from jaxsparse.transforms.common import (
+    MaskAlgorithm,
+    MaskContext,
+    SparseState,
+    sparse_training,
+    state_masks,
+)
 from jaxsparse.transforms.dst import (
     GROWTH_MODES,
     _drop_and_grow_rule,
@@ -160,6 +166,7 @@ __all__ = [
     "MaskContext",
     "SparseState",
     "sparse_training",
+    "state_masks",
     "fixed_masks",
     "one_shot_pruning",
     "gradual_magnitude_pruning",

@@ -49,8 +49,12 @@ def structure(tree: Any) -> Any:
 def check_same_structure(name_a: str, a: Any, name_b: str, b: Any) -> None:
     sa, sb = structure(a), structure(b)
     if sa != sb:
+        hint = ""
+        # masks kept 1 bit per weight (sparse_training(packed_masks=True)) are not masks trees
+        if "PackedMask" in f"{sa}{sb}":
+            hint = " Packed masks (packed_masks=True): read them with jaxsparse.state_masks(state)."
         raise ValueError(
-            f"`{name_a}` and `{name_b}` must have the same tree structure; got\n  {sa}\nand\n  {sb}."
+            f"`{name_a}` and `{name_b}` must have the same tree structure; got\n  {sa}\nand\n  {sb}.{hint}"
         )
 
 

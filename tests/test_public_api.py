@@ -10,6 +10,7 @@ import pytest
 import jaxsparse as js
 from jaxsparse import lottery
 from jaxsparse.transforms import dst, pruning
+from jaxsparse.transforms._factory import PACKED_MASKS_ENTRY
 
 TRANSFORMS = [
     js.fixed_masks,
@@ -30,11 +31,15 @@ def test_every_public_name_resolves():
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS, ids=lambda t: t.__name__)
-def test_each_algorithm_is_one_rule_with_inner_first_and_seed_last(transform):
+def test_each_algorithm_is_one_rule_with_inner_first_and_the_wrapper_options_last(transform):
     params = list(inspect.signature(transform).parameters)
     rule_params = list(inspect.signature(transform.rule).parameters)
-    assert params == ["inner", *rule_params, "seed"]
-    assert transform.__doc__ and transform.__doc__ == transform.rule.__doc__
+    assert params == ["inner", *rule_params, "seed", "packed_masks"]
+    # the rule's docstring, plus the generated entry for packed_masks right after its seed entry
+    entry = "".join(f"      {line}\n" for line in PACKED_MASKS_ENTRY)
+    assert transform.__doc__ and transform.__doc__.replace(entry, "") == transform.rule.__doc__
+    seed_at = transform.__doc__.index("\n      seed: ")
+    assert transform.__doc__.index(entry) > seed_at
     assert transform.__name__ == transform.rule.__name__
 
 

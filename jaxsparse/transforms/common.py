@@ -49,15 +49,32 @@ import optax
 from jax import lax
 from jaxtyping import Array, PyTree
 
-from jaxsparse._tree import check_same_structure, is_none, map_live, map_masked, unwrap
+from jaxsparse._bitmask import (
+    is_mask_leaf,
+    is_packed,
+    is_packed_tree,
+    pack_tree,
+    parts_for,
+    place_packed_like,
+    repack_like,
+    unpack_tree,
+)
+from jaxsparse._tree import check_same_structure, is_none, map_live, map_masked, structure, unwrap
 from jaxsparse.sharding import commit_like, place_like
 
-__all__ = ["AlgorithmState", "MaskAlgorithm", "MaskContext", "SparseState", "sparse_training"]
+__all__ = [
+    "AlgorithmState",
+    "MaskAlgorithm",
+    "MaskContext",
+    "SparseState",
+    "sparse_training",
+    "state_masks",
+]
 
 AlgorithmState = PyTree
 """The algorithm's own state (``MaskContext.extra``, ``SparseState.extra``): a NamedTuple per algorithm
-(e.g. :class:`~jaxsparse.transforms.srigl.SRigLState`), ``()`` when it keeps none. SNFS's is the dense-gradient
-EMA itself, a pytree shaped like ``params`` (``None`` for dense leaves)."""
+(e.g. :class:`~jaxsparse.transforms.srigl.SRigLState`, :class:`~jaxsparse.transforms.dst.SNFSState`), ``()``
+when it keeps none."""
 
 
 class MaskContext(NamedTuple):
@@ -92,7 +109,11 @@ class MaskAlgorithm(NamedTuple):
 
 
 class SparseState(NamedTuple):
-    """State of :func:`sparse_training`: the inner optimizer's state, masks, step counter, PRNG key, extras."""
+    """State of :func:`sparse_training`: the inner optimizer's state, masks, step counter, PRNG key, extras.
+
+    ``masks`` holds bool arrays (``None`` for dense leaves), or with ``packed_masks=True`` their 1-bit packed
+    form; :func:`state_masks` returns the bool masks either way.
+    """
 
     inner_state: optax.OptState
     masks: PyTree
@@ -198,14 +219,19 @@ def _check_pruned_are_zero(masks: PyTree, params: PyTree, step: Array) -> None:
 
 
 def _check_pruned_are_zero_sometimes(
-    masks: PyTree, params: PyTree, step: Array, is_update: Callable[[Array], Array]
+    masks: PyTree,
+    params: PyTree,
+    step: Array,
+    is_update: Callable[[Array], Array],
+    read: Callable[[PyTree], PyTree],
 ) -> None:
     """The check above on step 1, on the step after each mask update (a transform chained after the wrapper shows
     there) and every ``LEAK_CHECK_EVERY`` steps: the full read of params and masks costs a large part of a dense
-    step on small models, so ordinary steps skip it."""
+    step on small models, so ordinary steps skip it. ``read`` turns the stored masks into bool masks (inside the
+    branch, so that ordinary steps do not unpack packed masks for it)."""
     lax.cond(
         (step == 1) | is_update(step - 1) | (step % LEAK_CHECK_EVERY == 0),
-        lambda m, p, t: _check_pruned_are_zero(m, p, t),
+        lambda m, p, t: _check_pruned_are_zero(read(m), p, t),
         lambda m, p, t: None,
         masks,
         params,
@@ -213,11 +239,57 @@ def _check_pruned_are_zero_sometimes(
     )
 
 
+def _check_packed_masks(packed_masks: Any) -> bool:
+    if not isinstance(packed_masks, bool | np.bool_):
+        raise TypeError(f"`packed_masks` must be a bool; got {packed_masks!r}.")
+    return bool(packed_masks)
+
+
+def _check_stored_masks(params: PyTree, masks: PyTree, packed_masks: bool, what: str) -> None:
+    """``masks`` (the state's) match ``params`` and are stored the way the transformation stores them."""
+    if is_packed_tree(masks) != packed_masks and any(
+        m is not None for m in jax.tree.leaves(masks, is_leaf=is_mask_leaf)
+    ):
+        kind = "packed (1 bit per weight)" if not packed_masks else "bool arrays"
+        raise ValueError(
+            f"`{what}` holds masks stored as {kind}, but this transformation was built with "
+            f"packed_masks={packed_masks}: use the state of a transformation built with the same "
+            f"packed_masks (a checkpoint restores into the state of the transformation that wrote it)."
+        )
+    if not packed_masks:
+        check_same_structure("params", params, what, masks)
+        return
+    got = jax.tree.structure(unwrap(masks), is_leaf=is_mask_leaf)
+    if structure(params) != got:
+        raise ValueError(
+            f"`params` and `{what}` must have the same tree structure; got\n  {structure(params)}\n"
+            f"and\n  {got} (a packed mask counts as one leaf)."
+        )
+    for (path, m), p in zip(
+        jax.tree_util.tree_flatten_with_path(unwrap(masks), is_leaf=is_mask_leaf)[0],
+        jax.tree.leaves(unwrap(params), is_leaf=is_none),
+    ):
+        if is_packed(m) and m.shape != tuple(jnp.shape(p)):
+            raise ValueError(
+                f"`{what}` at {jax.tree_util.keystr(path)} packs a mask of shape {m.shape}; its "
+                f"parameter has shape {tuple(jnp.shape(p))}."
+            )
+
+
+def _same(tree: PyTree) -> PyTree:
+    return tree
+
+
+def _same_form(tree: PyTree, like: PyTree) -> PyTree:
+    return tree
+
+
 def sparse_training(
     inner: optax.GradientTransformation | optax.MultiSteps,
     algorithm: MaskAlgorithm,
     *,
     seed: int | Array = 0,
+    packed_masks: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that training follows ``algorithm``'s masks; ``params`` must be passed to ``update``.
 
@@ -228,23 +300,37 @@ def sparse_training(
     ``sparse_training(inner, jaxsparse.rigl.rule(...), seed=seed)``); call it directly for a custom
     :class:`MaskAlgorithm`.
 
+    **Packed masks.** By default ``state.masks`` holds one bool (1 byte) per weight. With ``packed_masks=True``
+    it holds 1 bit per weight: each mask is a ``PackedMask`` whose one array leaf, ``bits``, is ``uint8`` of
+    shape ``(*shape[:-1], ceil(shape[-1] / 8))`` (entry ``j`` of the last axis is bit ``j % 8``, least
+    significant first, of word ``j // 8``; with NumPy ``np.unpackbits(bits, axis=-1, count=shape[-1],
+    bitorder="little")``), sharded like its parameter. Where a parameter's last axis is split over ``k`` devices
+    in shares that are not whole words, each share is packed on its own (``k * ceil(shape[-1] / (8 * k))``
+    words; ``jaxsparse/_bitmask.py`` has the details), so every device unpacks its own entries from its own
+    words. Training is bit-identical: the algorithm's rule still sees and returns bool masks (unpacked before it
+    and packed after it, on update steps only), and ordinary steps unpack the bits inside the fused masked
+    update. Read bool masks with :func:`state_masks` (``jaxsparse.apply_masks`` and the other functions taking
+    masks need bool masks, and say so when given packed ones). Checkpoints store the bits.
+
     Args:
       inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
       algorithm: the :class:`MaskAlgorithm` deciding the masks.
       seed: an int seeding the state's PRNG key (may be traced under ``vmap``).
+      packed_masks: store the masks 1 bit per weight instead of 1 byte (see above).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SparseState`; ``update(grads, state,
       params)`` needs ``params``.
 
     Raises:
-      TypeError: ``inner`` is not an optax transformation, ``algorithm`` is not a :class:`MaskAlgorithm`, or
-        ``seed`` is not an int.
-      ValueError: in ``update``, missing ``params`` or ``grads``/``params``/masks of different structures.
+      TypeError: ``inner`` is not an optax transformation, ``algorithm`` is not a :class:`MaskAlgorithm`,
+        ``seed`` is not an int or ``packed_masks`` not a bool.
+      ValueError: in ``update``, missing ``params``, ``grads``/``params``/masks of different structures, or a
+        state whose masks are stored otherwise than ``packed_masks`` says.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from jaxsparse import sparse_training, fixed_masks
+      >>> from jaxsparse import sparse_training, fixed_masks, state_masks
       >>> params = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}
       >>> mask = {"w": jnp.array([[True, False], [True, True]])}
       >>> tx = sparse_training(optax.adam(0.1), fixed_masks.rule(mask))
@@ -252,6 +338,9 @@ def sparse_training(
       >>> updates, state = tx.update({"w": jnp.ones((2, 2))}, state, params)
       >>> optax.apply_updates(params, updates)["w"][0, 1].item()
       0.0
+      >>> packed = sparse_training(optax.adam(0.1), fixed_masks.rule(mask), packed_masks=True).init(params)
+      >>> packed.masks["w"].bits.dtype.name, packed.masks["w"].bits.shape, state_masks(packed)["w"].tolist()
+      ('uint8', (2, 1), [[True, False], [True, True]])
     """
     inner = _as_transformation(inner)
     if not isinstance(algorithm, MaskAlgorithm):
@@ -259,18 +348,27 @@ def sparse_training(
     if not isinstance(seed, jax.core.Tracer) and not isinstance(seed, jax.Array):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int; got {seed!r}.")
+    packed_masks = _check_packed_masks(packed_masks)
+    # stored masks -> bool masks (read), and the rule's bool masks -> the stored form of ``like`` (write)
+    read, write = (unpack_tree, repack_like) if packed_masks else (_same, _same_form)
+
+    def init_stored(params, key, parts):
+        masks, extra = algorithm.init(params, key)
+        check_same_structure("params", params, "initial masks", masks)
+        return (pack_tree(masks, parts) if packed_masks else masks), extra
 
     # one compiled computation (cached per params shapes) instead of hundreds of eager ops; the mask rules batch
     # leaves by shape, so its size does not grow with the number of leaves
-    init_masks = jax.jit(algorithm.init)
+    init_masks = jax.jit(init_stored, static_argnums=2)
 
     def init_fn(params):
         params = unwrap(params)
         _check_params(params)
         key = jax.random.PRNGKey(seed)
-        masks, extra = init_masks(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF))
-        check_same_structure("params", params, "initial masks", masks)
-        masks = place_like(masks, params)
+        # how each packed mask splits its last axis: per device share where a share is not whole words
+        parts = tuple(parts_for(p) for p in jax.tree.leaves(params)) if packed_masks else None
+        masks, extra = init_masks(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF), parts)
+        masks = place_packed_like(masks, params) if packed_masks else place_like(masks, params)
         state = SparseState(
             inner_state=inner.init(params),
             masks=masks,
@@ -285,10 +383,13 @@ def sparse_training(
             raise ValueError("sparse_training needs `params` in update(grads, state, params).")
         params, grads = unwrap(params), unwrap(grads)
         check_same_structure("grads", grads, "params", params)
-        check_same_structure("params", params, "state.masks", state.masks)
-        _check_pruned_are_zero_sometimes(state.masks, params, state.step, algorithm.is_update)
+        _check_stored_masks(params, state.masks, packed_masks, "state.masks")
+        stored = unwrap(
+            state.masks
+        )  # bool masks, or their packed bits: unpacked where they are read
+        _check_pruned_are_zero_sometimes(stored, params, state.step, algorithm.is_update, read)
         ctx = MaskContext(
-            state.masks,
+            stored,
             params,
             grads,
             state.step,
@@ -298,7 +399,8 @@ def sparse_training(
 
         def run_rule(c):
             with jax.named_scope(MASK_RULE_SCOPE):  # tests find the rule's ops by this name
-                return (*algorithm.update(c), jnp.ones((), bool))
+                masks, extra = algorithm.update(c._replace(masks=read(c.masks)))
+                return write(masks, c.masks), extra, jnp.ones((), bool)
 
         def keep(c):
             return c.masks, c.extra, jnp.zeros((), bool)
@@ -308,22 +410,24 @@ def sparse_training(
         # (and so duplicate) the all-leaves finiteness reduction into each leaf's update.
         if algorithm.observe is not None:  # the state changes every step: check every step
             finite = _all_finite(grads)
-            ctx = ctx._replace(extra=_select(finite, algorithm.observe(ctx), state.extra))
-            masks, extra, do_update = lax.cond(
+            observed = algorithm.observe(ctx._replace(masks=read(stored)))
+            ctx = ctx._replace(extra=_select(finite, observed, state.extra))
+            new_stored, extra, do_update = lax.cond(
                 algorithm.is_update(state.step) & finite, run_rule, keep, ctx
             )
         else:  # the finiteness reduction runs on mask-update steps only
-            masks, extra, do_update = lax.cond(
+            new_stored, extra, do_update = lax.cond(
                 algorithm.is_update(state.step),
                 lambda c: lax.cond(_all_finite(c.grads), run_rule, keep, c),
                 keep,
                 ctx,
             )
+        masks = read(new_stored)  # packed: shifts and ands, fused into the elementwise passes below
         inner_state, grad_masks = state.inner_state, masks
         if (
             algorithm.grows
         ):  # elementwise, fused with the inner update; the optimizer state stays out of the cond
-            grown = map_live(lambda new, old: new & ~old, masks, state.masks)
+            grown = map_live(lambda new, old: new & ~old, masks, read(stored))
             inner_state = _zero_moments(inner, inner_state, grown, params)
             if algorithm.skip_step_on_update:  # grown weights see no gradient on the skipped step
                 grad_masks = map_live(lambda m, g: m & ~g, masks, grown)
@@ -342,6 +446,44 @@ def sparse_training(
             params,
             is_leaf=is_none,
         )
-        return updates, SparseState(new_inner, masks, state.step + 1, state.key, extra)
+        return updates, SparseState(new_inner, new_stored, state.step + 1, state.key, extra)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def state_masks(state: PyTree) -> PyTree:
+    """The bool masks of a :func:`sparse_training` state, whether it stores them packed or not.
+
+    Finds the one :class:`SparseState` inside ``state`` (the state itself, or an optax state holding it:
+    ``optax.chain``, ``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.inject_hyperparams``, an
+    ``nnx.Optimizer``'s ``opt_state``...) and returns its masks as bool arrays shaped like ``params`` (``None``
+    for dense leaves), unpacking those stored 1 bit per weight (``packed_masks=True``). Works under ``jit``.
+
+    Args:
+      state: a :class:`SparseState` or an optax state containing exactly one.
+
+    Returns:
+      The masks pytree (bool arrays; ``None`` for dense leaves); with a ``vmap``-ed state, each mask keeps the
+      batch axes in front.
+
+    Raises:
+      ValueError: ``state`` contains no :class:`SparseState`, or more than one.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, jaxsparse as js
+      >>> params = {"w": jnp.array([[1.0, -3.0, 0.5]]), "b": jnp.zeros(3)}
+      >>> masks = {"w": jnp.array([[False, True, False]]), "b": None}
+      >>> tx = js.fixed_masks(optax.sgd(0.1), masks, packed_masks=True)
+      >>> state = optax.chain(optax.clip(1.0), tx).init(params)
+      >>> masks = js.state_masks(state)
+      >>> masks["w"].tolist(), masks["b"]
+      ([[False, True, False]], None)
+    """
+    is_state = lambda x: isinstance(x, SparseState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(state, is_leaf=is_state) if is_state(x)]
+    if len(found) != 1:
+        raise ValueError(
+            f"`state` must contain exactly one jaxsparse SparseState; found {len(found)} in a "
+            f"{type(state).__name__} (pass that SparseState itself)."
+        )
+    return unpack_tree(unwrap(found[0].masks))
