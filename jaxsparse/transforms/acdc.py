@@ -188,6 +188,7 @@ def acdc(
     /,
     *args: Any,
     seed: int = 0,
+    packed_masks: bool = False,
     **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """AC/DC around any optax optimizer: dense warm-up, alternating compressed/decompressed phases, compressed end.
@@ -210,6 +211,8 @@ def acdc(
       scope: ``"global"`` (one magnitude threshold over all sparse leaves) or ``"layer"``.
       reset_momentum: zero the inner optimizer's moments at the start of each decompressed phase.
       seed: unused by the rule (kept for the shared signature).
+      packed_masks: store the masks 1 bit per weight instead of 1 byte (bit-identical training; read them
+        with :func:`jaxsparse.state_masks`; see :func:`jaxsparse.sparse_training`).
 
     Returns:
       The optax transformation (``update`` needs ``params``).
@@ -229,7 +232,7 @@ def acdc(
     algo, resets = _build(*args, **kwargs)
     if resets:
         inner = _reset_moments_at(inner, resets)
-    return sparse_training(inner, algo, seed=seed)
+    return sparse_training(inner, algo, seed=seed, packed_masks=packed_masks)
 
 
 def _bare_rule(*args: Any, **kwargs: Any) -> MaskAlgorithm:
@@ -242,6 +245,9 @@ acdc.__signature__ = _sig.replace(
         inspect.Parameter("inner", inspect.Parameter.POSITIONAL_ONLY),
         *_sig.parameters.values(),
         inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0),
+        inspect.Parameter(
+            "packed_masks", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool
+        ),
     ],
     return_annotation=optax.GradientTransformationExtraArgs,
 )

@@ -98,6 +98,24 @@ def test_parts_and_bits_sharding_follow_the_parameter():
 
 
 # ------------------------------------------------------------------------------------------------ training
+_LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+@contextlib.contextmanager
+def _count_lowerings(name):
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == _LOWERING and name in str(kwargs.get("fun_name", "")):
+            seen.append(kwargs["fun_name"])
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def _params():
     k = jax.random.split(jax.random.PRNGKey(0), 3)
     return {
@@ -155,13 +173,13 @@ ALGORITHMS = {
 
 def _run(tx, params, steps=7):
     @jax.jit
-    def step(p, s):
+    def run_step(p, s):
         updates, s = tx.update(jax.grad(_loss)(p, None), s, p)
         return optax.apply_updates(p, updates), s
 
     state = tx.init(params)
     for _ in range(steps):
-        params, state = step(params, state)
+        params, state = run_step(params, state)
     return params, state
 
 
@@ -177,7 +195,9 @@ def _assert_same_run(a, b):
 def test_packed_run_is_bit_identical_to_bool_masks(name):
     params = _params()
     plain = _run(ALGORITHMS[name](False), params)
-    packed = _run(ALGORITHMS[name](True), params)
+    with _count_lowerings("run_step") as seen:
+        packed = _run(ALGORITHMS[name](True), params)
+    assert len(seen) == 1, seen  # the whole run (update steps 2, 4, 6 included) compiles once
     _assert_same_run(plain, packed)
     masks = js.state_masks(packed[1])
     leaves = jax.tree.leaves(packed[1].masks, is_leaf=lambda x: isinstance(x, PackedMask))
@@ -201,24 +221,6 @@ def test_packed_mask_state_is_one_bit_per_weight():
     assert nbytes(plain) == 4 * 64 + 3 * 16 * 24 + 5 * 13
     assert nbytes(packed) == (4 * 64 + 3 * 16 * 24) // 8 + 5 * 2  # 13 entries take 2 words per row
     assert 8 * (nbytes(packed) - 5 * 2) == nbytes(plain) - 5 * 13
-
-
-_LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-
-
-@contextlib.contextmanager
-def _count_lowerings(name):
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == _LOWERING and name in str(kwargs.get("fun_name", "")):
-            seen.append(kwargs["fun_name"])
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _mesh_params():
@@ -275,23 +277,6 @@ def test_sharded_packed_run_compiles_once_and_keeps_the_bits_sharding(name):
     for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(reference[0])):
         eps = float(np.finfo(np.float32).eps)
         np.testing.assert_allclose(got, ref, rtol=0, atol=4 * eps * float(np.max(np.abs(ref))))
-
-
-def test_uncommitted_packed_run_compiles_once():
-    tx = ALGORITHMS["rigl"](True)
-
-    def packed_plain_step(p, s):
-        updates, s = tx.update(jax.grad(_loss)(p, None), s, p)
-        return optax.apply_updates(p, updates), s
-
-    step = jax.jit(packed_plain_step)
-    with _count_lowerings("packed_plain_step") as seen:
-        params = _params()
-        state = tx.init(params)
-        for _ in range(5):
-            params, state = step(params, state)
-        jax.block_until_ready(params)
-    assert len(seen) == 1, seen
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
@@ -361,9 +346,13 @@ def test_mask_functions_refuse_packed_masks_and_state_masks_reads_them():
         js.state_masks(optax.adam(0.1).init(params))
 
 
-def test_every_generated_transform_takes_and_documents_packed_masks():
-    for name in ("rigl", "set_training", "snfs", "granet", "static_sparse", "fixed_masks"):
-        transform = getattr(js, name)
+def test_every_training_transform_takes_and_documents_packed_masks():
+    transforms = [getattr(js, n) for n in js.__all__ if hasattr(getattr(js, n), "rule")]
+    assert {t.__name__ for t in transforms} >= {"rigl", "set_training", "acdc", "srigl", "chase"}
+    for transform in transforms:
         parameter = inspect.signature(transform).parameters["packed_masks"]
         assert parameter.kind is parameter.KEYWORD_ONLY and parameter.default is False
         assert "packed_masks: store the masks 1 bit per weight" in transform.__doc__
+    params = {"w": jnp.ones((4, 10))}
+    state = js.acdc(optax.sgd(0.1), 0.5, total_steps=10, packed_masks=True).init(params)
+    assert state.masks["w"].bits.shape == (4, 2)
