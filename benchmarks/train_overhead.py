@@ -7,7 +7,8 @@ slow period of the machine hits all of them alike. Per configuration:
 * ``median_ratio``: median time of steps *without* a mask update / median dense step time;
 * ``mean_ratio``: mean time over all steps (one mask update every 100 steps) / mean dense step time;
 * ``update_step_ms``: median time of the steps that do update masks;
-* ``mask_bytes_per_param``: bytes of mask state per parameter of the model;
+* ``mask_bytes_per_param``: bytes of mask state per parameter of the model (the ``*_packed`` rows keep their masks
+  1 bit per weight, ``packed_masks=True``);
 * ``compile_s``: time to compile the step.
 
 Run: ``python benchmarks/train_overhead.py [--rounds 10] [--out benchmarks/results/train_overhead.json]``.
@@ -89,6 +90,23 @@ def configs() -> dict[str, tuple[optax.GradientTransformation, Callable | None]]
             None,
         ),
         "rigl_80": (js.rigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
+        # the same two with masks kept 1 bit per weight (packed_masks=True: unpacked inside the masked update)
+        "magnitude_80_packed": (
+            js.gradual_magnitude_pruning(
+                adam,
+                SPARSITY,
+                begin_step=0,
+                end_step=10**9,
+                frequency=UPDATE_EVERY,
+                initial_sparsity=SPARSITY,
+                packed_masks=True,
+            ),
+            None,
+        ),
+        "rigl_80_packed": (
+            js.rigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9, packed_masks=True),
+            None,
+        ),
         # SRigL: constant fan-in + neuron ablation (per-column top-k on update steps)
         "srigl_80": (js.srigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9), None),
         # AC/DC with 100-step compressed / decompressed phases: a mask edge every 100 steps
