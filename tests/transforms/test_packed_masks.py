@@ -356,3 +356,23 @@ def test_every_training_transform_takes_and_documents_packed_masks():
     params = {"w": jnp.ones((4, 10))}
     state = js.acdc(optax.sgd(0.1), 0.5, total_steps=10, packed_masks=True).init(params)
     assert state.masks["w"].bits.shape == (4, 2)
+
+
+def test_nnx_optimizer_trains_with_packed_masks():
+    from flax import nnx
+
+    model = nnx.Linear(12, 20, rngs=nnx.Rngs(0))
+    tx = js.rigl(optax.adam(1e-2), 0.5, update_every=1, total_steps=10, packed_masks=True)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    first = js.state_masks(opt.opt_state)
+
+    @nnx.jit
+    def step(model, opt, x):
+        opt.update(model, nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model))
+
+    for _ in range(3):
+        step(model, opt, jnp.ones((3, 12)))
+    masks = js.state_masks(opt.opt_state)
+    assert masks["bias"] is None and masks["kernel"].dtype == jnp.bool_
+    assert int(masks["kernel"].sum()) == 120 and bool((masks["kernel"] != first["kernel"]).any())
+    assert int(((model.kernel.get_value() != 0) & ~masks["kernel"]).sum()) == 0
