@@ -324,6 +324,9 @@ def test_a_state_stored_the_other_way_raises_naming_the_option():
         plain.update(params, packed.init(params), params)
     with pytest.raises(ValueError, match="packed_masks=True"):
         packed.update(params, plain.init(params), params)
+    other = {**params, "out": jnp.ones((20, 8))}
+    with pytest.raises(ValueError, match=r"\['out'\] packs a mask of shape \(20, 16\)"):
+        packed.update(other, packed.init(params), other)
 
 
 def test_mask_functions_refuse_packed_masks_and_state_masks_reads_them():
