@@ -262,8 +262,9 @@ def compressed_shardings(mesh: Mesh, tree: dict) -> dict:
 def part_compressed(mesh: Mesh, out_dir: str) -> dict:
     """The compressed N:M format of a 2:4-pruned model, sharded over the mesh, saved with orbax and read back.
 
-    ``convert.compress`` reads the masks on the host, so it runs here on replicated copies; the compressed
-    arrays are then sharded over both processes before saving (see ``part_compress_sharded``).
+    ``convert.compress`` runs here on replicated copies of params and masks (``part_compress_sharded`` runs it
+    on the sharded ones; the test compares the two); the compressed arrays are then sharded over both processes
+    before saving.
     """
     params = init_params(mesh)
     replicated = NamedSharding(mesh, P())
@@ -283,11 +284,32 @@ def part_compressed(mesh: Mesh, out_dir: str) -> dict:
     }
 
 
+def block_masks(params: dict) -> dict:
+    """A 4x4-block mask of ``Dense_0``'s kernel (the blocks whose |w| sum is above the mean block sum), on its
+    sharding; ``None`` (dense) for every other leaf."""
+
+    def one(w):
+        sums = jnp.abs(w).reshape(w.shape[0] // 4, 4, w.shape[1] // 4, 4).sum((1, 3))
+        return jnp.repeat(jnp.repeat(sums > sums.mean(), 4, axis=0), 4, axis=1)
+
+    kernel = jax.jit(one)(params["Dense_0"]["kernel"])
+    return {k: {"kernel": kernel if k == "Dense_0" else None, "bias": None} for k in params}
+
+
 def part_compress_sharded(mesh: Mesh, out_dir: str) -> dict:
-    """``convert.compress`` on params and masks sharded over both processes."""
+    """``convert.compress`` (N:M and block) on params and masks sharded over both processes: the mask checks
+    and block counts reach the host only as replicated scalars."""
     params = init_params(mesh)
-    cparams, pattern = convert.compress(params, nm_masks(params), format="nm")
-    return {"params": cparams, "pattern": pattern}
+    out = {}
+    for fmt, masks, kw in (("nm", nm_masks, {}), ("block", block_masks, {"block": (4, 4)})):
+        mk = masks(params)
+        cparams, pattern = convert.compress(params, mk, format=fmt, **kw)
+        out[fmt] = {
+            "params": cparams,
+            "pattern": pattern,
+            "masks_fully_addressable": addressability(mk),
+        }
+    return out
 
 
 PARTS = {

@@ -10,6 +10,8 @@ Compared (``multihost_programs.py`` has the programs):
   added in a different order; measured: at most 2.4);
 * orbax checkpoints of those states and of the compressed N:M format, written by 2 processes, read back by the
   same 2 and by this single process: bit-identical;
+* ``jaxsparse.flax.convert.compress`` (N:M and block) of params and masks sharded over both processes: the same
+  arrays as on one process, and for N:M as compressing replicated copies;
 * post-training: Wanda norms and SparseGPT ``X^T X`` sums from per-process calibration batches, and the models
   pruned by ``prune_linen`` with Wanda (50%) and SparseGPT (2:4): bit-identical.
 
@@ -62,7 +64,7 @@ def runs(tmp_path_factory):
         ]
         mesh = mp.make_mesh()
         ref_dir = tmp_path_factory.mktemp("one_process")
-        reference = {part: mp.PARTS[part](mesh, str(ref_dir)) for part in PARTS[:3]}
+        reference = {part: mp.PARTS[part](mesh, str(ref_dir)) for part in PARTS}
         outputs, example_outputs = (f.result() for f in futures)
     print(f"2-process runs and the reference: {time.perf_counter() - t0:.1f} s")
     return out, reference, (example_outputs, ckpt)
@@ -170,13 +172,25 @@ def test_compressed_format_across_processes(two_processes, one_process):
     assert values and not any(addressable[k] for k in values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxsparse.flax.convert.compress reads each mask on the host (np.asarray), which a mask "
-    "sharded over several processes does not allow",
-)
-def test_compress_masks_sharded_over_processes(two_processes):
-    load(two_processes, "compress_sharded")
+def test_compress_masks_sharded_over_processes(two_processes, one_process):
+    """``convert.compress`` of params and masks that no process fully addresses (N:M and block): the same
+    compressed arrays as on one process."""
+    got = load(two_processes, "compress_sharded")
+    want = gather(one_process["compress_sharded"])
+    compressed = {k: v for k, v in want.items() if "masks_fully_addressable" not in k}
+    assert any("kernel_values" in k for k in compressed) and any(
+        "kernel_blocks" in k for k in compressed
+    )
+    assert_same({k: got[k] for k in want if k in compressed}, compressed)
+    # no process could address every shard of any kernel mask (N:M: 3 kernels, block: Dense_0)
+    addressable = {k: v for k, v in got.items() if "masks_fully_addressable" in k and "kernel" in k}
+    assert len(addressable) == 4 and not any(addressable.values())
+    # N:M: the same packing as the compressed part (there compressed then resharded)
+    nm = select(got, "['nm']")
+    assert_same(
+        {k: nm[k] for k in nm if "fully_addressable" not in k},
+        select(load(two_processes, "compressed"), "['compressed']"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ post-training
