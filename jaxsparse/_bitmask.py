@@ -12,7 +12,9 @@ devices and a device's share ``n / k`` is not a multiple of 8, the last axis is 
 device unpacks its own entries from its own words (no data moves on ordinary steps, and the mask rule's output
 comes back with the same sharding, so the step compiles once). With ``parts = 1`` (the parameter unsharded on
 its last axis, shares of whole words, or ``init`` under a trace) the two layouts coincide. A last axis that does
-not split evenly keeps ``parts = 1`` and its bits are replicated along it.
+not split evenly keeps ``parts = 1`` and its bits are replicated along it. ``parts`` is static (part of the
+state's tree structure): a checkpoint restores into a state initialised with the same split
+(``jaxsparse.checkpoint`` compares the shapes and names the leaf otherwise).
 
 **Unpacking** is a shift, an ``and`` and reshapes that merge or split axes: elementwise, so XLA fuses it into the
 masked update that reads it.

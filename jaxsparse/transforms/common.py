@@ -310,7 +310,8 @@ def sparse_training(
     words. Training is bit-identical: the algorithm's rule still sees and returns bool masks (unpacked before it
     and packed after it, on update steps only), and ordinary steps unpack the bits inside the fused masked
     update. Read bool masks with :func:`state_masks` (``jaxsparse.apply_masks`` and the other functions taking
-    masks need bool masks, and say so when given packed ones). Checkpoints store the bits.
+    masks need bool masks, and say so when given packed ones). Checkpoints store the bits (restore them
+    into a state initialised with the same packing and placement).
 
     Args:
       inner: the optax optimizer whose updates are masked (a ``GradientTransformation`` or ``optax.MultiSteps``).
