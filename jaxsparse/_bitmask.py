@@ -114,11 +114,16 @@ def unpack(packed: PackedMask) -> Any:
     return (entries != 0).reshape(*batch, *shape)
 
 
+_pack_one = jax.jit(
+    pack, static_argnums=1
+)  # eager callers (tx.init): one cached executable per shape
+
+
 def pack_tree(masks: Any, parts: tuple[int, ...] | None = None) -> Any:
     """Packs every bool mask of a masks tree (``None`` stays ``None``); ``parts``: one per leaf (1 if omitted)."""
     flat, treedef = jax.tree.flatten(masks, is_leaf=is_none)
     parts = parts or (1,) * len(flat)
-    return treedef.unflatten([None if m is None else pack(m, k) for m, k in zip(flat, parts)])
+    return treedef.unflatten([None if m is None else _pack_one(m, k) for m, k in zip(flat, parts)])
 
 
 def repack_like(masks: Any, stored: Any) -> Any:
