@@ -87,6 +87,7 @@ from jaxsparse.transforms.common import (
 )
 from jaxsparse.transforms.dst import (
     GROWTH_MODES,
+    SNFSState,
     _drop_and_grow_rule,
     granet,
     rigl,
@@ -171,6 +172,7 @@ __all__ = [
     "one_shot_pruning",
     "gradual_magnitude_pruning",
     "GROWTH_MODES",
+    "SNFSState",
     "static_sparse",
     "set_training",
     "rigl",

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import Array
+from jax import Array, lax
 
 
 class Grouping(NamedTuple):
@@ -96,16 +96,20 @@ def stack(g: Grouping, leaves: Sequence[Array]) -> list[Array]:
 
 
 def unstack(g: Grouping, stacked: Sequence[Array], n_leaves: int | None = None) -> list[Array]:
-    """Inverse of :func:`stack`: the list of leaves (positions not in any group stay ``None``)."""
+    """Inverse of :func:`stack`: the list of leaves (positions not in any group stay ``None``).
+
+    Leaves are cut with ``dynamic_slice`` at constant offsets: under ``jit`` XLA folds them to static slices, and
+    eagerly every cut of one group reuses one compiled executable (a static slice would compile per offset).
+    """
     out: list = [None] * (n_leaves if n_leaves is not None else len(g.axes))
     for ms, x in zip(g.members, stacked):
         start = 0
         for i in ms:
             n = g.units[i]
-            part = x if len(ms) == 1 else x[start : start + n]
+            part = x if len(ms) == 1 else lax.dynamic_slice_in_dim(x, start, n)
             start += n
             ax = g.axes[i]
-            out[i] = part[0] if ax is None else jnp.moveaxis(part, 0, ax)
+            out[i] = part.reshape(part.shape[1:]) if ax is None else jnp.moveaxis(part, 0, ax)
     return out
 
 

@@ -113,23 +113,57 @@ def select_stacked(g: _g.Grouping, keys: Sequence[Array], ks: Array, shared: boo
     return [a | b for a, b in zip(greater, kept_ties)]
 
 
-@functools.partial(jax.jit, static_argnames=("shared", "axes"))
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _select_groups(g: _g.Grouping, stacked: list[Array], ks: Array, shared: bool) -> list[Array]:
+    return select_stacked(g, [ordered_key(s) for s in stacked], ks, shared)
+
+
 def select_top(
     scores: list[Array], ks: Array, shared: bool, axes: tuple[int | None, ...] | None = None
 ) -> list[Array]:
     """Top-k masks of a list of score arrays; ``ks`` per unit in group order, or one scalar if ``shared``.
 
-    Jitted so that an eager call is one cached executable rather than hundreds of eager ops.
+    The selection is one jitted computation per grouping (its size set by the number of distinct unit shapes);
+    stacking and unstacking the leaves stay outside it, so an eager call runs a few cached executables per leaf
+    instead of compiling a program that grows with the number of leaves.
     """
     g = _g.grouping([s.shape for s in scores], axes)
-    keys = _g.stack(g, [ordered_key(s) for s in scores])
-    return _g.unstack(g, select_stacked(g, keys, ks, shared))
+    return _g.unstack(g, _select_groups(g, _g.stack(g, scores), ks, shared))
 
 
 def unit_ks(
     shapes: Sequence[tuple[int, ...]], axes: Sequence[int | None] | None, ks: Sequence
 ) -> Array:
     return _g.per_unit(_g.grouping(shapes, axes), list(ks))
+
+
+def unit_seeds(g: _g.Grouping, key: Array, n_leaves: int, live: Sequence[int]) -> Array:
+    """Per-unit hash seeds (group order) equal to :func:`jaxsparse.random_scores`' per-leaf seeds: one draw of
+    ``n_leaves`` seeds from ``key``, leaf ``live[j]``'s seed for every unit of the ``j``-th grouped leaf."""
+    seeds = jax.random.bits(key, (n_leaves,), jnp.uint32)
+    return seeds[np.asarray(live, np.int64)[g.leaf_of_unit()]]
+
+
+def stacked_uniform(g: _g.Grouping, seeds: Array) -> list[Array]:
+    """:func:`hash_uniform` of every unit, one ``(units, *unit_shape)`` array per group: the same numbers
+    :func:`jaxsparse.random_scores` gives leaf by leaf (a stacked leaf's slices continue its flat index)."""
+    offsets = jnp.asarray(g.slice_of_unit() * g.unit_sizes(), jnp.uint32)
+    out = []
+    for shape, s, off in zip(g.shapes, _g.split(g, seeds), _g.split(g, offsets)):
+        ndim = len(shape) + 1  # flat index within the unit, broadcast over the units
+        out.append(hash_uniform((1, *shape), _g.bcast(s, ndim), _g.bcast(off, ndim)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def random_top(
+    g: _g.Grouping, key: Array, n_leaves: int, live: tuple[int, ...], ks: Array
+) -> list[Array]:
+    """Top-``ks`` (per unit, group order) of :func:`stacked_uniform` with :func:`unit_seeds` from ``key``: exactly
+    the per-unit top-k of :func:`jaxsparse.random_scores`, computed on the groups (one hash and one selection per
+    distinct unit shape, one compiled program per grouping). Returns the stacked groups."""
+    uniforms = stacked_uniform(g, unit_seeds(g, key, n_leaves, live))
+    return select_stacked(g, [ordered_key(u) for u in uniforms], ks, False)
 
 
 def hash_uniform(shape: tuple[int, ...], seed: Array, offset: Array | int = 0) -> Array:

@@ -8,6 +8,7 @@ the sum of those counts, chosen by one threshold across leaves.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,11 +16,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
+from jaxsparse import _groups as _g
+from jaxsparse import _topk
 from jaxsparse import _validation as v
 from jaxsparse._scores import allowed_scores, masks_from_counts
 from jaxsparse._tree import check_same_structure, is_none, map_live, unwrap
 from jaxsparse.allocation import Budget, as_budget, keep_count, layer_axes
-from jaxsparse.masks import random_scores
 
 __all__ = [
     "leaf_sparsities",
@@ -185,12 +187,23 @@ def random_masks(key: PRNGKeyArray, params: PyTree, sparsity: float | Budget | P
       >>> int(m["w"].sum())
       10
     """
-    return masks_from_scores(
-        random_scores(key, params),
-        leaf_sparsities(sparsity, params),
-        "layer",
-        layer_axes(sparsity, params),
-    )
+    sparsities = leaf_sparsities(sparsity, params)
+    axes = layer_axes(sparsity, params)
+    if axes is None:
+        axes = jax.tree.map(lambda s: None, sparsities, is_leaf=is_none)
+    leaves = jax.tree.flatten(unwrap(params), is_leaf=is_none)[0]
+    flat_s = jax.tree.flatten(sparsities, is_leaf=is_none)[0]
+    flat_a = jax.tree.flatten(axes, is_leaf=is_none)[0]
+    live = [i for i, s in enumerate(flat_s) if s is not None]
+    out: list = [None] * len(leaves)
+    if live:  # the hash and the selection run once per group of equally shaped units
+        g = _g.grouping([jnp.shape(leaves[i]) for i in live], [flat_a[i] for i in live])
+        sizes = [math.prod(jnp.shape(leaves[i])) // g.units[j] for j, i in enumerate(live)]
+        ks = _g.per_unit(g, [keep_count(flat_s[i], n) for i, n in zip(live, sizes)])
+        picked = _topk.random_top(g, key, len(leaves), tuple(live), ks)
+        for i, m in zip(live, _g.unstack(g, picked)):
+            out[i] = m
+    return jax.tree.unflatten(jax.tree.structure(sparsities, is_leaf=is_none), out)
 
 
 def snip_masks(

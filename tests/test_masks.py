@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxsparse as js
@@ -204,3 +204,40 @@ def test_random_scores_uniform_deterministic_and_key_dependent():
     chi2 = np.sum((counts - a.size / 20) ** 2 / (a.size / 20))
     assert chi2 < 50  # 19 degrees of freedom; p < 1e-3 above ~43.8
     assert abs(np.corrcoef(a[:-1], a[1:])[0, 1]) < 0.01  # neighbouring entries are not correlated
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shapes=st.lists(st.sampled_from([(4, 6), (6, 4), (3, 4, 5), (8,)]), min_size=1, max_size=5),
+    sparsity=st.sampled_from([0.0, 0.3, 0.75, 0.9]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_masks_are_the_top_k_of_random_scores(shapes, sparsity, seed):
+    """``random_masks`` (hashed and selected per group of equal shapes) keeps exactly the per-leaf top-k of
+    ``random_scores`` for the same key, dense (``None``) leaves included in the seed order."""
+    params = {f"l{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
+    params["dense"] = jnp.zeros((4, 6))
+    per_leaf = {k: (None if k == "dense" else sparsity) for k in params}
+    key = jax.random.PRNGKey(seed)
+    got = js.random_masks(key, params, per_leaf)
+    want = js.masks_from_scores(js.random_scores(key, params), per_leaf)
+    assert got["dense"] is None
+    for k in params:
+        if k != "dense":
+            assert got[k].dtype == jnp.bool_ and (np.asarray(got[k]) == np.asarray(want[k])).all()
+            assert int(got[k].sum()) == js.keep_count(sparsity, params[k].size)
+
+
+def test_random_masks_of_stacked_leaves_match_random_scores_per_slice():
+    params = {"layers": jnp.zeros((3, 8, 4)), "head": jnp.zeros((8, 4))}
+    b = js.budget(0.5, layer_axis={"layers": 0})
+    key = jax.random.PRNGKey(3)
+    got = js.random_masks(key, params, b)
+    want = js.masks_from_scores(
+        js.random_scores(key, params),
+        js.leaf_sparsities(b, params),
+        layer_axes=js.layer_axes(b, params),
+    )
+    for k in params:
+        assert (np.asarray(got[k]) == np.asarray(want[k])).all()
+    assert np.asarray(got["layers"]).reshape(3, -1).sum(1).tolist() == [16, 16, 16]

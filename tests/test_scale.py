@@ -107,11 +107,39 @@ def _count_compiles(fn):
 
 @pytest.mark.parametrize("name", ["rigl", "gmp"])
 def test_init_compiles_the_same_for_few_and_many_leaves(name):
-    """``tx.init`` is one jitted mask computation: its compilations do not grow with the leaves (fresh shapes,
-    so nothing is cached between the two), and a second init of the same shapes compiles nothing."""
+    """``tx.init``'s compilations (one jitted selection per grouping of leaf shapes, cached elementwise ops per
+    shape) do not grow with the leaves (fresh shapes, so nothing is cached between the two; first inits with
+    the same leaf counts warm what depends only on the counts), and a second init of the same shapes compiles
+    nothing."""
+    _count_compiles(lambda: MAKERS[name]().init(_params(2, 20)))
+    _count_compiles(lambda: MAKERS[name]().init(_params(12, 36)))
     few = _count_compiles(lambda: MAKERS[name]().init(_params(2, 24)))
     many = _count_compiles(lambda: MAKERS[name]().init(_params(12, 40)))
     assert many == few, (few, many)
     tx = MAKERS[name]()
     tx.init(_params(3, 56))
     assert _count_compiles(lambda: tx.init(_params(3, 56))) <= 1
+
+
+@pytest.mark.parametrize("name", ["rigl", "set", "gmp"])
+def test_a_new_transformation_reuses_the_compiled_init(name):
+    """``tx.init`` is not one program per transformation: the selections are jitted per grouping of leaf shapes
+    and shared, so a second transformation built for an already seen model compiles nothing (a sweep or a
+    restart in the same process pays no init compile)."""
+    params = _params(3, 44)
+    MAKERS[name]().init(params)
+    assert _count_compiles(lambda: MAKERS[name]().init(params)) == 0
+
+
+def test_random_selection_program_does_not_grow_with_leaves():
+    """The random initial masks hash and select per group of equally shaped leaves: the compiled program for
+    2 leaves and for 24 leaves of one shape has the same size."""
+    from jaxsparse import _groups, _topk
+
+    def size(n):
+        g = _groups.grouping([(16, 16)] * n)
+        ks = jnp.full((n,), 50, jnp.int32)
+        lowered = _topk.random_top.lower(g, jax.random.PRNGKey(0), n, tuple(range(n)), ks)
+        return len(lowered.as_text().splitlines())
+
+    assert size(2) == size(24)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import ndtri
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
@@ -30,21 +29,7 @@ def regrow_groups(
 
 def unit_seeds(g: _g.Grouping, key: PRNGKeyArray, masks: PyTree, live: list[int]) -> Array:
     """Per-unit hash seeds equal to :func:`jaxsparse.random_scores`' per-leaf seeds for the same key and tree."""
-    n_all = len(jax.tree.leaves(masks, is_leaf=is_none))
-    seeds = jax.random.bits(key, (n_all,), jnp.uint32)
-    return seeds[np.asarray(live)[g.leaf_of_unit()]]
-
-
-def uniform(g: _g.Grouping, seeds: Array, stacked: list) -> list:
-    """:func:`jaxsparse.random_scores` on stacked groups (the same numbers, leaf by leaf and slice by slice)."""
-    offsets = g.slice_of_unit() * g.unit_sizes()
-    out = []
-    for s, off, x in zip(
-        _g.split(g, seeds), _g.split(g, jnp.asarray(offsets, jnp.uint32)), stacked
-    ):
-        unit = (1,) + tuple(x.shape[1:])  # flat index within the unit, broadcast over the units
-        out.append(_topk.hash_uniform(unit, _g.bcast(s, x.ndim), _g.bcast(off, x.ndim)))
-    return out
+    return _topk.unit_seeds(g, key, len(jax.tree.leaves(masks, is_leaf=is_none)), live)
 
 
 def drop_and_grow_groups(
@@ -63,7 +48,7 @@ def drop_and_grow_groups(
     n_drop = jnp.floor(active.astype(jnp.float32) * f).astype(jnp.int32)
     drop = [jnp.abs(jnp.where(jnp.isnan(p), 0, p)).astype(jnp.float32) for p in params]
     if key is not None and noise:
-        z = [ndtri(u + 0.5 / (1 << 24)) for u in uniform(g, seeds, masks)]
+        z = [ndtri(u + 0.5 / (1 << 24)) for u in _topk.stacked_uniform(g, seeds)]
         drop = [d + noise * zi for d, zi in zip(drop, z)]
     drop = [allowed_scores(d, m) for m, d in zip(masks, drop)]
     grow = [finite_scores(x) for x in grow]
@@ -117,7 +102,7 @@ def drop_and_grow_tree(
     g = _g.grouping([m.shape for m in ms], axes)
     m_s, p_s = _g.stack(g, ms), _g.stack(g, ps)
     if grow == "random":
-        scores = uniform(g, unit_seeds(g, key_grow, masks, live), m_s)
+        scores = _topk.stacked_uniform(g, unit_seeds(g, key_grow, masks, live))
     else:
         src = live_leaves(masks, source)[1][1]
         scores = [jnp.abs(x).astype(jnp.float32) for x in _g.stack(g, src)]

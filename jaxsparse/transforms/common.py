@@ -358,17 +358,16 @@ def sparse_training(
         check_same_structure("params", params, "initial masks", masks)
         return (pack_tree(masks, parts) if packed_masks else masks), extra
 
-    # one compiled computation (cached per params shapes) instead of hundreds of eager ops; the mask rules batch
-    # leaves by shape, so its size does not grow with the number of leaves
-    init_masks = jax.jit(init_stored, static_argnums=2)
-
     def init_fn(params):
         params = unwrap(params)
         _check_params(params)
         key = jax.random.PRNGKey(seed)
         # how each packed mask splits its last axis: per device share where a share is not whole words
         parts = tuple(parts_for(p) for p in jax.tree.leaves(params)) if packed_masks else None
-        masks, extra = init_masks(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF), parts)
+        # not jitted as a whole: the rules' selections are jitted per group of equally shaped leaves and the rest
+        # is a few elementwise ops per leaf, each a cached executable; one program for the whole init would
+        # compile for seconds on a model of hundreds of leaves and again for every new transformation
+        masks, extra = init_stored(params, jax.random.fold_in(key, -1 & 0x7FFFFFFF), parts)
         masks = place_packed_like(masks, params) if packed_masks else place_like(masks, params)
         state = SparseState(
             inner_state=inner.init(params),

@@ -30,7 +30,7 @@ The drop fraction ``f(t)`` is ``drop_fraction`` decayed by ``decay``: ``"cosine"
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ from jaxsparse._deprecations import module_getattr
 from jaxsparse._tree import is_none, path_name
 from jaxsparse.allocation import Budget, keep_count, layer_axes, overall_sparsity
 from jaxsparse.masks import random_scores, topk_mask
-from jaxsparse.oneshot import leaf_sparsities, masks_from_scores, random_masks
+from jaxsparse.oneshot import leaf_sparsities, random_masks
 from jaxsparse.schedules import DECAYS, drop_fraction_schedule, update_gate
 from jaxsparse.transforms import _stacked as _st
 from jaxsparse.transforms._factory import sparse_transform
@@ -52,6 +52,7 @@ from jaxsparse.transforms.pruning import gradual_magnitude_pruning
 
 __all__ = [
     "GROWTH_MODES",
+    "SNFSState",
     "static_sparse",
     "set_training",
     "rigl",
@@ -116,27 +117,37 @@ def _init_random(sparsity: Any) -> Callable[[PyTree, Array], PyTree]:
         sparsities = leaf_sparsities(sparsity, params)
         axes = layer_axes(sparsity, params)
         _check_layers(params, sparsities, axes)
-        return masks_from_scores(random_scores(key, params), sparsities, "layer", axes)
+        return random_masks(key, params, sparsity)
 
     return init_masks
 
 
-def _ema_init(masks: PyTree, params: PyTree) -> PyTree:
-    return jax.tree.map(
-        lambda m, p: None if m is None else jnp.zeros(p.shape, jnp.float32),
-        masks,
-        params,
-        is_leaf=is_none,
+class SNFSState(NamedTuple):
+    """SNFS's own state: the EMA of dense gradients ("momentum"), float32 per pruned leaf (``None`` if dense)."""
+
+    momentum: PyTree
+
+
+def _ema_init(masks: PyTree, params: PyTree) -> SNFSState:
+    return SNFSState(
+        jax.tree.map(
+            lambda m, p: None if m is None else jnp.zeros(p.shape, jnp.float32),
+            masks,
+            params,
+            is_leaf=is_none,
+        )
     )
 
 
-def _ema_observe(beta: float) -> Callable[[MaskContext], PyTree]:
+def _ema_observe(beta: float) -> Callable[[MaskContext], SNFSState]:
     def observe(ctx: MaskContext):
-        return jax.tree.map(
-            lambda e, g: None if e is None else beta * e + (1.0 - beta) * g.astype(jnp.float32),
-            ctx.extra,
-            ctx.grads,
-            is_leaf=is_none,
+        return SNFSState(
+            jax.tree.map(
+                lambda e, g: None if e is None else beta * e + (1.0 - beta) * g.astype(jnp.float32),
+                ctx.extra.momentum,
+                ctx.grads,
+                is_leaf=is_none,
+            )
         )
 
     return observe
@@ -155,7 +166,7 @@ def _grow_scores(grow: str, ctx: MaskContext, key: Array) -> PyTree:
     if grow == "random":
         return random_scores(key, ctx.masks)
     if grow == "momentum":
-        return _abs_scores(ctx.masks, ctx.extra)
+        return _abs_scores(ctx.masks, ctx.extra.momentum)
     return _abs_scores(ctx.masks, ctx.grads)
 
 
@@ -267,7 +278,9 @@ def _drop_and_grow_rule(
         if redistribute:
             scores = _grow_scores(grow, ctx, k_grow)
             n_live = sum(m is not None for m in jax.tree.leaves(ctx.masks, is_leaf=is_none))
-            n_keep, n_grow = _redistributed_counts(ctx.masks, ctx.extra, fraction, n_live + 1)
+            n_keep, n_grow = _redistributed_counts(
+                ctx.masks, ctx.extra.momentum, fraction, n_live + 1
+            )
             masks, _ = prune_and_regrow(
                 ctx.masks,
                 drop_scores(ctx.params, ctx.masks, k_drop, drop_noise),
@@ -276,7 +289,7 @@ def _drop_and_grow_rule(
                 n_grow,
             )
         else:
-            source = ctx.extra if grow == "momentum" else ctx.grads
+            source = ctx.extra.momentum if grow == "momentum" else ctx.grads
             kind = "random" if grow == "random" else "abs"
             masks = _st.drop_and_grow_tree(
                 ctx.masks,
@@ -508,7 +521,8 @@ def snfs(
     """Sparse Networks From Scratch (Dettmers & Zettlemoyer 2019): sparse momentum growth.
 
     The state keeps an EMA (``momentum``, default 0.9) of the dense gradients of pruned leaves, updated every step
-    — independent of the inner optimizer. On update steps each leaf drops ``floor(n_active * f(t))`` smallest
+    — independent of the inner optimizer (``state.extra`` is a :class:`SNFSState`; ``state.extra.momentum`` is the
+    EMA, a pytree like ``params`` with ``None`` for dense leaves). On update steps each leaf drops ``floor(n_active * f(t))`` smallest
     ``|w|`` (prune rate 0.5 cosine-decayed to 0 at ``end_step``, default ``total_steps``). With ``redistribute``
     (default), the total dropped is regrown across leaves in proportion to each leaf's mean ``|EMA|`` over its
     active weights (capped per leaf, fixed-point in a ``lax.fori_loop``), so the *network* nnz is conserved;

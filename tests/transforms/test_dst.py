@@ -275,7 +275,9 @@ def test_snfs_redistribution_conserves_total_nnz_and_follows_momentum():
     assert len(per_leaf) > 1  # redistribution moved connections between leaves
     # the EMA of dense gradients lives in the state, for pruned leaves only
     assert (
-        state.extra["dense0"]["kernel"].shape == (12, 16) and state.extra["dense0"]["bias"] is None
+        isinstance(state.extra, jaxsparse.SNFSState)
+        and state.extra.momentum["dense0"]["kernel"].shape == (12, 16)
+        and state.extra.momentum["dense0"]["bias"] is None
     )
 
 
@@ -295,7 +297,7 @@ def test_snfs_without_redistribution_grows_top_momentum():
     for t in (5, 10, 15):
         m_old, _, _, m_new, _, s_new, _, grown = first_update(hist, t)
         for k, old, new, g in zip(KERNELS, kernel_masks(m_old), kernel_masks(m_new), grown):
-            ema = np.abs(np.asarray(s_new.extra[k]["kernel"]))
+            ema = np.abs(np.asarray(s_new.extra.momentum[k]["kernel"]))
             if g.any():  # every grown position beats every position left off
                 assert ema[g].min() >= ema[~new & ~old].max()
                 checked += 1
