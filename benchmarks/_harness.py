@@ -1,8 +1,10 @@
-"""Shared by the kernel benchmarks: library versions, chained-call timing for JAX and torch, relative error,
-and the CPU dispatch check that writes the measured table ``pallas_kernels/_measured.py``."""
+"""Shared by the kernel benchmarks: library versions, chained-call timing for JAX and torch, relative error, the
+accelerator runs' contender loop, command line and JSON, and the CPU dispatch check that writes the measured table
+``pallas_kernels/_measured.py``."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import json
@@ -17,6 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+MEASURED_MODULE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "_measured.py"
 
 
 def versions() -> dict[str, Any]:
@@ -84,9 +89,126 @@ def torch_if_cuda():
     return torch if torch.cuda.is_available() else None
 
 
+# ------------------------------------------------------------------------------ accelerator runs
+# A contender: (call(i) on weight copy i, or None when unavailable; note; whether to time it).
+Contender = tuple[Callable[[int], Any] | None, str, bool]
+
+
+def measure_contenders(
+    contenders: Mapping[str, Contender],
+    refs: list[np.ndarray],
+    *,
+    tol: Callable[[str], float],
+    copies: int,
+    chain: int,
+    repeats: int,
+    torch_mod: Any = None,
+) -> list[dict[str, Any]]:
+    """Checks every contender against the float32 product ``refs[i]`` of weight copy ``i`` and times it.
+
+    ``torch_*`` contenders are timed with CUDA events (:func:`time_torch`), the others with :func:`time_chain`;
+    ``speedup_vs_dense`` is against ``dense_jnp_dot`` (``torch_dense_linear`` for ``torch_*``). Returns one dict
+    per contender: ``contender``, ``median_us``, ``speedup_vs_dense``, ``max_rel_err``, ``ok`` (error within
+    ``tol(name)``), ``note`` (the contender's, or why it failed).
+    """
+    rows = []
+    for name, (call, note, timed) in contenders.items():
+        row = dict(
+            contender=name,
+            median_us=None,
+            speedup_vs_dense=None,
+            max_rel_err=None,
+            ok=False,
+            note=note,
+        )
+        if call is not None:
+            try:
+                err = max(rel_err(call(i), refs[i]) for i in range(copies))
+                seconds = None
+                if timed:
+                    seconds = (
+                        time_torch(call, copies, chain, repeats, torch_mod)
+                        if name.startswith("torch")
+                        else time_chain(call, copies, chain, repeats)
+                    )
+                row.update(
+                    median_us=None if seconds is None else seconds * 1e6,
+                    max_rel_err=err,
+                    ok=err <= tol(name),
+                )
+            except Exception as e:
+                row["note"] = f"failed: {type(e).__name__}: {e}"[:300]
+        rows.append(row)
+    base = {r["contender"]: r["median_us"] for r in rows}
+    for r in rows:
+        ref_name = "torch_dense_linear" if r["contender"].startswith("torch") else "dense_jnp_dot"
+        if r["median_us"] and base.get(ref_name):
+            r["speedup_vs_dense"] = base[ref_name] / r["median_us"]
+    return rows
+
+
+def matmul_args(doc: str, name: str, dtypes: list[str], argv=None):
+    """The command line both matmul benchmarks share: ``--quick``, ``--dtype``, ``--out``, ``--no-torch``,
+    ``--note`` and ``--cpu-dispatch``."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
+    parser.add_argument("--dtype", default="bfloat16", choices=dtypes)
+    parser.add_argument(
+        "--out", default=None, help=f"JSON path (default benchmarks/results/{name}_<device>.json)"
+    )
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--note", default="", help="free text stored in the JSON (e.g. machine load)"
+    )
+    parser.add_argument(
+        "--cpu-dispatch",
+        action="store_true",
+        help="CPU dispatch check: auto vs densify/sparse per shape; writes the measured table",
+    )
+    return parser.parse_args(argv)
+
+
+def write_matmul_json(
+    name: str,
+    args: argparse.Namespace,
+    *,
+    platform: str,
+    grid: dict,
+    cpu_note: str,
+    method: str,
+    rows: list[dict[str, Any]],
+    **extra: Any,
+) -> pathlib.Path:
+    """``args.out`` or ``results/<name>_<device>.json``: label, device, versions, date, method, rows."""
+    device = jax.devices()[0]
+    label = f"{platform.upper()} {'quick ' if args.quick else ''}run on {device.device_kind}"
+    if platform == "cpu":
+        label += cpu_note
+    result = {
+        "label": label,
+        "platform": platform,
+        "device": device.device_kind,
+        "num_devices": jax.device_count(),
+        "versions": versions(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "note": args.note,
+        "quick": args.quick,
+        "dtype": args.dtype,
+        "grid": grid,
+        "method": method,
+        "results": rows,
+        **extra,
+    }
+    device_tag = "cpu" if platform == "cpu" else device.device_kind.lower().replace(" ", "_")
+    out = pathlib.Path(args.out) if args.out else RESULTS / f"{name}_{device_tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out
+
+
 # ------------------------------------------------------------------------------ CPU dispatch check
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-MEASURED_MODULE = pathlib.Path(__file__).resolve().parents[1] / "pallas_kernels" / "_measured.py"
 
 
 def time_interleaved(

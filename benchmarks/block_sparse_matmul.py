@@ -24,14 +24,9 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import pathlib
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +35,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    rel_err,
+    Contender,
+    matmul_args,
+    measure_contenders,
     run_cpu_dispatch,
-    time_chain,
-    time_torch,
     torch_if_cuda,
-    versions,
+    write_matmul_json,
 )
 
 from pallas_kernels import dispatch  # noqa: E402
@@ -167,14 +162,14 @@ def run_config(
     refs = [x32 @ np.asarray(w, np.float32) for w in dense_w]  # float32 oracle per copy
     tol = 2e-2 if jnp.dtype(dtype).itemsize == 2 else 1e-4
 
-    contenders: dict[str, tuple[Callable[[int], Any], str]] = {}
+    contenders: dict[str, Contender] = {}
     dense_fn = jax.jit(
         lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     )
-    contenders["dense_jnp_dot"] = (lambda i: dense_fn(x, dense_w[i]), "")
+    contenders["dense_jnp_dot"] = (lambda i: dense_fn(x, dense_w[i]), "", True)
     for strategy in ("densify", "gather"):
         f = jax.jit(lambda x, w, s=strategy: reference.matmul(x, w, s))
-        contenders[f"xla_{strategy}"] = (lambda i, f=f: f(x, bsws[i]), "")
+        contenders[f"xla_{strategy}"] = (lambda i, f=f: f(x, bsws[i]), "", True)
 
     try:
         from jax.experimental import sparse as jsparse
@@ -184,23 +179,28 @@ def run_config(
         contenders["jax_sparse_bcsr"] = (
             lambda i: bcsr_fn(bcsr_t[i], x),
             f"nse={int(bcsr_t[0].nse)}; accumulates in {jnp.dtype(dtype).name}",
+            True,
         )
     except Exception as e:  # pragma: no cover - depends on jax build
-        contenders["jax_sparse_bcsr"] = (None, f"unavailable: {type(e).__name__}: {e}"[:200])
+        contenders["jax_sparse_bcsr"] = (None, f"unavailable: {type(e).__name__}: {e}"[:200], False)
 
     auto_plan = dict(plan(m, bsws[0], impl="auto").branches)
     chosen = auto_plan.get(
         platform if platform in ("tpu", "cuda") else "default", auto_plan["default"]
     )
     auto_fn = jax.jit(lambda x, w: bsr_matmul(x, w, impl="auto"))
-    contenders["jaxsparse_auto"] = (lambda i: auto_fn(x, bsws[i]), f"dispatch chose {chosen}")
+    contenders["jaxsparse_auto"] = (
+        lambda i: auto_fn(x, bsws[i]),
+        f"dispatch chose {chosen}",
+        True,
+    )
     if platform in ("tpu", "cuda"):
         try:
             plan(m, bsws[0], impl="pallas")
             pallas_fn = jax.jit(lambda x, w: bsr_matmul(x, w, impl="pallas"))
-            contenders["jaxsparse_pallas"] = (lambda i: pallas_fn(x, bsws[i]), "")
+            contenders["jaxsparse_pallas"] = (lambda i: pallas_fn(x, bsws[i]), "", True)
         except ValueError as e:
-            contenders["jaxsparse_pallas"] = (None, str(e)[:200])
+            contenders["jaxsparse_pallas"] = (None, str(e)[:200], False)
 
     if torch_mod is not None:
         torch = torch_mod
@@ -209,81 +209,50 @@ def run_config(
             torch.from_numpy(np.asarray(w, np.float32).T.copy()).to("cuda", torch.bfloat16)
             for w in dense_w
         ]
-        contenders["torch_dense_linear"] = (lambda i: torch.nn.functional.linear(tx, tw[i]), "")
+        contenders["torch_dense_linear"] = (
+            lambda i: torch.nn.functional.linear(tx, tw[i]),
+            "",
+            True,
+        )
         try:
             tbsr = [w.to_sparse_bsr((block, block)) for w in tw]
-            contenders["torch_bsr_linear"] = (lambda i: torch.nn.functional.linear(tx, tbsr[i]), "")
+            contenders["torch_bsr_linear"] = (
+                lambda i: torch.nn.functional.linear(tx, tbsr[i]),
+                "",
+                True,
+            )
         except Exception as e:
-            contenders["torch_bsr_linear"] = (None, f"unavailable: {type(e).__name__}: {e}"[:200])
+            contenders["torch_bsr_linear"] = (
+                None,
+                f"unavailable: {type(e).__name__}: {e}"[:200],
+                False,
+            )
 
-    rows = []
-    for name, (call, note) in contenders.items():
-        if call is None:
-            rows.append(Row(k, n, m, sparsity, block, name, None, None, None, False, note))
-            continue
-        try:
-            errs = [rel_err(call(i), refs[i]) for i in range(copies)]
-            if name.startswith("torch"):
-                seconds = time_torch(call, copies, chain, repeats, torch_mod)
-            else:
-                seconds = time_chain(call, copies, chain, repeats)
-            err = max(errs)
-            # BCSR sums in the input dtype (no float32 accumulator), so it gets a looser bound for 16-bit inputs.
-            limit = (
-                BCSR_TOL if (name == "jax_sparse_bcsr" and jnp.dtype(dtype).itemsize == 2) else tol
-            )
-            rows.append(
-                Row(k, n, m, sparsity, block, name, seconds * 1e6, None, err, err <= limit, note)
-            )
-        except Exception as e:
-            rows.append(
-                Row(
-                    k,
-                    n,
-                    m,
-                    sparsity,
-                    block,
-                    name,
-                    None,
-                    None,
-                    None,
-                    False,
-                    f"failed: {type(e).__name__}: {e}"[:300],
-                )
-            )
-    base = {r.contender: r.median_us for r in rows}
-    for r in rows:
-        ref_name = "torch_dense_linear" if r.contender.startswith("torch") else "dense_jnp_dot"
-        if r.median_us and base.get(ref_name):
-            r.speedup_vs_dense = base[ref_name] / r.median_us
-    return rows
+    def tol_of(
+        name,
+    ):  # BCSR sums in the input dtype (no float32 accumulator): looser for 16-bit inputs
+        return BCSR_TOL if (name == "jax_sparse_bcsr" and jnp.dtype(dtype).itemsize == 2) else tol
+
+    measured = measure_contenders(
+        contenders,
+        refs,
+        tol=tol_of,
+        copies=copies,
+        chain=chain,
+        repeats=repeats,
+        torch_mod=torch_mod,
+    )
+    return [Row(k=k, n=n, m=m, sparsity=sparsity, block=block, **r) for r in measured]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="JSON path (default benchmarks/results/block_sparse_matmul_<device>.json)",
-    )
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument(
-        "--cpu-dispatch",
-        action="store_true",
-        help="CPU dispatch check: auto vs densify/sparse per shape; writes the measured table",
-    )
-    args = parser.parse_args(argv)
+    args = matmul_args(__doc__, "block_sparse_matmul", ["bfloat16", "float32"], argv)
     if args.cpu_dispatch:
         return cpu_dispatch()
 
     grid = QUICK if args.quick else FULL
     dtype = jnp.dtype(args.dtype)
     platform = dispatch.default_platform()
-    device = jax.devices()[0]
     torch_mod = None if (args.no_torch or platform != "cuda") else torch_if_cuda()
     rng = np.random.default_rng(0)
 
@@ -292,7 +261,7 @@ def main(argv=None):
         for block in grid["blocks"]:
             for sparsity in grid["sparsities"]:
                 for m in grid["ms"]:
-                    rows += run_config(
+                    new = run_config(
                         k,
                         n,
                         m,
@@ -306,52 +275,23 @@ def main(argv=None):
                         torch_mod=torch_mod,
                         rng=rng,
                     )
-                    _print_rows(
-                        rows[
-                            -len(
-                                [
-                                    r
-                                    for r in rows
-                                    if (r.k, r.n, r.m, r.sparsity, r.block)
-                                    == (k, n, m, sparsity, block)
-                                ]
-                            ) :
-                        ]
-                    )
+                    _print_rows(new)
+                    rows += new
 
-    label = f"{platform.upper()} {'quick ' if args.quick else ''}run on {device.device_kind}"
-    if platform == "cpu":
-        label += " -- CPU numbers check that the script works; they say nothing about accelerator performance"
-    result = {
-        "label": label,
-        "platform": platform,
-        "device": device.device_kind,
-        "num_devices": jax.device_count(),
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "dtype": dtype.name,
-        "grid": grid,
-        "method": (
+    out = write_matmul_json(
+        "block_sparse_matmul",
+        args,
+        platform=platform,
+        grid=grid,
+        cpu_note=" -- CPU numbers check that the script works; they say nothing about accelerator performance",
+        method=(
             "wall clock per call: chain of `chain` async calls rotating `copies` weight copies, one "
             "block_until_ready, divided by chain length; median of `repeats` chains after warm-up; "
             "max_rel_err = max|y - ref| / max|ref| against a float32 dense product; ok if <= 2e-2 for "
             "16-bit inputs (1e-4 float32), 1e-1 for jax_sparse_bcsr which accumulates in the input dtype"
         ),
-        "results": [dataclasses.asdict(r) for r in rows],
-    }
-    device_tag = "cpu" if platform == "cpu" else device.device_kind.lower().replace(" ", "_")
-    out = (
-        pathlib.Path(args.out)
-        if args.out
-        else (
-            pathlib.Path(__file__).resolve().parent
-            / "results"
-            / f"block_sparse_matmul_{device_tag}.json"
-        )
+        rows=[dataclasses.asdict(r) for r in rows],
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     bad = [r for r in rows if r.median_us is not None and not r.ok]
     print(f"\nwrote {out} ({len(rows)} rows; {len(bad)} measured rows failed the accuracy check)")
     return 1 if bad else 0

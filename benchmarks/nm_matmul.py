@@ -23,14 +23,9 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import pathlib
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +34,12 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from _harness import (  # noqa: E402
-    rel_err,
+    Contender,
+    matmul_args,
+    measure_contenders,
     run_cpu_dispatch,
-    time_chain,
-    time_torch,
     torch_if_cuda,
-    versions,
+    write_matmul_json,
 )
 
 from pallas_kernels import dispatch  # noqa: E402
@@ -147,9 +142,7 @@ def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mo
     tol = 2e-2 if jnp.dtype(dtype).itemsize == 2 else 1e-4
     nm_tag = f"{n_keep}:{m_group}"
 
-    contenders: dict[
-        str, tuple[Callable[[int], Any] | None, str, bool]
-    ] = {}  # name -> (call, note, timed)
+    contenders: dict[str, Contender] = {}
     dense_fn = jax.jit(
         lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     )
@@ -209,57 +202,30 @@ def run_config(k, n, m, nm, *, dtype, copies, chain, repeats, platform, torch_mo
                     False,
                 )
 
-    rows = []
-    for name, (call, note, timed) in contenders.items():
-        if call is None:
-            rows.append(Row(k, n, m, nm_tag, name, None, None, None, False, None, note))
-            continue
-        try:
-            errs = [rel_err(call(i), refs[i]) for i in range(copies)]
-            seconds = None
-            if timed:
-                seconds = (
-                    time_torch(call, copies, chain, repeats, torch_mod)
-                    if name.startswith("torch")
-                    else time_chain(call, copies, chain, repeats)
-                )
-            err = max(errs)
-            rows.append(
-                Row(
-                    k,
-                    n,
-                    m,
-                    nm_tag,
-                    name,
-                    None if seconds is None else seconds * 1e6,
-                    None,
-                    err,
-                    err <= tol,
-                    ratio if name.startswith("jaxsparse") else None,
-                    note,
-                )
-            )
-        except Exception as e:
-            rows.append(
-                Row(
-                    k,
-                    n,
-                    m,
-                    nm_tag,
-                    name,
-                    None,
-                    None,
-                    None,
-                    False,
-                    None,
-                    f"failed: {type(e).__name__}: {e}"[:300],
-                )
-            )
-    base = {r.contender: r.median_us for r in rows}
-    for r in rows:
-        ref_name = "torch_dense_linear" if r.contender.startswith("torch") else "dense_jnp_dot"
-        if r.median_us and base.get(ref_name):
-            r.speedup_vs_dense = base[ref_name] / r.median_us
+    measured = measure_contenders(
+        contenders,
+        refs,
+        tol=lambda name: tol,
+        copies=copies,
+        chain=chain,
+        repeats=repeats,
+        torch_mod=torch_mod,
+    )
+    rows = [
+        Row(
+            k=k,
+            n=n,
+            m=m,
+            nm=nm_tag,
+            **r,
+            weight_bytes_ratio=(
+                ratio
+                if r["contender"].startswith("jaxsparse") and r["max_rel_err"] is not None
+                else None
+            ),
+        )
+        for r in measured
+    ]
     predictions = {
         p: dict(
             zip(
@@ -290,31 +256,13 @@ def _print_rows(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/nm_matmul_<device>.json)"
-    )
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument(
-        "--note", default="", help="free text stored in the JSON (e.g. machine load)"
-    )
-    parser.add_argument(
-        "--cpu-dispatch",
-        action="store_true",
-        help="CPU dispatch check: auto vs densify/sparse per shape; writes the measured table",
-    )
-    args = parser.parse_args(argv)
+    args = matmul_args(__doc__, "nm_matmul", ["bfloat16", "float16", "float32"], argv)
     if args.cpu_dispatch:
         return cpu_dispatch()
 
     grid = QUICK if args.quick else FULL
     dtype = jnp.dtype(args.dtype)
     platform = dispatch.default_platform()
-    device = jax.devices()[0]
     torch_mod = None if (args.no_torch or platform != "cuda") else torch_if_cuda()
     rng = np.random.default_rng(0)
 
@@ -343,42 +291,26 @@ def main(argv=None):
                 rows += new
                 predictions.append(pred)
 
-    label = f"{platform.upper()} {'quick ' if args.quick else ''}run on {device.device_kind}"
-    if platform == "cpu":
-        label += (
+    out = write_matmul_json(
+        "nm_matmul",
+        args,
+        platform=platform,
+        grid=grid,
+        cpu_note=(
             " -- CPU numbers only check that the script works; they say nothing about accelerator "
             "performance. The Pallas kernel ran in interpret mode for correctness and was not timed."
-        )
-    result = {
-        "label": label,
-        "platform": platform,
-        "device": device.device_kind,
-        "num_devices": jax.device_count(),
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "note": args.note,
-        "quick": args.quick,
-        "dtype": dtype.name,
-        "grid": grid,
-        "method": (
+        ),
+        method=(
             "wall clock per call: chain of `chain` async calls rotating `copies` weight copies, one "
             "block_until_ready, divided by chain length; median of `repeats` chains after warm-up; "
             "max_rel_err = max|y - ref| / max|ref| against a float32 dense product of the masked weight"
         ),
-        "results": [dataclasses.asdict(r) for r in rows],
-        "cost_model_predictions_us": {
+        rows=[dataclasses.asdict(r) for r in rows],
+        cost_model_predictions_us={
             "note": "dispatch cost-model ESTIMATES (public peak figures, guessed kernel efficiency), not measured",
             "rows": predictions,
         },
-    }
-    device_tag = "cpu" if platform == "cpu" else device.device_kind.lower().replace(" ", "_")
-    out = (
-        pathlib.Path(args.out)
-        if args.out
-        else (pathlib.Path(__file__).resolve().parent / "results" / f"nm_matmul_{device_tag}.json")
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     bad = [r for r in rows if r.max_rel_err is not None and not r.ok]
     print(f"\nwrote {out} ({len(rows)} rows; {len(bad)} checked rows failed the accuracy check)")
     return 1 if bad else 0
