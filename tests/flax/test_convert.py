@@ -228,6 +228,19 @@ def test_bad_conversion_input():
     with pytest.raises(ValueError, match=r"'fc/kernel': the mask is not 2:4"):
         convert.compress(params, {"fc": {"kernel": jnp.ones((8, 8), bool)}}, format="nm")
     with pytest.raises(
+        ValueError, match=r"leaf 'fc/kernel'` axis 0 has length 8 .* not divisible by m=3"
+    ):
+        convert.compress(params, {"fc": {"kernel": jnp.eye(8, dtype=bool)}}, format="nm", n=1, m=3)
+    for fmt in ("nm", "block"):
+        with pytest.raises(TypeError, match=r"mask of leaf 'fc/kernel' must be a bool array"):
+            convert.compress(params, {"fc": {"kernel": jnp.eye(8)}}, format=fmt, block=(4, 4))
+        with pytest.raises(
+            ValueError, match=r"mask of leaf 'fc/kernel' must have its parameter's shape"
+        ):
+            convert.compress(
+                params, {"fc": {"kernel": jnp.eye(4, dtype=bool)}}, format=fmt, block=(4, 4)
+            )
+    with pytest.raises(
         ValueError, match=r"'fc/kernel': capacity=1 is below the mask's block count 4"
     ):
         convert.compress(
