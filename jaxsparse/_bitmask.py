@@ -142,6 +142,15 @@ def is_packed_tree(masks: Any) -> bool:
     return any(is_packed(m) for m in jax.tree.leaves(masks, is_leaf=is_mask_leaf))
 
 
+def check_not_packed(name: str, masks: Any) -> None:
+    """Functions that take bool masks refuse a packed masks tree with the way to read it."""
+    if is_packed_tree(masks):
+        raise ValueError(
+            f"`{name}` holds packed masks (a state of packed_masks=True): read them as bool masks with "
+            "jaxsparse.state_masks(state)."
+        )
+
+
 def _last_axis_split(sharding: Any, shape: tuple[int, ...]) -> tuple[tuple, int]:
     """The parameter's spec (one entry per axis) and the number of devices its last axis is split over."""
     spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))

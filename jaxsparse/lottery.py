@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from jaxsparse import _validation as v
+from jaxsparse._bitmask import check_not_packed
 from jaxsparse._deprecations import module_getattr
 from jaxsparse._tree import map_live
 from jaxsparse.allocation import prunable
@@ -53,6 +54,7 @@ def imp_masks(
     """
     fraction = v.check_sparsity("fraction", fraction)
     v.check_choice("scope", scope, SCOPES)
+    check_not_packed("masks", masks)
     if masks is None:
         masks = jax.tree.map(
             lambda sel, p: jnp.ones(p.shape, bool) if sel else None, prunable(params), params

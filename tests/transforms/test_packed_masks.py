@@ -335,6 +335,8 @@ def test_mask_functions_refuse_packed_masks_and_state_masks_reads_them():
     state = optax.chain(optax.clip(1.0), tx).init(params)
     with pytest.raises(ValueError, match=r"packed_masks=True.*jaxsparse\.state_masks"):
         js.apply_masks(params, state[1].masks)
+    with pytest.raises(ValueError, match=r"packed_masks=True\): read them as bool masks"):
+        js.imp_masks(params, state[1].masks)
     masks = js.state_masks(state)  # found inside the chain
     jax.tree.map(np.testing.assert_array_equal, masks, js.state_masks(tx.init(params)))
     jax.tree.map(
