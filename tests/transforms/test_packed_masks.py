@@ -381,3 +381,20 @@ def test_nnx_optimizer_trains_with_packed_masks():
     assert masks["bias"] is None and masks["kernel"].dtype == jnp.bool_
     assert int(masks["kernel"].sum()) == 120 and bool((masks["kernel"] != first["kernel"]).any())
     assert int(((model.kernel.get_value() != 0) & ~masks["kernel"]).sum()) == 0
+
+
+def test_ordinary_steps_unpack_inside_the_fused_update():
+    """No bool mask of a parameter's shape is materialised by the step itself: the unpacking is fused into the
+    elementwise passes that read it (the mask rule's branch unpacks for itself, on update steps only)."""
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (64, 96)), "v": jnp.ones((96, 40))}
+    tx = js.rigl(optax.adam(1e-2), 0.8, update_every=100, total_steps=10**6, packed_masks=True)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    hlo = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    assert "u8[64,12]" in entry and "u8[96,5]" in entry  # the bits come in and go out
+    assert "pred[64,96]" not in entry and "pred[96,40]" not in entry
