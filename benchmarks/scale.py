@@ -12,8 +12,9 @@ Methods: GMP (magnitude pruning held at 80%, re-evaluated every 100 steps), RigL
 mask recomputed from the weights in the forward on every step). Per (model, method):
 
 * ``compile_s``: lower + compile of the step; ``dense_compile_s`` the same for dense adam;
-* ``init_s``: first ``tx.init(params)`` call (eager; includes compiling the jitted mask init) and ``init_again_s``
-  (second call, cached); ``inner_init_s``: adam's own ``init`` (eager, first call) for comparison;
+* ``init_s``: first ``tx.init(params)`` call (eager; includes compiling the jitted selections the first time
+  the process sees these shapes), ``init_again_s`` (second call) and ``init_new_tx_s`` (a new transformation's
+  first call on the same model); ``inner_init_s``: adam's own ``init`` (eager, first call) for comparison;
 * ``median_ratio``: median step time without a mask update / median dense step time (interleaved rounds);
 * ``update_ratio``: median time of a mask-update step / median dense step;
 * ``mean_ratio``: ``(99 * median + update) / (100 * dense median)``: the mean cost with one update every 100 steps.
@@ -194,6 +195,12 @@ def bench_model(name: str, model, methods, rounds: int, block: int) -> list[dict
         t0 = time.perf_counter()
         jax.block_until_ready(tx.init(params))
         init_again_s = time.perf_counter() - t0
+        fresh, _ = make(
+            method, scanned
+        )  # a new transformation for the same model (a sweep, a restart)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fresh.init(params))
+        init_new_tx_s = time.perf_counter() - t0
         step = make_step(tx, hook, loss)
         t0 = time.perf_counter()
         compiled = step.lower(params, state, batch).compile()
@@ -210,13 +217,14 @@ def bench_model(name: str, model, methods, rounds: int, block: int) -> list[dict
             update_times=[],
             init_s=init_s,
             init_again_s=init_again_s,
+            init_new_tx_s=init_new_tx_s,
             compile_s=compile_s,
             sparse=sparse,
             t=UPDATE_EVERY + 1,
         )
         print(
             f"{name:>20} {method:>10}: compile {compile_s:6.2f} s, init {init_s:6.3f} s "
-            f"(again {init_again_s:6.3f} s)",
+            f"(again {init_again_s:6.3f} s, new transformation {init_new_tx_s:6.3f} s)",
             flush=True,
         )
     for r in range(rounds):
@@ -257,6 +265,7 @@ def bench_model(name: str, model, methods, rounds: int, block: int) -> list[dict
                 dense_compile_s=runs["dense"]["compile_s"],
                 init_s=run["init_s"],
                 init_again_s=run["init_again_s"],
+                init_new_tx_s=run["init_new_tx_s"],
                 inner_init_s=inner_init_s,
                 median_step_ms=1e3 * med,
                 median_ratio=med / dense,

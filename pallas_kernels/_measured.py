@@ -33,7 +33,7 @@ CHOICES: dict[tuple, str] = {
     ("block_sparse", "cpu", 128, 4096, 4096, "bfloat16", (128, 128), 0.5): "dense",
     ("block_sparse", "cpu", 128, 4096, 4096, "float32", (128, 128), 0.05): "sparse",
     ("block_sparse", "cpu", 128, 4096, 4096, "float32", (128, 128), 0.1): "sparse",
-    ("block_sparse", "cpu", 128, 4096, 4096, "float32", (128, 128), 0.5): "sparse",
+    ("block_sparse", "cpu", 128, 4096, 4096, "float32", (128, 128), 0.5): "dense",
     ("block_sparse", "cpu", 16, 1024, 1024, "bfloat16", (128, 128), 0.05): "sparse",
     ("block_sparse", "cpu", 16, 1024, 1024, "bfloat16", (128, 128), 0.09): "sparse",
     ("block_sparse", "cpu", 16, 1024, 1024, "bfloat16", (128, 128), 0.5): "sparse",
