@@ -53,6 +53,7 @@ from jaxtyping import PyTree
 
 from jaxsparse import _deprecations
 from jaxsparse import checkpoint as _ckpt
+from jaxsparse._bitmask import check_not_packed
 from jaxsparse._tree import check_mask, leaf_paths, named_leaves
 from jaxsparse.flax import _core
 from jaxsparse.flax.nnx import BlockSparseLinear, NMLinear
@@ -156,6 +157,7 @@ def compress(
       >>> sorted(cparams["fc"]), cparams["fc"]["kernel_values"].shape, type(pattern["fc"]["pattern"]).__name__
       (['kernel_values'], (2, 1, 2), 'NMPattern')
     """
+    check_not_packed("masks", masks)
     if format not in ("block", "nm"):
         raise ValueError(f"format must be 'block' or 'nm'; got {format!r}.")
     flat_p, flat_m = (

@@ -256,3 +256,15 @@ def test_bad_conversion_input():
         )
     with pytest.raises(ValueError, match=r"not in params: \['fc/w'\]"):
         convert.compress(params, {"fc": {"w": unstructured}}, format="block", block=(4, 4))
+
+
+def test_compress_refuses_packed_masks_naming_the_accessor():
+    """Masks from a packed_masks=True state are bits, not bool masks: compress says how to read them (it used
+    to report leaves '.../bits' missing from params)."""
+    js = jaxsparse
+    params = {"fc": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
+    state = js.sparse_training(
+        optax.sgd(0.1), js.fixed_masks.rule(js.magnitude_masks(params, 0.5)), packed_masks=True
+    ).init(params)
+    with pytest.raises(ValueError, match="state_masks"):
+        convert.compress(params, state.masks, format="block", block=(4, 4))
