@@ -143,3 +143,23 @@ def test_random_selection_program_does_not_grow_with_leaves():
         return len(lowered.as_text().splitlines())
 
     assert size(2) == size(24)
+
+
+@pytest.mark.parametrize("name", ["rigl", "gmp"])
+def test_donated_step_copies_no_parameter(name):
+    """With params and state donated, the step updates params in place: the pruned-weights check reads them
+    inside a ``lax.cond`` and its count feeds every masked update, so XLA orders that read before the write
+    instead of copying each parameter at entry (it copied all of them before)."""
+    import re
+
+    params = {f"l{i}": {"kernel": jnp.ones((12, 20)), "bias": jnp.zeros(20)} for i in range(3)}
+    tx = MAKERS[name]()
+    state = tx.init(params)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    entry = text[text.index("ENTRY") :]
+    assert re.findall(r"= f32\[12,20\]\{[^}]*\} copy\(", entry) == []

@@ -197,8 +197,8 @@ def _raise_leak(count: Any, step: Any) -> None:
     )
 
 
-def _check_pruned_are_zero(masks: PyTree, params: PyTree, step: Array) -> None:
-    """From step 1 on, weights outside the masks are exactly zero unless the updates were changed after us."""
+def _count_pruned_nonzero(masks: PyTree, params: PyTree) -> Array:
+    """How many weights outside the masks are not exactly zero (int32)."""
     counts = [
         jnp.sum(~m & (p != 0), dtype=jnp.int32)
         for m, p in zip(
@@ -206,35 +206,36 @@ def _check_pruned_are_zero(masks: PyTree, params: PyTree, step: Array) -> None:
             jax.tree.leaves(map_live(lambda m, p: p, masks, params)),
         )
     ]
-    if not counts:
-        return
-    count = sum(counts[1:], counts[0])
-    lax.cond(
-        (step > 0) & (count > 0),
-        lambda c, t: jax.debug.callback(_raise_leak, c, t),
-        lambda c, t: None,
-        count,
-        step,
-    )
+    return sum(counts[1:], counts[0]) if counts else jnp.zeros((), jnp.int32)
 
 
-def _check_pruned_are_zero_sometimes(
+def _count_pruned_nonzero_sometimes(
     masks: PyTree,
     params: PyTree,
     step: Array,
     is_update: Callable[[Array], Array],
     read: Callable[[PyTree], PyTree],
-) -> None:
-    """The check above on step 1, on the step after each mask update (a transform chained after the wrapper shows
-    there) and every ``LEAK_CHECK_EVERY`` steps: the full read of params and masks costs a large part of a dense
-    step on small models, so ordinary steps skip it. ``read`` turns the stored masks into bool masks (inside the
-    branch, so that ordinary steps do not unpack packed masks for it)."""
-    lax.cond(
+) -> Array:
+    """The count above on step 1, on the step after each mask update (a transform chained after the wrapper shows
+    there) and every ``LEAK_CHECK_EVERY`` steps (0 on other steps): the full read of params and masks costs a
+    large part of a dense step on small models, so ordinary steps skip it. ``read`` turns the stored masks into
+    bool masks (inside the branch, so that ordinary steps do not unpack packed masks for it)."""
+    return lax.cond(
         (step == 1) | is_update(step - 1) | (step % LEAK_CHECK_EVERY == 0),
-        lambda m, p, t: _check_pruned_are_zero(read(m), p, t),
-        lambda m, p, t: None,
+        lambda m, p: _count_pruned_nonzero(read(m), p),
+        lambda m, p: jnp.zeros((), jnp.int32),
         masks,
         params,
+    )
+
+
+def _raise_if_pruned_nonzero(count: Array, step: Array) -> None:
+    """From step 1 on, weights outside the masks are exactly zero unless the updates were changed after us."""
+    lax.cond(
+        (step > 0) & (count > 0),
+        lambda c, t: jax.debug.callback(_raise_leak, c, t),
+        lambda c, t: None,
+        count,
         step,
     )
 
@@ -387,7 +388,9 @@ def sparse_training(
         stored = unwrap(
             state.masks
         )  # bool masks, or their packed bits: unpacked where they are read
-        _check_pruned_are_zero_sometimes(stored, params, state.step, algorithm.is_update, read)
+        leaks = _count_pruned_nonzero_sometimes(
+            stored, params, state.step, algorithm.is_update, read
+        )
         ctx = MaskContext(
             stored,
             params,
@@ -422,6 +425,7 @@ def sparse_training(
                 keep,
                 ctx,
             )
+        _raise_if_pruned_nonzero(leaks, state.step)
         masks = read(new_stored)  # packed: shifts and ands, fused into the elementwise passes below
         inner_state, grad_masks = state.inner_state, masks
         if (
@@ -439,8 +443,12 @@ def sparse_training(
             updates = jax.tree.map(
                 lambda u: jnp.where(do_update, jnp.zeros((), u.dtype), u), updates
             )
+        # ``leaks >= 0`` always holds; it makes every masked update depend on the pruned-weights count, so XLA reads
+        # params for the count before the step's output overwrites them in place (donated params) instead of
+        # copying every masked param at entry to keep it alive for a check nothing else depends on
+        counted = leaks >= 0
         updates = jax.tree.map(
-            lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
+            lambda m, u, p: u if m is None else jnp.where(m & counted, u, -p).astype(u.dtype),
             masks,
             updates,
             params,
