@@ -5,6 +5,8 @@ exactly zero after every ``apply_updates``, grown weights' Adam moments exactly 
 one compilation for a whole run, and masks/params of a run sharded over 8 CPU devices equal to the unsharded run.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +122,22 @@ def sharded_equals_unsharded(tx, steps, atol=1e-5):
         .sharding.is_equivalent_to(sharded["Dense_0"]["kernel"].sharding, 2)
     )
     return ref, got
+
+
+_LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+@contextlib.contextmanager
+def count_lowerings(name):
+    """Collects the names of the functions containing ``name`` that JAX lowers (compiles) inside the block."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == _LOWERING and name in str(kwargs.get("fun_name", "")):
+            seen.append(kwargs["fun_name"])
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -5,33 +5,15 @@ different input placements and compiled again. Counted here with JAX's own lower
 the last step, with uncommitted, committed and 8-device sharded inputs.
 """
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _invariants import count_lowerings
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxsparse as js
-
-_LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-
-
-@contextlib.contextmanager
-def _count_lowerings(name):
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == _LOWERING and name in str(kwargs.get("fun_name", "")):
-            seen.append(kwargs["fun_name"])
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _params():
@@ -81,7 +63,7 @@ def test_whole_run_compiles_the_step_once(kind, placement):
         return optax.apply_updates(params, updates), state
 
     step = jax.jit(train_step_once)
-    with _count_lowerings("train_step_once") as seen:
+    with count_lowerings("train_step_once") as seen:
         params = _place(_params(), placement)
         state = tx.init(params)
         for _ in range(8):  # mask updates at steps 2, 4, 6

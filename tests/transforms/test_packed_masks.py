@@ -6,7 +6,6 @@ RigL, SET, SNFS, GMP and a 2:4 magnitude rule, with 1/8 of the mask bytes, one c
 (the bits keep their parameter's sharding), and through a checkpoint.
 """
 
-import contextlib
 import inspect
 
 import hypothesis.strategies as st
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _invariants import count_lowerings
 from hypothesis import given
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -98,22 +98,6 @@ def test_parts_and_bits_sharding_follow_the_parameter():
 
 
 # ------------------------------------------------------------------------------------------------ training
-_LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
-
-
-@contextlib.contextmanager
-def _count_lowerings(name):
-    seen = []
-
-    def listener(event, duration, **kwargs):
-        if event == _LOWERING and name in str(kwargs.get("fun_name", "")):
-            seen.append(kwargs["fun_name"])
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _params():
@@ -195,7 +179,7 @@ def _assert_same_run(a, b):
 def test_packed_run_is_bit_identical_to_bool_masks(name):
     params = _params()
     plain = _run(ALGORITHMS[name](False), params)
-    with _count_lowerings("run_step") as seen:
+    with count_lowerings("run_step") as seen:
         packed = _run(ALGORITHMS[name](True), params)
     assert len(seen) == 1, seen  # the whole run (update steps 2, 4, 6 included) compiles once
     _assert_same_run(plain, packed)
@@ -246,7 +230,7 @@ def test_sharded_packed_run_compiles_once_and_keeps_the_bits_sharding(name):
         return optax.apply_updates(p, updates), s
 
     step = jax.jit(packed_sharded_step)
-    with _count_lowerings("packed_sharded_step") as seen:
+    with count_lowerings("packed_sharded_step") as seen:
         params = _mesh_params()
         state = tx.init(params)
         for _ in range(7):  # mask updates at steps 2, 4, 6
