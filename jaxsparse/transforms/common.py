@@ -26,8 +26,9 @@ and ``optax.apply_if_finite(sparse(...), n)`` (a skipped step does not advance t
 ``optax.inject_hyperparams`` may build either the inner optimizer or the sparse transform itself (a traced
 ``sparsity``). The wrong order is loud: on the second step, on the step after each mask update and every
 ``LEAK_CHECK_EVERY`` (100) steps, ``update`` checks that the weights outside
-the masks are exactly zero and otherwise raises a ``RuntimeError`` (through ``jax.debug.callback``, when the step
-runs) that names this contract — e.g. ``optax.chain(sparse(...), optax.scale_by_learning_rate(...))`` or
+the masks are exactly zero and otherwise fails the step with an error naming this contract (a ``RuntimeError``
+raised in a ``jax.pure_callback`` when the step runs; JAX re-raises it, e.g. as ``XlaRuntimeError``, from the call or
+from the first read of its results) — e.g. ``optax.chain(sparse(...), optax.scale_by_learning_rate(...))`` or
 ``optax.chain(sparse(...), optax.add_decayed_weights(...))``, or weights changed outside the optimizer.
 
 **Non-finite gradients.** On a step whose gradient has a NaN or an infinity, the mask rule does not run and the
@@ -185,16 +186,16 @@ LEAK_CHECK_EVERY = 100
 MASK_RULE_SCOPE = "jaxsparse_mask_rule"
 
 
-def _raise_leak(count: Any, step: Any) -> None:
+def _raise_leak(count: Any, step: Any) -> np.ndarray:
     count, step = np.asarray(count), np.asarray(step)
     bad = (count > 0) & (step > 0)  # re-checked here: under vmap both branches of the cond run
-    if not bad.any():
-        return
-    count, step = count[bad].max(), step[bad].max()
-    raise RuntimeError(
-        f"jaxsparse.sparse_training: {int(count)} weight(s) outside the masks are not exactly zero at step "
-        f"{int(step)}, so sparsity is being lost silently. {_CONTRACT}"
-    )
+    if bad.any():
+        count, step = count[bad].max(), step[bad].max()
+        raise RuntimeError(
+            f"jaxsparse.sparse_training: {int(count)} weight(s) outside the masks are not exactly zero at step "
+            f"{int(step)}, so sparsity is being lost silently. {_CONTRACT}"
+        )
+    return np.zeros(np.shape(count), np.int32)
 
 
 def _count_pruned_nonzero(masks: PyTree, params: PyTree) -> Array:
@@ -229,12 +230,21 @@ def _count_pruned_nonzero_sometimes(
     )
 
 
-def _raise_if_pruned_nonzero(count: Array, step: Array) -> None:
-    """From step 1 on, weights outside the masks are exactly zero unless the updates were changed after us."""
-    lax.cond(
+def _raise_if_pruned_nonzero(count: Array, step: Array) -> Array:
+    """From step 1 on, weights outside the masks are exactly zero unless the updates were changed after us.
+
+    Returns an int32 zero that the step's updates must depend on. The error is raised by a ``jax.pure_callback``
+    (an effect-free host callback, run only in the branch taken when weights leaked): a program with a
+    side-effecting callback (``jax.debug.callback``, even in a branch that never runs) is dispatched by JAX's
+    Python path instead of its C++ fast path, which on a model of many small kernels costs more than all the
+    masking; a pure callback keeps the fast path, and its result, used by the updates, keeps it in the program.
+    """
+    return lax.cond(
         (step > 0) & (count > 0),
-        lambda c, t: jax.debug.callback(_raise_leak, c, t),
-        lambda c, t: None,
+        lambda c, t: jax.pure_callback(
+            _raise_leak, jax.ShapeDtypeStruct((), jnp.int32), c, t, vmap_method="broadcast_all"
+        ),
+        lambda c, t: jnp.zeros((), jnp.int32),
         count,
         step,
     )
@@ -425,7 +435,7 @@ def sparse_training(
                 keep,
                 ctx,
             )
-        _raise_if_pruned_nonzero(leaks, state.step)
+        checked = _raise_if_pruned_nonzero(leaks, state.step)
         masks = read(new_stored)  # packed: shifts and ands, fused into the elementwise passes below
         inner_state, grad_masks = state.inner_state, masks
         if (
@@ -443,10 +453,11 @@ def sparse_training(
             updates = jax.tree.map(
                 lambda u: jnp.where(do_update, jnp.zeros((), u.dtype), u), updates
             )
-        # ``leaks >= 0`` always holds; it makes every masked update depend on the pruned-weights count, so XLA reads
-        # params for the count before the step's output overwrites them in place (donated params) instead of
-        # copying every masked param at entry to keep it alive for a check nothing else depends on
-        counted = leaks >= 0
+        # ``leaks >= checked`` always holds (``checked`` is 0, or the step raised); it makes every masked update
+        # depend on the pruned-weights count and its check: XLA reads params for the count before the step's
+        # output overwrites them in place (donated params) instead of copying every masked param at entry to keep
+        # it alive for a check nothing else would depend on, and the check's callback is not dead code
+        counted = leaks >= checked
         updates = jax.tree.map(
             lambda m, u, p: u if m is None else jnp.where(m & counted, u, -p).astype(u.dtype),
             masks,

@@ -265,3 +265,24 @@ def test_linen_train_state_gmp():
     assert masks["Dense_1"]["kernel"] is None
     assert int(masks["Dense_0"]["kernel"].sum()) == 32  # Dense_0 is the (16, 4) layer, built first
     _assert_exact_zeros(ts.params, masks)
+
+
+# ------------------------------------------------------------------------------------------------ dispatch cost
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _gmp(optax.adam(1e-2)),
+        lambda: js.rigl(optax.adam(1e-2), 0.5, update_every=2, total_steps=10),
+        lambda: js.rigl(optax.adam(1e-2), 0.5, update_every=2, total_steps=10, packed_masks=True),
+    ],
+    ids=["gmp", "rigl", "rigl_packed"],
+)
+def test_step_has_no_side_effects_so_jax_keeps_its_fast_dispatch(make):
+    """The wrong-order check must not put a side effect in the step: JAX dispatches a program with one (e.g. a
+    ``jax.debug.callback``, even in a branch that never runs) by its Python path, which measured 1.71x a dense
+    step on chains of 64 and 256 small kernels (``benchmarks/check_overhead.py``). The check itself still raises
+    (the wrong-order tests above)."""
+    tx, params = make(), _params()
+    jaxpr = jax.make_jaxpr(tx.update)(_grads(params, 0), tx.init(params), params)
+    assert not jaxpr.effects
+    assert "pure_callback" in str(jaxpr)  # the check is in the program
