@@ -241,6 +241,7 @@ def dispatch_check(
     densify: Callable[[int], Any],
     sparse: Callable[[int], Any],
     make_auto: Callable[[], Callable[[int], Any]],
+    make_twin: Callable[[str], Callable[[int], Any]],
     key: tuple,
     copies: int,
     chain: int,
@@ -255,6 +256,10 @@ def dispatch_check(
     entry is corrected and ``auto`` re-traced and re-measured; a row below 0.98x is re-measured too (at most
     twice in all, twice the repeats) -- on this shared machine that is load noise, as auto runs the same
     compiled path as densify or sparse. Every attempt is kept; the table keeps the final choice.
+
+    The control ``twin``: ``make_twin(path)`` jits the path auto was traced to choose (``"dense"``: densify,
+    ``"sparse"``) once more, called exactly as auto is; ``twin_vs_path`` (that path's time over the twin's) is
+    how far apart two compiled copies of one program time in this run, the resolution of ``auto_vs_best``.
     """
     from pallas_kernels import _measured
 
@@ -262,13 +267,19 @@ def dispatch_check(
         return "sparse" if t["sparse"] < t["dense" if "dense" in t else "densify"] else "dense"
 
     def timed(auto, reps):
-        calls = {"dense_dot": dense, "densify": densify, "sparse": sparse, "auto": auto}
+        calls = {
+            "dense_dot": dense,
+            "densify": densify,
+            "sparse": sparse,
+            "auto": auto,
+            "twin": twin,
+        }
         return time_interleaved(calls, copies, chain, reps)
 
     _measured.CHOICES[key] = faster(
         time_interleaved({"dense": densify, "sparse": sparse}, copies, 1, 3)
     )
-    auto = make_auto()
+    auto, twin = make_auto(), make_twin(_measured.CHOICES[key])
     t = timed(auto, repeats)
     attempts = [{name: round(s * 1e6, 1) for name, s in t.items()}]
     for _ in range(2):
@@ -277,7 +288,7 @@ def dispatch_check(
             break
         if faster(t) != _measured.CHOICES[key]:
             _measured.CHOICES[key] = faster(t)
-            auto = make_auto()
+            auto, twin = make_auto(), make_twin(_measured.CHOICES[key])
         t = timed(auto, 2 * repeats)
         attempts.append({name: round(s * 1e6, 1) for name, s in t.items()})
     auto_ran = _measured.CHOICES[key]
@@ -290,6 +301,7 @@ def dispatch_check(
         "choice": faster(t),
         "auto_ran": auto_ran,  # the table entry the last measured auto was traced with
         "auto_vs_best": best / t["auto"],
+        "twin_vs_path": t["densify" if auto_ran == "dense" else "sparse"] / t["twin"],
         "auto_vs_dense_dot": t["dense_dot"] / t["auto"],
         "sparse_vs_dense_dot": t["dense_dot"] / t["sparse"],
     }
@@ -359,7 +371,8 @@ def print_dispatch_row(label: str, row: dict) -> None:
     print(
         f"{label:44s} dense_dot {us['dense_dot']:10.1f}  densify {us['densify']:10.1f}  "
         f"sparse {us['sparse']:10.1f}  auto {us['auto']:10.1f} us  choice {row['choice']:6s} "
-        f"auto/best {row['auto_vs_best']:5.2f}x  auto/dense_dot {row['auto_vs_dense_dot']:5.2f}x",
+        f"auto/best {row['auto_vs_best']:5.2f}x  {row['auto_ran']} path/its twin {row['twin_vs_path']:5.2f}x  "
+        f"auto/dense_dot {row['auto_vs_dense_dot']:5.2f}x",
         flush=True,
     )
 
@@ -402,6 +415,9 @@ def run_cpu_dispatch(
             densify=lambda i: fns["dense"](x, ws[i]),
             sparse=lambda i: fns["xla"](x, ws[i]),
             make_auto=lambda: functools.partial(lambda i, f: f(x, ws[i]), f=jitted("auto")),
+            make_twin=lambda path: functools.partial(
+                lambda i, f: f(x, ws[i]), f=jitted("dense" if path == "dense" else "xla")
+            ),
             key=dispatch.table_key(sparse_problem(m, ws[0], "xla"), "cpu"),
             copies=grid["copies"],
             chain=grid["chain"],
@@ -422,6 +438,10 @@ def run_cpu_dispatch(
     print(f"wrote {out}; measured table: {write_measured_table()} entries")
     worst = min(r["auto_vs_best"] for r in rows)
     print(f"worst auto / best(densify, sparse): {worst:.3f}x")
+    print(
+        "two compiled copies of one path (twin control): "
+        f"{min(r['twin_vs_path'] for r in rows):.3f}x to {max(r['twin_vs_path'] for r in rows):.3f}x"
+    )
     other = [r["auto_vs_best"] for r in rows if not r["auto_program_is_choice"]]
     print(
         f"rows where auto compiles to another program than the faster path: {len(other)}"

@@ -25,9 +25,9 @@ clipping sees dense gradients). Around it, only wrappers that pass whole updates
 and ``optax.apply_if_finite(sparse(...), n)`` (a skipped step does not advance the sparse step counter).
 ``optax.inject_hyperparams`` may build either the inner optimizer or the sparse transform itself (a traced
 ``sparsity``). The wrong order is loud: on the second step, on the step after each mask update and every
-``LEAK_CHECK_EVERY`` (100) steps, ``update`` checks that the weights outside
-the masks are exactly zero and otherwise fails the step with an error naming this contract (a ``RuntimeError``
-raised in a ``jax.pure_callback`` when the step runs; JAX re-raises it, e.g. as ``XlaRuntimeError``, from the call or
+``LEAK_CHECK_EVERY`` (100) steps, ``update`` checks that the weights outside the masks are exactly zero and
+otherwise fails the step with an error naming this contract (a ``RuntimeError`` raised in a ``jax.pure_callback``
+when the step runs; JAX re-raises it with the message, a ``ValueError`` on CPU with jax 0.10-0.12, from the call or
 from the first read of its results) — e.g. ``optax.chain(sparse(...), optax.scale_by_learning_rate(...))`` or
 ``optax.chain(sparse(...), optax.add_decayed_weights(...))``, or weights changed outside the optimizer.
 
