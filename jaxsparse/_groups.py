@@ -10,6 +10,7 @@ leaves in the order given and, for a stacked leaf, its slices in layer order. Ev
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -95,21 +96,36 @@ def stack(g: Grouping, leaves: Sequence[Array]) -> list[Array]:
     return out
 
 
+def _leaf_of(part: Array, axis: int | None) -> Array:
+    return part.reshape(part.shape[1:]) if axis is None else jnp.moveaxis(part, 0, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _cut(x: Array, start: Array, n: int, axis: int | None) -> Array:
+    return _leaf_of(lax.dynamic_slice_in_dim(x, start, n), axis)
+
+
 def unstack(g: Grouping, stacked: Sequence[Array], n_leaves: int | None = None) -> list[Array]:
     """Inverse of :func:`stack`: the list of leaves (positions not in any group stay ``None``).
 
-    Leaves are cut with ``dynamic_slice`` at constant offsets: under ``jit`` XLA folds them to static slices, and
-    eagerly every cut of one group reuses one compiled executable (a static slice would compile per offset).
+    Leaves are cut with ``dynamic_slice`` at constant offsets: under ``jit`` XLA folds them to static slices.
+    Eagerly (``tx.init``) each cut is one call of a jitted slice-and-reshape taking its offset as an argument, so
+    every cut of one group reuses one compiled executable (a static slice would compile per offset) and costs one
+    dispatch instead of one per index operation.
     """
     out: list = [None] * (n_leaves if n_leaves is not None else len(g.axes))
     for ms, x in zip(g.members, stacked):
+        eager = not isinstance(x, jax.core.Tracer)
         start = 0
         for i in ms:
-            n = g.units[i]
-            part = x if len(ms) == 1 else lax.dynamic_slice_in_dim(x, start, n)
+            n, ax = g.units[i], g.axes[i]
+            if len(ms) == 1:
+                out[i] = _leaf_of(x, ax)
+            elif eager:
+                out[i] = _cut(x, np.int32(start), n, ax)
+            else:
+                out[i] = _leaf_of(lax.dynamic_slice_in_dim(x, start, n), ax)
             start += n
-            ax = g.axes[i]
-            out[i] = part.reshape(part.shape[1:]) if ax is None else jnp.moveaxis(part, 0, ax)
     return out
 
 
