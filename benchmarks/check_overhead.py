@@ -13,8 +13,10 @@ through its ``jax.jit`` function as a training loop calls it (JAX's C++ dispatch
   (``jaxsparse.transforms.common._raise_if_pruned_nonzero``) by a constant 0: the count is still computed every
   ``LEAK_CHECK_EVERY`` steps, but no host callback is in the compiled step. A diagnostic only.
 
-Prints a table of ratios vs dense and writes ``benchmarks/results/check_overhead.json`` (device, versions, date,
-load average). Run: ``python benchmarks/check_overhead.py [--leaves 64 256] [--steps 30]``.
+Also records, per step, how long the call took to return (JAX dispatches asynchronously, so without a host callback
+the call returns while the step still runs). Prints a table of ratios vs dense and writes
+``benchmarks/results/check_overhead.json`` (device, versions, date, load average). Run: ``python
+benchmarks/check_overhead.py [--leaves 64 256] [--steps 30]``.
 """
 
 from __future__ import annotations
@@ -99,14 +101,19 @@ def bench(n: int, steps: int) -> dict:
             step, p, state, times = run
             t0 = time.perf_counter()
             p, state = step(p, state, batch)
+            returned = time.perf_counter() - t0
             jax.block_until_ready(p)
-            times.append(time.perf_counter() - t0)
+            times.append((time.perf_counter() - t0, returned))
             run[1], run[2] = p, state
-    medians = {name: statistics.median(run[3][1:]) for name, run in runs.items()}
+    medians = {name: statistics.median(t for t, _ in run[3][1:]) for name, run in runs.items()}
+    returned = {name: statistics.median(r for _, r in run[3][1:]) for name, run in runs.items()}
     return dict(
         leaves=n,
         dense_ms=1e3 * medians["dense"],
         ratios={name: m / medians["dense"] for name, m in medians.items()},
+        # median ms until the call returned (JAX dispatches asynchronously: the step may still be running)
+        call_returns_ms={name: 1e3 * r for name, r in returned.items()},
+        step_ms={name: 1e3 * m for name, m in medians.items()},
     )
 
 
@@ -126,6 +133,12 @@ def main() -> None:
         print(
             f"{r['leaves']:>8} {r['dense_ms']:9.2f} "
             + " ".join(f"{r['ratios'][n]:17.3f}" for n in names)
+        )
+    print("ms until the call returned / ms per step:")
+    for r in rows:
+        print(
+            f"{r['leaves']:>8} {'':>9} "
+            + " ".join(f"{r['call_returns_ms'][n]:8.1f} /{r['step_ms'][n]:7.1f}" for n in names)
         )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -238,6 +238,8 @@ def _raise_if_pruned_nonzero(count: Array, step: Array) -> Array:
     side-effecting callback (``jax.debug.callback``, even in a branch that never runs) is dispatched by JAX's
     Python path instead of its C++ fast path, which on a model of many small kernels costs more than all the
     masking; a pure callback keeps the fast path, and its result, used by the updates, keeps it in the program.
+    On CPU a program holding a host callback still runs synchronously (the call returns once the step has run;
+    ``benchmarks/check_overhead.py`` measures both).
     """
     return lax.cond(
         (step > 0) & (count > 0),
