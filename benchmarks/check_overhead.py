@@ -22,7 +22,6 @@ benchmarks/check_overhead.py [--leaves 64 256] [--steps 30]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -140,19 +139,7 @@ def main() -> None:
             f"{r['leaves']:>8} {'':>9} "
             + " ".join(f"{r['call_returns_ms'][n]:8.1f} /{r['step_ms'][n]:7.1f}" for n in names)
         )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            dict(
-                benchmark="check_overhead",
-                command=" ".join(sys.argv),
-                environment=scale.environment(),
-                steps=args.steps,
-                results=rows,
-            ),
-            f,
-            indent=1,
-        )
+    scale.write_results(args.out, "check_overhead", rows, steps=args.steps)
     print(f"wrote {args.out}")
 
 

@@ -19,7 +19,6 @@ date, load average). Run: ``python benchmarks/compile_breakdown.py [--leaves 256
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -95,18 +94,7 @@ def main() -> None:
         print(f"{row['kernels']} kernels of 128x128:")
         for name, seconds in row["compile_s"].items():
             print(f"  {name:34s} {seconds:7.2f} s  {seconds / dense:5.2f}x dense")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(
-            dict(
-                benchmark="compile_breakdown",
-                command=" ".join(sys.argv),
-                environment=scale.environment(),
-                results=rows,
-            ),
-            f,
-            indent=1,
-        )
+    scale.write_results(args.out, "compile_breakdown", rows)
     print(f"wrote {args.out}")
 
 

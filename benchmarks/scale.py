@@ -292,17 +292,14 @@ def environment() -> dict:
     )
 
 
-def _write(args, rows) -> None:
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+def write_results(path: str, benchmark: str, rows: list, **settings) -> None:
+    """Writes a benchmark's JSON: its name, its settings, the command, :func:`environment` and the rows."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(
             dict(
-                benchmark="scale",
-                sparsity=SPARSITY,
-                update_every=UPDATE_EVERY,
-                rounds=args.rounds,
-                block=args.block,
-                quick=args.quick,
+                benchmark=benchmark,
+                **settings,
                 command=" ".join(sys.argv),
                 environment=environment(),
                 results=rows,
@@ -310,6 +307,19 @@ def _write(args, rows) -> None:
             f,
             indent=2,
         )
+
+
+def _write(args, rows) -> None:
+    write_results(
+        args.out,
+        "scale",
+        rows,
+        sparsity=SPARSITY,
+        update_every=UPDATE_EVERY,
+        rounds=args.rounds,
+        block=args.block,
+        quick=args.quick,
+    )
 
 
 def main() -> None:
