@@ -82,14 +82,6 @@ def test_mixed_shapes_cost_one_selection_per_shape():
     assert _heavy_ops_in_mask_update(tx, p1) == _heavy_ops_in_mask_update(tx, p2)
 
 
-def _unregister(listener):
-    from jax._src import (
-        monitoring,
-    )  # the public module has no unregister in the oldest supported JAX
-
-    monitoring.unregister_event_duration_listener(listener)
-
-
 def _count_compiles(fn):
     n = [0]
 
@@ -101,7 +93,7 @@ def _count_compiles(fn):
     try:
         jax.block_until_ready(fn())
     finally:
-        _unregister(listener)
+        jax.monitoring.unregister_event_duration_listener(listener)
     return n[0]
 
 
