@@ -404,7 +404,8 @@ def run_cpu_dispatch(
     def jitted(impl):
         return jax.jit(lambda x, w: op(x, w, impl=impl))
 
-    fns = {impl: jitted(impl) for impl in ("dense", "xla")}
+    impl_of = {"dense": "dense", "sparse": "xla"}  # a path's ``impl=``
+    fns = {impl: jitted(impl) for impl in impl_of.values()}
     for config in grid["configs"]:
         ws, fields = weights(rng, config)
         m = fields["m"]
@@ -416,7 +417,7 @@ def run_cpu_dispatch(
             sparse=lambda i: fns["xla"](x, ws[i]),
             make_auto=lambda: functools.partial(lambda i, f: f(x, ws[i]), f=jitted("auto")),
             make_twin=lambda path: functools.partial(
-                lambda i, f: f(x, ws[i]), f=jitted("dense" if path == "dense" else "xla")
+                lambda i, f: f(x, ws[i]), f=jitted(impl_of[path])
             ),
             key=dispatch.table_key(sparse_problem(m, ws[0], "xla"), "cpu"),
             copies=grid["copies"],
@@ -426,7 +427,7 @@ def run_cpu_dispatch(
         row.update(fields)
         # auto traced with the table as now written compiles to the very program of the chosen path: a row below
         # 1.0 with this set is timing noise between two runs of one executable
-        chosen = fns["dense" if row["choice"] == "dense" else "xla"]
+        chosen = fns[impl_of[row["choice"]]]
         row["auto_program_is_choice"] = _program(jitted("auto"), x, ws[0]) == _program(
             chosen, x, ws[0]
         )
