@@ -126,13 +126,6 @@ def pack_tree(masks: Any, parts: tuple[int, ...] | None = None) -> Any:
     return treedef.unflatten([None if m is None else _pack_one(m, k) for m, k in zip(flat, parts)])
 
 
-def repack_like(masks: Any, stored: Any) -> Any:
-    """Packs the bool ``masks`` the way ``stored`` (a packed masks tree) packs them."""
-    return jax.tree.map(
-        lambda s, m: None if s is None else pack(m, s.parts), stored, masks, is_leaf=is_mask_leaf
-    )
-
-
 def unpack_tree(masks: Any) -> Any:
     """Unpacks every :class:`PackedMask` of a masks tree (``None`` and bool masks stay as they are)."""
     return jax.tree.map(lambda m: unpack(m) if is_packed(m) else m, masks, is_leaf=is_mask_leaf)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +166,35 @@ def bcast(x: Array, ndim: int) -> Array:
 def unit_sum(x: Array) -> Array:
     """Per-unit int32 count of a stacked boolean group."""
     return jnp.sum(x, axis=tuple(range(1, x.ndim)), dtype=jnp.int32)
+
+
+def _shape_and_dtype(x: Array) -> tuple:
+    return tuple(jnp.shape(x)), jnp.result_type(x)
+
+
+def stack_alike(
+    leaves: Sequence[Array],
+    like: Sequence | None = None,
+    kind: Callable[[Any], Hashable] = _shape_and_dtype,
+) -> list[Array]:
+    """Leaves of one kind (by default: equal shape and dtype) stacked along a new leading axis: one array per
+    kind, kinds in order of first appearance, leaves in the order given (a reduction over all leaves is then one
+    reduction per kind instead of one per leaf). ``like`` (same length) groups ``leaves`` by the kinds of ``like``
+    instead, so that two lists stack alike."""
+    kinds: dict = {}
+    for x, y in zip(leaves, like if like is not None else leaves):
+        kinds.setdefault(kind(y), []).append(x)
+    return [xs[0][None] if len(xs) == 1 else jnp.stack(xs) for xs in kinds.values()]
+
+
+def alike_slots(
+    leaves: Sequence, kind: Callable[[Any], Hashable] = _shape_and_dtype
+) -> list[tuple[int, int]]:
+    """Where :func:`stack_alike` puts every leaf: ``(kind, position in that kind's stack)``."""
+    kinds: dict = {}
+    slots = []
+    for x in leaves:
+        counter = kinds.setdefault(kind(x), [len(kinds), 0])
+        slots.append((counter[0], counter[1]))
+        counter[1] += 1
+    return slots

@@ -155,3 +155,58 @@ def test_donated_step_copies_no_parameter(name):
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
     entry = text[text.index("ENTRY") :]
     assert re.findall(r"= f32\[12,20\]\{[^}]*\} copy\(", entry) == []
+
+
+def _distinct_kernels(compiled_text: str) -> int:
+    """How many different kernels a compiled CPU program holds: its fusions' computations, compared with names
+    and metadata left out (XLA compiles a kernel once for all its identical fusions)."""
+    import re
+
+    bodies, name, lines = {}, None, []
+    for line in compiled_text.splitlines():
+        head = re.match(r"^%([\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            name, lines = head.group(1), []
+        elif line.startswith("}") and name is not None:
+            bodies[name], name = lines, None
+        elif name is not None:
+            line = re.sub(r", metadata=\{.*?\}", "", line)
+            lines.append(re.sub(r"%[\w.\-]+", "%", line).strip())
+    called = set(re.findall(r"\bfusion\(.*?calls=%([\w.\-]+)", compiled_text))
+    assert called, "no fusion found in the compiled program"
+    return len({"\n".join(bodies[c]) for c in called})
+
+
+@pytest.mark.parametrize("name", [*sorted(MAKERS), "rigl_packed"])
+def test_compiled_step_has_as_many_kernels_for_few_and_many_leaves(name):
+    """The whole compiled step (mask update included) holds about as many different kernels for 24 as for 12
+    equally shaped layers: nothing per leaf is a kernel of its own. Compiling a different kernel costs far more
+    than reusing one (on CPU ~15-30 ms each), so a cut of each leaf's new mask out of the rule's stacked result
+    at a constant position (one kernel per leaf, as before ``SparseState.mask_slots``) made the compile time of a
+    model of hundreds of layers several times that of dense training."""
+    make = (
+        (
+            lambda: js.rigl(
+                optax.adam(1e-3), 0.8, update_every=10, total_steps=100, packed_masks=True
+            )
+        )
+        if name == "rigl_packed"
+        else MAKERS[name]
+    )
+
+    def kernels(n):
+        params = _params(n, 8)
+        tx = make()
+
+        def step(p, s, g):
+            updates, s = tx.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+        return _distinct_kernels(lowered.compile().as_text())
+
+    few, many = kernels(12), kernels(24)
+    assert many - few < 6, (
+        few,
+        many,
+    )  # one kernel per leaf would add 12; sizes alone move a few fusions

@@ -31,8 +31,9 @@ when the step runs; JAX re-raises it with the message, a ``ValueError`` on CPU w
 from the first read of its results) — e.g. ``optax.chain(sparse(...), optax.scale_by_learning_rate(...))`` or
 ``optax.chain(sparse(...), optax.add_decayed_weights(...))``, or weights changed outside the optimizer.
 
-**Non-finite gradients.** On a step whose gradient has a NaN or an infinity, the mask rule does not run and the
-algorithm's state (e.g. SNFS's gradient EMA) is left unchanged; the step counter still advances. The inner
+**Non-finite gradients.** On a step whose gradient has a NaN or an infinity, the masks and the algorithm's state
+(e.g. SNFS's gradient EMA) are left unchanged (a mask rule that ran on such a step has its result dropped); the
+step counter still advances. The inner
 optimizer sees the (masked) gradient as usual: wrap it in ``optax.apply_if_finite`` (either inside or around the
 sparse transform) to skip such steps. A weight that is already ``inf``/``NaN`` cannot be zeroed by an additive
 update (``p + (-p)`` is NaN); it is reported by the check above when it lies outside the masks.
@@ -51,15 +52,18 @@ from jax import lax
 from jaxtyping import Array, PyTree
 
 from jaxsparse._bitmask import (
+    PackedMask,
     is_mask_leaf,
     is_packed,
     is_packed_tree,
+    pack,
     pack_tree,
     parts_for,
     place_packed_like,
-    repack_like,
+    unpack,
     unpack_tree,
 )
+from jaxsparse._groups import alike_slots, stack_alike
 from jaxsparse._tree import check_same_structure, is_none, map_live, map_masked, structure, unwrap
 from jaxsparse.sharding import commit_like, place_like
 
@@ -113,7 +117,9 @@ class SparseState(NamedTuple):
     """State of :func:`sparse_training`: the inner optimizer's state, masks, step counter, PRNG key, extras.
 
     ``masks`` holds bool arrays (``None`` for dense leaves), or with ``packed_masks=True`` their 1-bit packed
-    form; :func:`state_masks` returns the bool masks either way.
+    form; :func:`state_masks` returns the bool masks either way. ``mask_slots`` holds one int32 scalar per mask
+    array (tree order): its position among the masks of its shape and dtype, set by ``init`` and never changed
+    (the compiled step reads each leaf's new mask at that position, so that its code does not grow per leaf).
     """
 
     inner_state: optax.OptState
@@ -121,6 +127,7 @@ class SparseState(NamedTuple):
     step: Array
     key: Array
     extra: AlgorithmState = ()
+    mask_slots: tuple[Array, ...] = ()
 
 
 def _as_transformation(
@@ -158,12 +165,9 @@ def _zero_moments(
 
 
 def _all_finite(grads: PyTree) -> Array:
-    """One bool: every floating-point gradient entry is finite."""
-    checks = [
-        jnp.all(jnp.isfinite(g))
-        for g in jax.tree.leaves(grads)
-        if jnp.issubdtype(jnp.result_type(g), jnp.inexact)
-    ]
+    """One bool: every floating-point gradient entry is finite (one reduction per group of alike leaves)."""
+    leaves = [g for g in jax.tree.leaves(grads) if jnp.issubdtype(jnp.result_type(g), jnp.inexact)]
+    checks = [jnp.all(jnp.isfinite(s)) for s in stack_alike(leaves)]
     return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
 
 
@@ -200,12 +204,11 @@ def _raise_leak(count: Any, step: Any) -> np.ndarray:
 
 def _count_pruned_nonzero(masks: PyTree, params: PyTree) -> Array:
     """How many weights outside the masks are not exactly zero (int32)."""
+    ms = jax.tree.leaves(masks)
+    ps = jax.tree.leaves(map_live(lambda m, p: p, masks, params))
     counts = [
         jnp.sum(~m & (p != 0), dtype=jnp.int32)
-        for m, p in zip(
-            jax.tree.leaves(masks),
-            jax.tree.leaves(map_live(lambda m, p: p, masks, params)),
-        )
+        for m, p in zip(stack_alike(ms, ps), stack_alike(ps))
     ]
     return sum(counts[1:], counts[0]) if counts else jnp.zeros((), jnp.int32)
 
@@ -289,11 +292,56 @@ def _check_stored_masks(params: PyTree, masks: PyTree, packed_masks: bool, what:
             )
 
 
+def _mask_kind(m: Any) -> tuple:
+    """Stored masks of one kind stack together: equal shape and dtype, or for packed masks equal packing."""
+    if is_packed(m):
+        return m.shape, m.parts, m.bits.shape, m.bits.dtype
+    return tuple(m.shape), m.dtype
+
+
+def _stack_stored(masks: list[Array], held: list) -> list[Array]:
+    """The bool ``masks`` stacked by the kinds of the stored masks ``held``, each stack in the stored form."""
+    stacks = stack_alike(masks, held, kind=_mask_kind)
+    firsts = {k: held[i] for i, (k, _) in reversed(list(enumerate(alike_slots(held, _mask_kind))))}
+    out = []
+    for k, stack in enumerate(stacks):
+        like = firsts[k]
+        if is_packed(
+            like
+        ):  # the last axis packs row by row: packing the stack packs every mask in it
+            n = stack.shape[0]
+            bits = pack(stack.reshape(n, *(like.shape or (1,))), like.parts).bits
+            stack = bits.reshape(n, *like.bits.shape)
+        out.append(stack)
+    return out
+
+
+def _cut_stored(stacks: list[Array], held: list, slots: tuple, take: Array) -> list:
+    """Each stored mask of ``held``, replaced (where ``take``) by its entry of the stacks at its slot."""
+    out = []
+    for (k, _), slot, old in zip(alike_slots(held, _mask_kind), slots, held):
+        old_array = old.bits if is_packed(old) else old
+        new = jnp.where(take, lax.dynamic_index_in_dim(stacks[k], slot, keepdims=False), old_array)
+        out.append(PackedMask(new, old.shape, old.parts) if is_packed(old) else new)
+    return out
+
+
+def mask_slots(masks: PyTree) -> tuple[Array, ...]:
+    """:attr:`SparseState.mask_slots` for stored ``masks``."""
+    held = [m for m in jax.tree.leaves(masks, is_leaf=is_mask_leaf) if m is not None]
+    return tuple(jnp.int32(position) for _, position in alike_slots(held, _mask_kind))
+
+
+def _check_mask_slots(slots: Any, stored_leaves: list) -> None:
+    if not isinstance(slots, tuple) or len(slots) != len(stored_leaves):
+        raise ValueError(
+            f"`state.mask_slots` must hold one int32 scalar per mask array ({len(stored_leaves)}); got "
+            f"{len(slots) if isinstance(slots, tuple) else type(slots).__name__}: use the state made by this "
+            f"transformation's init (a state built by hand or restored from another transformation lacks them)."
+        )
+
+
 def _same(tree: PyTree) -> PyTree:
-    return tree
-
-
-def _same_form(tree: PyTree, like: PyTree) -> PyTree:
     return tree
 
 
@@ -363,8 +411,8 @@ def sparse_training(
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int; got {seed!r}.")
     packed_masks = _check_packed_masks(packed_masks)
-    # stored masks -> bool masks (read), and the rule's bool masks -> the stored form of ``like`` (write)
-    read, write = (unpack_tree, repack_like) if packed_masks else (_same, _same_form)
+    # stored masks -> bool masks: the whole tree (read) or one mask (read_one)
+    read, read_one = (unpack_tree, unpack) if packed_masks else (_same, _same)
 
     def init_stored(params, key, parts):
         masks, extra = algorithm.init(params, key)
@@ -388,6 +436,7 @@ def sparse_training(
             step=jnp.zeros((), jnp.int32),
             key=key,
             extra=extra,
+            mask_slots=mask_slots(masks),
         )
         return commit_like(state, params)  # one placement kind for the step's inputs: one compile
 
@@ -412,31 +461,52 @@ def sparse_training(
             state.extra,
         )
 
+        # The rule's masks leave the cond stacked by kind (its own per-leaf cuts of a stacked selection and this
+        # restacking cancel in XLA), and each leaf takes its mask out of its stack at the position held in
+        # ``state.mask_slots``: a runtime index makes that cut the same code for every leaf of a kind, so XLA
+        # compiles it once, where a cut at a constant position is a kernel of its own per leaf.
+        stored_leaves, stored_def = jax.tree.flatten(stored, is_leaf=is_mask_leaf)
+        held = [m for m in stored_leaves if m is not None]
+        _check_mask_slots(state.mask_slots, held)
+        stacks_shape = jax.eval_shape(lambda: _stack_stored([read_one(m) for m in held], held))
+
         def run_rule(c):
             with jax.named_scope(MASK_RULE_SCOPE):  # tests find the rule's ops by this name
                 masks, extra = algorithm.update(c._replace(masks=read(c.masks)))
-                return write(masks, c.masks), extra, jnp.ones((), bool)
+                new = [m for m in jax.tree.leaves(masks, is_leaf=is_none) if m is not None]
+                return _stack_stored(new, held), extra
 
         def keep(c):
-            return c.masks, c.extra, jnp.zeros((), bool)
+            blank = [jnp.zeros(s.shape, s.dtype) for s in stacks_shape]
+            return blank, c.extra, jnp.zeros((), bool)
 
-        # A non-finite step runs no mask rule and leaves the algorithm's state as it was. The flag also comes back
-        # out of the cond: every leaf's select then reads one materialised bool, where XLA would otherwise fuse
-        # (and so duplicate) the all-leaves finiteness reduction into each leaf's update.
+        # A non-finite step changes no mask and leaves the algorithm's state as it was. The flag comes back out of
+        # the cond: every leaf's select then reads one materialised bool, where XLA would otherwise fuse (and so
+        # duplicate) the all-leaves finiteness reduction into each leaf's update.
         if algorithm.observe is not None:  # the state changes every step: check every step
             finite = _all_finite(grads)
             observed = algorithm.observe(ctx._replace(masks=read(stored)))
             ctx = ctx._replace(extra=_select(finite, observed, state.extra))
-            new_stored, extra, do_update = lax.cond(
-                algorithm.is_update(state.step) & finite, run_rule, keep, ctx
-            )
-        else:  # the finiteness reduction runs on mask-update steps only
-            new_stored, extra, do_update = lax.cond(
-                algorithm.is_update(state.step),
-                lambda c: lax.cond(_all_finite(c.grads), run_rule, keep, c),
+            stacks, extra, do_update = lax.cond(
+                algorithm.is_update(state.step) & finite,
+                lambda c: (*run_rule(c), jnp.ones((), bool)),
                 keep,
                 ctx,
             )
+        else:  # the finiteness reduction runs on mask-update steps only, next to the rule (its result is dropped)
+
+            def run_rule_if_finite(c):
+                finite = _all_finite(c.grads)
+                stacks, extra = run_rule(c)
+                return stacks, _select(finite, extra, c.extra), finite
+
+            stacks, extra, do_update = lax.cond(
+                algorithm.is_update(state.step), run_rule_if_finite, keep, ctx
+            )
+        new_held = iter(_cut_stored(stacks, held, state.mask_slots, do_update))
+        new_stored = jax.tree.unflatten(
+            stored_def, [None if m is None else next(new_held) for m in stored_leaves]
+        )
         checked = _raise_if_pruned_nonzero(leaks, state.step)
         masks = read(new_stored)  # packed: shifts and ands, fused into the elementwise passes below
         inner_state, grad_masks = state.inner_state, masks
@@ -467,7 +537,9 @@ def sparse_training(
             params,
             is_leaf=is_none,
         )
-        return updates, SparseState(new_inner, new_stored, state.step + 1, state.key, extra)
+        return updates, SparseState(
+            new_inner, new_stored, state.step + 1, state.key, extra, state.mask_slots
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

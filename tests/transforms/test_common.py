@@ -210,6 +210,11 @@ def test_bad_input_raises_and_leaves_state_untouched():
         tx.update(params, state)
     with pytest.raises(ValueError, match="same tree structure"):
         tx.update({"Dense_0": params["Dense_0"]}, state, params)
+    with pytest.raises(
+        ValueError,
+        match=r"`state.mask_slots` must hold one int32 scalar per mask array \(3\); got 0",
+    ):
+        tx.update(params, state._replace(mask_slots=()), params)  # e.g. a state built by hand
     jax.tree.map(np.testing.assert_array_equal, before, (params, state))
     with pytest.raises(ValueError, match="empty pytree"):
         tx.init({})
