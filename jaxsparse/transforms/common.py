@@ -60,7 +60,6 @@ from jaxsparse._bitmask import (
     pack_tree,
     parts_for,
     place_packed_like,
-    unpack,
     unpack_tree,
 )
 from jaxsparse._groups import alike_slots, stack_alike
@@ -316,20 +315,23 @@ def _stack_stored(masks: list[Array], held: list) -> list[Array]:
     return out
 
 
-def _cut_stored(stacks: list[Array], held: list, slots: tuple, take: Array) -> list:
-    """Each stored mask of ``held``, replaced (where ``take``) by its entry of the stacks at its slot."""
+def _cut_stored(stacks: list[Array], held: list, slots: tuple) -> list:
+    """The stored masks like ``held``, each cut out of its kind's stack at its slot."""
     out = []
-    for (k, _), slot, old in zip(alike_slots(held, _mask_kind), slots, held):
-        old_array = old.bits if is_packed(old) else old
-        new = jnp.where(take, lax.dynamic_index_in_dim(stacks[k], slot, keepdims=False), old_array)
-        out.append(PackedMask(new, old.shape, old.parts) if is_packed(old) else new)
+    for (k, _), slot, like in zip(alike_slots(held, _mask_kind), slots, held):
+        mask = lax.dynamic_index_in_dim(stacks[k], slot, keepdims=False)
+        out.append(PackedMask(mask, like.shape, like.parts) if is_packed(like) else mask)
     return out
+
+
+def _held(masks: PyTree) -> list:
+    """The stored masks of a masks tree, in tree order (dense leaves left out)."""
+    return [m for m in jax.tree.leaves(masks, is_leaf=is_mask_leaf) if m is not None]
 
 
 def mask_slots(masks: PyTree) -> tuple[Array, ...]:
     """:attr:`SparseState.mask_slots` for stored ``masks``."""
-    held = [m for m in jax.tree.leaves(masks, is_leaf=is_mask_leaf) if m is not None]
-    return tuple(jnp.int32(position) for _, position in alike_slots(held, _mask_kind))
+    return tuple(jnp.int32(position) for _, position in alike_slots(_held(masks), _mask_kind))
 
 
 def _check_mask_slots(slots: Any, stored_leaves: list) -> None:
@@ -411,8 +413,8 @@ def sparse_training(
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"`seed` must be an int; got {seed!r}.")
     packed_masks = _check_packed_masks(packed_masks)
-    # stored masks -> bool masks: the whole tree (read) or one mask (read_one)
-    read, read_one = (unpack_tree, unpack) if packed_masks else (_same, _same)
+    # stored masks -> bool masks
+    read = unpack_tree if packed_masks else _same
 
     def init_stored(params, key, parts):
         masks, extra = algorithm.init(params, key)
@@ -461,24 +463,22 @@ def sparse_training(
             state.extra,
         )
 
-        # The rule's masks leave the cond stacked by kind (its own per-leaf cuts of a stacked selection and this
-        # restacking cancel in XLA), and each leaf takes its mask out of its stack at the position held in
-        # ``state.mask_slots``: a runtime index makes that cut the same code for every leaf of a kind, so XLA
-        # compiles it once, where a cut at a constant position is a kernel of its own per leaf.
+        # The rule's masks are stacked by kind (its own per-leaf cuts of a stacked selection and this restacking
+        # cancel in XLA) and each leaf's mask is cut out of its stack at the position held in ``state.mask_slots``:
+        # a runtime position makes that cut the same code for every leaf of a kind, so XLA compiles it once, where
+        # a cut at a constant position is a kernel of its own per leaf.
         stored_leaves, stored_def = jax.tree.flatten(stored, is_leaf=is_mask_leaf)
-        held = [m for m in stored_leaves if m is not None]
+        held = _held(stored)
         _check_mask_slots(state.mask_slots, held)
-        stacks_shape = jax.eval_shape(lambda: _stack_stored([read_one(m) for m in held], held))
 
         def run_rule(c):
             with jax.named_scope(MASK_RULE_SCOPE):  # tests find the rule's ops by this name
                 masks, extra = algorithm.update(c._replace(masks=read(c.masks)))
                 new = [m for m in jax.tree.leaves(masks, is_leaf=is_none) if m is not None]
-                return _stack_stored(new, held), extra
+                return _cut_stored(_stack_stored(new, held), held, state.mask_slots), extra
 
         def keep(c):
-            blank = [jnp.zeros(s.shape, s.dtype) for s in stacks_shape]
-            return blank, c.extra, jnp.zeros((), bool)
+            return _held(c.masks), c.extra, jnp.zeros((), bool)
 
         # A non-finite step changes no mask and leaves the algorithm's state as it was. The flag comes back out of
         # the cond: every leaf's select then reads one materialised bool, where XLA would otherwise fuse (and so
@@ -487,7 +487,7 @@ def sparse_training(
             finite = _all_finite(grads)
             observed = algorithm.observe(ctx._replace(masks=read(stored)))
             ctx = ctx._replace(extra=_select(finite, observed, state.extra))
-            stacks, extra, do_update = lax.cond(
+            new_held, extra, do_update = lax.cond(
                 algorithm.is_update(state.step) & finite,
                 lambda c: (*run_rule(c), jnp.ones((), bool)),
                 keep,
@@ -497,13 +497,18 @@ def sparse_training(
 
             def run_rule_if_finite(c):
                 finite = _all_finite(c.grads)
-                stacks, extra = run_rule(c)
-                return stacks, _select(finite, extra, c.extra), finite
+                new, extra = run_rule(c)
+                keep_if = lambda a, b: jnp.where(finite, a, b)  # noqa: E731
+                return (
+                    jax.tree.map(keep_if, new, _held(c.masks)),
+                    _select(finite, extra, c.extra),
+                    finite,
+                )
 
-            stacks, extra, do_update = lax.cond(
+            new_held, extra, do_update = lax.cond(
                 algorithm.is_update(state.step), run_rule_if_finite, keep, ctx
             )
-        new_held = iter(_cut_stored(stacks, held, state.mask_slots, do_update))
+        new_held = iter(new_held)
         new_stored = jax.tree.unflatten(
             stored_def, [None if m is None else next(new_held) for m in stored_leaves]
         )
