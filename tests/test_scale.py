@@ -181,7 +181,7 @@ def _distinct_kernels(compiled_text: str) -> int:
 def test_compiled_step_has_as_many_kernels_for_few_and_many_leaves(name):
     """The whole compiled step (mask update included) holds about as many different kernels for 24 as for 12
     equally shaped layers: nothing per leaf is a kernel of its own. Compiling a different kernel costs far more
-    than reusing one (on CPU ~15-30 ms each), so a cut of each leaf's new mask out of the rule's stacked result
+    than reusing one, so a cut of each leaf's new mask out of the rule's stacked result
     at a constant position (one kernel per leaf, as before ``SparseState.mask_slots``) made the compile time of a
     model of hundreds of layers several times that of dense training."""
     make = (
