@@ -117,8 +117,9 @@ class SparseState(NamedTuple):
 
     ``masks`` holds bool arrays (``None`` for dense leaves), or with ``packed_masks=True`` their 1-bit packed
     form; :func:`state_masks` returns the bool masks either way. ``mask_slots`` holds one int32 scalar per mask
-    array (tree order): its position among the masks of its shape and dtype, set by ``init`` and never changed
-    (the compiled step reads each leaf's new mask at that position, so that its code does not grow per leaf).
+    array (tree order): its position among the masks of its shape and dtype (and packing), set by ``init`` and
+    never changed (the compiled step reads each leaf's new mask at that position, so that its code does not grow
+    per leaf).
     """
 
     inner_state: optax.OptState
@@ -301,13 +302,14 @@ def _mask_kind(m: Any) -> tuple:
 def _stack_stored(masks: list[Array], held: list) -> list[Array]:
     """The bool ``masks`` stacked by the kinds of the stored masks ``held``, each stack in the stored form."""
     stacks = stack_alike(masks, held, kind=_mask_kind)
-    firsts = {k: held[i] for i, (k, _) in reversed(list(enumerate(alike_slots(held, _mask_kind))))}
+    firsts: dict[int, Any] = {}
+    for (k, _), m in zip(alike_slots(held, _mask_kind), held):
+        firsts.setdefault(k, m)
     out = []
     for k, stack in enumerate(stacks):
         like = firsts[k]
-        if is_packed(
-            like
-        ):  # the last axis packs row by row: packing the stack packs every mask in it
+        # the last axis packs row by row: packing the stack packs every mask in it
+        if is_packed(like):
             n = stack.shape[0]
             bits = pack(stack.reshape(n, *(like.shape or (1,))), like.parts).bits
             stack = bits.reshape(n, *like.bits.shape)
@@ -329,7 +331,7 @@ def _held(masks: PyTree) -> list:
     return [m for m in jax.tree.leaves(masks, is_leaf=is_mask_leaf) if m is not None]
 
 
-def mask_slots(masks: PyTree) -> tuple[Array, ...]:
+def _slots_of(masks: PyTree) -> tuple[Array, ...]:
     """:attr:`SparseState.mask_slots` for stored ``masks``."""
     return tuple(jnp.int32(position) for _, position in alike_slots(_held(masks), _mask_kind))
 
@@ -438,7 +440,7 @@ def sparse_training(
             step=jnp.zeros((), jnp.int32),
             key=key,
             extra=extra,
-            mask_slots=mask_slots(masks),
+            mask_slots=_slots_of(masks),
         )
         return commit_like(state, params)  # one placement kind for the step's inputs: one compile
 
