@@ -8,6 +8,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import pathlib
 import platform as py_platform
@@ -215,17 +216,22 @@ def write_matmul_json(
 def time_interleaved(
     calls: Mapping[str, Callable[[int], Any]], copies: int, chain: int, repeats: int
 ) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin (one chain each per repeat) so load
-    drift on a shared machine hits every contender alike; the round starts one contender later each repeat, so
-    no contender always runs right after the same other one (whose cache footprint it would inherit)."""
+    """Median seconds per call of each contender, timed in rounds (one chain each per repeat) so load drift on
+    a shared machine hits every contender alike. Every chain starts from the same cache state: a 64 MB buffer
+    (twice this host's L3) is rewritten before it, so no contender inherits the cache left by the one before it
+    (a densified 4096^2 weight evicts the sparse path's operands; in a fixed order that timed two copies of one
+    program up to 2x apart); each round also runs the contenders in a new random order (seeded)."""
     for call in calls.values():  # warm-up: compile + first run on every copy
         for i in range(copies):
             jax.block_until_ready(call(i))
     samples: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    rng = np.random.default_rng(repeats)
+    evict = np.zeros(64 << 20, np.uint8)
+    for _ in range(repeats):
+        for name in rng.permutation(names):
             call = calls[name]
+            evict += 1
             start = time.perf_counter()
             out = None
             for j in range(chain):
@@ -233,6 +239,10 @@ def time_interleaved(
             jax.block_until_ready(out)
             samples[name].append((time.perf_counter() - start) / chain)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# the shortest timed chain of one contender in a CPU dispatch row (see dispatch_check)
+MIN_CHAIN_S = 0.005
 
 
 def dispatch_check(
@@ -257,6 +267,9 @@ def dispatch_check(
     twice in all, twice the repeats) -- on this shared machine that is load noise, as auto runs the same
     compiled path as densify or sparse. Every attempt is kept; the table keeps the final choice.
 
+    Each chain is at least ``chain`` calls and long enough (by the pre-pass) to take ``MIN_CHAIN_S``, so a
+    row of tens of microseconds is not timed by a few calls just after the cache was evicted.
+
     The control ``twin``: ``make_twin(path)`` jits the path auto was traced to choose (``"dense"``: densify,
     ``"sparse"``) once more, called exactly as auto is; ``twin_vs_path`` (that path's time over the twin's) is
     how far apart two compiled copies of one program time in this run, the resolution of ``auto_vs_best``.
@@ -274,11 +287,11 @@ def dispatch_check(
             "auto": auto,
             "twin": twin,
         }
-        return time_interleaved(calls, copies, chain, reps)
+        return time_interleaved(calls, copies, long_chain, reps)
 
-    _measured.CHOICES[key] = faster(
-        time_interleaved({"dense": densify, "sparse": sparse}, copies, 1, 3)
-    )
+    pre = time_interleaved({"dense": densify, "sparse": sparse}, copies, 1, 3)
+    _measured.CHOICES[key] = faster(pre)
+    long_chain = max(chain, math.ceil(MIN_CHAIN_S / min(pre.values())))
     auto, twin = make_auto(), make_twin(_measured.CHOICES[key])
     t = timed(auto, repeats)
     attempts = [{name: round(s * 1e6, 1) for name, s in t.items()}]
@@ -298,6 +311,7 @@ def dispatch_check(
         "table_key": list(key),
         "us": attempts[-1],
         "attempts": attempts,
+        "chain": long_chain,
         "choice": faster(t),
         "auto_ran": auto_ran,  # the table entry the last measured auto was traced with
         "auto_vs_best": best / t["auto"],
@@ -355,8 +369,10 @@ def write_dispatch_json(name: str, grid: dict, rows: list[dict]) -> pathlib.Path
         "method": (
             "per row: dense_dot = jnp.dot with W held dense; densify = impl='dense' (rebuild W from the "
             "stored sparse weight, then dot); sparse = impl='xla'; auto = impl='auto'. Interleaved "
-            "round-robin timing, median over `repeats` chains of `chain` calls rotating `copies` weight "
-            "copies. choice = faster of densify and sparse (what the measured table keeps); "
+            "timing: `repeats` rounds, each running every contender once in a random order, a chain of calls "
+            f"(the row's `chain`: at least the grid's `chain`, and at least {MIN_CHAIN_S} s by a pre-pass) rotating "
+            "`copies` weight copies after a 64 MB buffer is rewritten (the same cold cache for every chain); "
+            "medians. choice = faster of densify and sparse (what the measured table keeps); "
             "auto_vs_best = min(densify, sparse) / auto; auto_program_is_choice = impl='auto', traced with the "
             "table as written, compiles to the same optimised HLO (source locations stripped) as the chosen path."
         ),
