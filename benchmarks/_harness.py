@@ -219,8 +219,9 @@ def time_interleaved(
     """Median seconds per call of each contender, timed in rounds (one chain each per repeat) so load drift on
     a shared machine hits every contender alike. Every chain starts from the same cache state: a 64 MB buffer
     (twice this host's L3) is rewritten before it, so no contender inherits the cache left by the one before it
-    (a densified 4096^2 weight evicts the sparse path's operands; in a fixed order that timed two copies of one
-    program up to 2x apart); each round also runs the contenders in a new random order (seeded)."""
+    (a densified 4096^2 weight evicts the sparse path's operands; in an order rotated each round, which keeps
+    every contender's predecessor, that timed two copies of one program up to 2.1x apart); each round also runs
+    the contenders in a new random order (seeded)."""
     for call in calls.values():  # warm-up: compile + first run on every copy
         for i in range(copies):
             jax.block_until_ready(call(i))
