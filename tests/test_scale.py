@@ -157,6 +157,36 @@ def test_donated_step_copies_no_parameter(name):
     assert re.findall(r"= f32\[12,20\]\{[^}]*\} copy\(", entry) == []
 
 
+@pytest.mark.parametrize("name", ["rigl", "set", "gmp", "snfs", "rigl_packed", "gmp_packed"])
+def test_donated_step_copies_no_mask(name):
+    """The stored masks pass through the mask-update cond on ordinary steps and stay in their donated buffers: the
+    pruned-weights count runs inside that cond, the grown connections come out of it, and on update steps the new
+    masks depend on both, so every read of the old masks comes before they are overwritten. With the count in a
+    cond of its own and ``new & ~old`` taken after the cond, XLA copied every mask twice per step (at entry and in
+    the pass-through), bool or packed."""
+    import re
+
+    params = {f"l{i}": {"kernel": jnp.ones((12, 20)), "bias": jnp.zeros(20)} for i in range(3)}
+    adam = optax.adam(1e-3)
+    tx = {
+        "snfs": lambda: js.snfs(adam, 0.8, update_every=10, total_steps=100),
+        "rigl_packed": lambda: js.rigl(
+            adam, 0.8, update_every=10, total_steps=100, packed_masks=True
+        ),
+        "gmp_packed": lambda: js.gradual_magnitude_pruning(
+            adam, 0.8, 0, 100, 10, packed_masks=True
+        ),
+    }.get(name, MAKERS.get(name))()
+    state = tx.init(params)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    assert re.findall(r"= (?:pred\[12,20\]|u8\[12,3\])\{[^}]*\} copy\(", text) == []
+
+
 def _distinct_kernels(compiled_text: str) -> int:
     """How many different kernels a compiled CPU program holds: its fusions' computations, compared with names
     and metadata left out (XLA compiles a kernel once for all its identical fusions)."""

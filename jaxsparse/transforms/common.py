@@ -24,7 +24,7 @@ clipping sees dense gradients). Around it, only wrappers that pass whole updates
 ``optax.MultiSteps(sparse(...), k)`` (the sparse schedules then count optimizer steps, one per ``k`` micro-batches)
 and ``optax.apply_if_finite(sparse(...), n)`` (a skipped step does not advance the sparse step counter).
 ``optax.inject_hyperparams`` may build either the inner optimizer or the sparse transform itself (a traced
-``sparsity``). The wrong order is loud: on the second step, on the step after each mask update and every
+``sparsity``). The wrong order is loud: on the second step, on each mask-update step and the step after it, and every
 ``LEAK_CHECK_EVERY`` (100) steps, ``update`` checks that the weights outside the masks are exactly zero and
 otherwise fails the step with an error naming this contract (a ``RuntimeError`` raised in a ``jax.pure_callback``
 when the step runs; JAX re-raises it with the message, a ``ValueError`` on CPU with jax 0.10-0.12, from the call or
@@ -213,24 +213,12 @@ def _count_pruned_nonzero(masks: PyTree, params: PyTree) -> Array:
     return sum(counts[1:], counts[0]) if counts else jnp.zeros((), jnp.int32)
 
 
-def _count_pruned_nonzero_sometimes(
-    masks: PyTree,
-    params: PyTree,
-    step: Array,
-    is_update: Callable[[Array], Array],
-    read: Callable[[PyTree], PyTree],
-) -> Array:
-    """The count above on step 1, on the step after each mask update (a transform chained after the wrapper shows
-    there) and every ``LEAK_CHECK_EVERY`` steps (0 on other steps): the full read of params and masks costs a
-    large part of a dense step on small models, so ordinary steps skip it. ``read`` turns the stored masks into
-    bool masks (inside the branch, so that ordinary steps do not unpack packed masks for it)."""
-    return lax.cond(
-        (step == 1) | is_update(step - 1) | (step % LEAK_CHECK_EVERY == 0),
-        lambda m, p: _count_pruned_nonzero(read(m), p),
-        lambda m, p: jnp.zeros((), jnp.int32),
-        masks,
-        params,
-    )
+def _leak_check_step(step: Array, is_update: Callable[[Array], Array]) -> Array:
+    """Whether ``step`` counts the weights outside the masks: step 1, the step after each mask update (a transform
+    chained after the wrapper shows there) and every ``LEAK_CHECK_EVERY`` steps (mask-update steps count too).
+    The full read of params and masks costs a large part of a dense step on small models, so ordinary steps
+    skip it."""
+    return (step == 1) | is_update(step - 1) | (step % LEAK_CHECK_EVERY == 0)
 
 
 def _raise_if_pruned_nonzero(count: Array, step: Array) -> Array:
@@ -324,6 +312,28 @@ def _cut_stored(stacks: list[Array], held: list, slots: tuple) -> list:
         mask = lax.dynamic_index_in_dim(stacks[k], slot, keepdims=False)
         out.append(PackedMask(mask, like.shape, like.parts) if is_packed(like) else mask)
     return out
+
+
+def _stored_array(mask: Any) -> Array:
+    """The array of a stored mask: the bool mask, or a packed mask's words."""
+    return mask.bits if is_packed(mask) else mask
+
+
+def _keep_if_stored(flag: Array, new: Any, old: Any) -> Any:
+    """``new`` where ``flag`` else ``old`` (stored masks of one kind)."""
+    if is_packed(new):
+        return PackedMask(jnp.where(flag, new.bits, old.bits), new.shape, new.parts)
+    return jnp.where(flag, new, old)
+
+
+def _blank_stacks(held: list) -> list[Array]:
+    """Empty stored masks stacked like :func:`_stack_stored` stacks the masks ``held``."""
+    counts: dict[int, int] = {}
+    firsts: dict[int, Any] = {}
+    for (k, _), m in zip(alike_slots(held, _mask_kind), held):
+        counts[k] = counts.get(k, 0) + 1
+        firsts.setdefault(k, _stored_array(m))
+    return [jnp.zeros((counts[k], *firsts[k].shape), firsts[k].dtype) for k in sorted(counts)]
 
 
 def _held(masks: PyTree) -> list:
@@ -453,9 +463,6 @@ def sparse_training(
         stored = unwrap(
             state.masks
         )  # bool masks, or their packed bits: unpacked where they are read
-        leaks = _count_pruned_nonzero_sometimes(
-            stored, params, state.step, algorithm.is_update, read
-        )
         ctx = MaskContext(
             stored,
             params,
@@ -474,13 +481,53 @@ def sparse_training(
         _check_mask_slots(state.mask_slots, held)
 
         def run_rule(c):
+            """The rule's new masks, stacked by kind in the stored form, and the algorithm's state."""
             with jax.named_scope(MASK_RULE_SCOPE):  # tests find the rule's ops by this name
                 masks, extra = algorithm.update(c._replace(masks=read(c.masks)))
                 new = [m for m in jax.tree.leaves(masks, is_leaf=is_none) if m is not None]
-                return _cut_stored(_stack_stored(new, held), held, state.mask_slots), extra
+                return _stack_stored(new, held), extra
 
+        def count(c):
+            return _count_pruned_nonzero(read(c.masks), c.params)
+
+        # The stored masks are read by one cond only, which passes them through on ordinary steps, and every read
+        # of them on an update step comes before the new masks are written: XLA then keeps them in their (donated)
+        # buffers, where a second reader (the pruned-weights count in a cond of its own, or the growth
+        # ``new & ~old`` after the cond) or a read after the new masks exist made it copy every mask twice per step
+        # (at entry and in the pass-through; ``tests/test_scale.py`` counts them). So the count and the grown
+        # connections (stacked by kind, empty on ordinary steps) come out of the cond, and on update steps the new
+        # masks are made to depend on both.
         def keep(c):
-            return _held(c.masks), c.extra, jnp.zeros((), bool)
+            leaks = lax.cond(  # in a cond of its own: ordinary steps skip the count
+                _leak_check_step(c.step, algorithm.is_update),
+                count,
+                lambda c: jnp.zeros((), jnp.int32),
+                c,
+            )
+            grown = _blank_stacks(held) if algorithm.grows else []
+            return _held(c.masks), c.extra, jnp.zeros((), bool), leaks, grown
+
+        def update(c, finite):
+            stacks, extra = run_rule(c)
+            old = _held(c.masks)
+            leaks = count(c)
+            grown = [jnp.zeros((), s.dtype) for s in stacks]  # where the rule grows nothing
+            if algorithm.grows:
+                olds = stack_alike([_stored_array(m) for m in old], old, kind=_mask_kind)
+                grown = [
+                    jnp.where(finite, n & ~o, jnp.zeros((), n.dtype)) for n, o in zip(stacks, olds)
+                ]
+            # ``after`` is False, but XLA cannot know it: the new masks depend on the count and the growth, so XLA
+            # schedules both reads of the old masks before it writes the new masks over them (an optimisation
+            # barrier did not keep that order)
+            after = leaks < 0
+            stacks = [jnp.where(after, g, s) for s, g in zip(stacks, grown)]
+            new = [
+                _keep_if_stored(finite, n, o)
+                for n, o in zip(_cut_stored(stacks, held, state.mask_slots), old)
+            ]
+            grown = grown if algorithm.grows else []
+            return new, _select(finite, extra, c.extra), finite, leaks, grown
 
         # A non-finite step changes no mask and leaves the algorithm's state as it was. The flag comes back out of
         # the cond: every leaf's select then reads one materialised bool, where XLA would otherwise fuse (and so
@@ -489,38 +536,30 @@ def sparse_training(
             finite = _all_finite(grads)
             observed = algorithm.observe(ctx._replace(masks=read(stored)))
             ctx = ctx._replace(extra=_select(finite, observed, state.extra))
-            new_held, extra, do_update = lax.cond(
-                algorithm.is_update(state.step) & finite,
-                lambda c: (*run_rule(c), jnp.ones((), bool)),
-                keep,
-                ctx,
-            )
+            update_now = algorithm.is_update(state.step) & finite
+            rule_branch = lambda c: update(c, jnp.ones((), bool))  # noqa: E731
         else:  # the finiteness reduction runs on mask-update steps only, next to the rule (its result is dropped)
+            update_now = algorithm.is_update(state.step)
+            rule_branch = lambda c: update(c, _all_finite(c.grads))  # noqa: E731
 
-            def run_rule_if_finite(c):
-                finite = _all_finite(c.grads)
-                new, extra = run_rule(c)
-                keep_if = lambda a, b: jnp.where(finite, a, b)  # noqa: E731
-                return (
-                    jax.tree.map(keep_if, new, _held(c.masks)),
-                    _select(finite, extra, c.extra),
-                    finite,
-                )
-
-            new_held, extra, do_update = lax.cond(
-                algorithm.is_update(state.step), run_rule_if_finite, keep, ctx
-            )
-        new_held = iter(new_held)
-        new_stored = jax.tree.unflatten(
-            stored_def, [None if m is None else next(new_held) for m in stored_leaves]
+        new_held, extra, do_update, leaks, grown_stacks = lax.cond(
+            update_now, rule_branch, keep, ctx
         )
+
+        def stored_tree(held_list):
+            it = iter(held_list)
+            return jax.tree.unflatten(
+                stored_def, [None if m is None else next(it) for m in stored_leaves]
+            )
+
+        new_stored = stored_tree(new_held)
         checked = _raise_if_pruned_nonzero(leaks, state.step)
         masks = read(new_stored)  # packed: shifts and ands, fused into the elementwise passes below
         inner_state, grad_masks = state.inner_state, masks
         if (
             algorithm.grows
-        ):  # elementwise, fused with the inner update; the optimizer state stays out of the cond
-            grown = map_live(lambda new, old: new & ~old, masks, read(stored))
+        ):  # elementwise, fused with the inner update; the optimizer state stays out of cond
+            grown = read(stored_tree(_cut_stored(grown_stacks, held, state.mask_slots)))
             inner_state = _zero_moments(inner, inner_state, grown, params)
             if algorithm.skip_step_on_update:  # grown weights see no gradient on the skipped step
                 grad_masks = map_live(lambda m, g: m & ~g, masks, grown)
