@@ -218,10 +218,12 @@ def time_interleaved(
 ) -> dict[str, float]:
     """Median seconds per call of each contender, timed in rounds (one chain each per repeat) so load drift on
     a shared machine hits every contender alike. Every chain starts from the same cache state: a 64 MB buffer
-    (twice this host's L3) is rewritten before it, so no contender inherits the cache left by the one before it
-    (a densified 4096^2 weight evicts the sparse path's operands; in an order rotated each round, which keeps
-    every contender's predecessor, that timed two copies of one program up to 2.1x apart); each round also runs
-    the contenders in a new random order (seeded)."""
+    (twice this host's L3) is rewritten, then the contender runs once on each weight copy untimed, so no
+    contender inherits the cache left by the one before it (a densified 4096^2 weight evicts the sparse path's
+    operands; in an order rotated each round, which keeps every contender's predecessor, that timed two copies
+    of one program up to 2.1x apart) and no chain starts with its first pass over the copies from memory (in a
+    chain of a few calls that pass dominated, and timed three copies of one program up to 10% apart); each
+    round also runs the contenders in a new random order (seeded)."""
     for call in calls.values():  # warm-up: compile + first run on every copy
         for i in range(copies):
             jax.block_until_ready(call(i))
@@ -233,6 +235,8 @@ def time_interleaved(
         for name in rng.permutation(names):
             call = calls[name]
             evict += 1
+            for i in range(copies):
+                jax.block_until_ready(call(i))
             start = time.perf_counter()
             out = None
             for j in range(chain):
@@ -243,7 +247,7 @@ def time_interleaved(
 
 
 # the shortest timed chain of one contender in a CPU dispatch row (see dispatch_check)
-MIN_CHAIN_S = 0.005
+MIN_CHAIN_S = 0.02
 
 
 def dispatch_check(
@@ -372,7 +376,8 @@ def write_dispatch_json(name: str, grid: dict, rows: list[dict]) -> pathlib.Path
             "stored sparse weight, then dot); sparse = impl='xla'; auto = impl='auto'. Interleaved "
             "timing: `repeats` rounds, each running every contender once in a random order, a chain of calls "
             f"(the row's `chain`: at least the grid's `chain`, and at least {MIN_CHAIN_S} s by a pre-pass) rotating "
-            "`copies` weight copies after a 64 MB buffer is rewritten (the same cold cache for every chain); "
+            "`copies` weight copies after a 64 MB buffer is rewritten and one untimed call per copy (the same cache "
+            "state for every chain); "
             "medians. choice = faster of densify and sparse (what the measured table keeps); "
             "auto_vs_best = min(densify, sparse) / auto; auto_program_is_choice = impl='auto', traced with the "
             "table as written, compiles to the same optimised HLO (source locations stripped) as the chosen path."
