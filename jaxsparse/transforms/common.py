@@ -319,13 +319,6 @@ def _stored_array(mask: Any) -> Array:
     return mask.bits if is_packed(mask) else mask
 
 
-def _keep_if_stored(flag: Array, new: Any, old: Any) -> Any:
-    """``new`` where ``flag`` else ``old`` (stored masks of one kind)."""
-    if is_packed(new):
-        return PackedMask(jnp.where(flag, new.bits, old.bits), new.shape, new.parts)
-    return jnp.where(flag, new, old)
-
-
 def _blank_stacks(held: list) -> list[Array]:
     """Empty stored masks stacked like :func:`_stack_stored` stacks the masks ``held``."""
     counts: dict[int, int] = {}
@@ -522,10 +515,7 @@ def sparse_training(
             # barrier did not keep that order)
             after = leaks < 0
             stacks = [jnp.where(after, g, s) for s, g in zip(stacks, grown)]
-            new = [
-                _keep_if_stored(finite, n, o)
-                for n, o in zip(_cut_stored(stacks, held, state.mask_slots), old)
-            ]
+            new = _select(finite, _cut_stored(stacks, held, state.mask_slots), old)
             grown = grown if algorithm.grows else []
             return new, _select(finite, extra, c.extra), finite, leaks, grown
 
