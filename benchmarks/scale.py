@@ -289,6 +289,8 @@ def environment() -> dict:
         numpy=np.__version__,
         optax=optax.__version__,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # glibc malloc tunables (they decide whether a step's temporary buffer is fresh memory on every step)
+        malloc_settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
     )
 
 

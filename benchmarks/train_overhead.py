@@ -234,6 +234,9 @@ def environment() -> dict:
         optax=optax.__version__,
         flax=flax.__version__,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # glibc malloc tunables (they decide whether a step's temporary buffer is fresh memory on every step)
+        malloc_settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
+        load_average_1min=os.getloadavg()[0],
     )
 
 
