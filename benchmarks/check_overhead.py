@@ -97,10 +97,6 @@ def _traced_without(check: bool, callback: bool):
         common._leak_check_step, common._raise_if_pruned_nonzero = saved
 
 
-def _cpu_s() -> float:
-    return time.process_time()
-
-
 def bench(n: int, steps: int) -> dict:
     params, loss, batch, _ = scale.chain_model(n)
     adam = optax.adam(1e-3)
@@ -136,11 +132,11 @@ def bench(n: int, steps: int) -> dict:
     for _ in range(steps):
         for run in runs.values():
             step, p, state, times = run
-            c0, t0 = _cpu_s(), time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             p, state = step(p, state, batch)
             returned = time.perf_counter() - t0
             jax.block_until_ready(p)
-            times.append((time.perf_counter() - t0, returned, _cpu_s() - c0))
+            times.append((time.perf_counter() - t0, returned, time.process_time() - c0))
             run[1], run[2] = p, state
 
     def median(name, i):
