@@ -319,14 +319,14 @@ def _stored_array(mask: Any) -> Array:
     return mask.bits if is_packed(mask) else mask
 
 
+def _stack_held(held: list) -> list[Array]:
+    """The stored masks ``held`` (bool arrays or packed words) stacked by kind, as :func:`_stack_stored` stacks."""
+    return stack_alike([_stored_array(m) for m in held], held, kind=_mask_kind)
+
+
 def _blank_stacks(held: list) -> list[Array]:
-    """Empty stored masks stacked like :func:`_stack_stored` stacks the masks ``held``."""
-    counts: dict[int, int] = {}
-    firsts: dict[int, Any] = {}
-    for (k, _), m in zip(alike_slots(held, _mask_kind), held):
-        counts[k] = counts.get(k, 0) + 1
-        firsts.setdefault(k, _stored_array(m))
-    return [jnp.zeros((counts[k], *firsts[k].shape), firsts[k].dtype) for k in sorted(counts)]
+    """Empty stored masks stacked like :func:`_stack_held` stacks ``held`` (their shapes only: nothing is read)."""
+    return [jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(_stack_held, held)]
 
 
 def _held(masks: PyTree) -> list:
@@ -506,7 +506,7 @@ def sparse_training(
             leaks = count(c)
             grown = [jnp.zeros((), s.dtype) for s in stacks]  # where the rule grows nothing
             if algorithm.grows:
-                olds = stack_alike([_stored_array(m) for m in old], old, kind=_mask_kind)
+                olds = _stack_held(old)
                 grown = [
                     jnp.where(finite, n & ~o, jnp.zeros((), n.dtype)) for n, o in zip(stacks, olds)
                 ]
