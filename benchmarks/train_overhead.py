@@ -20,10 +20,8 @@ Run: ``python benchmarks/train_overhead.py [--rounds 10] [--out benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +32,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import jaxsparse as js
+sys.path.insert(0, os.path.dirname(__file__))
+
+import scale  # noqa: E402
+
+import jaxsparse as js  # noqa: E402
 
 SIZES = (784, 1024, 1024, 10)
 BATCH = 256
@@ -221,22 +223,13 @@ def run(rounds: int, block: int, only: list[str] | None) -> list[dict]:
 
 
 def environment() -> dict:
+    """:func:`scale.environment` (device, versions, date, load average, malloc settings) plus jaxlib and flax."""
     import flax
 
     return dict(
-        device=str(jax.devices()[0].device_kind),
-        platform=jax.devices()[0].platform,
-        cpu_count=os.cpu_count(),
-        machine=platform.machine(),
-        python=sys.version.split()[0],
-        jax=jax.__version__,
+        scale.environment(),
         jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
-        optax=optax.__version__,
         flax=flax.__version__,
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        # glibc malloc tunables (they decide whether a step's temporary buffer is fresh memory on every step)
-        malloc_settings={k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
-        load_average_1min=os.getloadavg()[0],
     )
 
 
